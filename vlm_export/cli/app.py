@@ -1,0 +1,48 @@
+"""The `vlm-export` typer app. Commands are registered here and live one per module."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from vlm_export.cli.errors import STATE
+from vlm_export.cli.generate_cmd import generate
+from vlm_export.cli.inspect_cmd import inspect
+
+# transformers' GGUF loader draws a plain tqdm bar; tqdm reads this when the bar is created.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+app = typer.Typer(
+    name="vlm-export",
+    help="Export MobileVLM-class vision-language models to fast edge artifacts (ONNX, QNN, TensorRT).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
+):
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # Library chatter (progress bars, legacy-tokenizer notices) is not for end users.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+app.command()(inspect)
+app.command()(generate)
+
+
+def main() -> None:
+    app()

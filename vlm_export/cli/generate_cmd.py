@@ -1,0 +1,39 @@
+"""`vlm-export generate MODEL --prompt TEXT [--image IMG]`: greedy answer from the PyTorch reference."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
+
+
+@handles_errors
+def generate(
+    model: ModelArg = "smol",
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message.")] = "What is the capital of France?",
+    image: Annotated[Optional[str], typer.Option("--image", help="Image file to ask about.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
+    vision_tower: VisionTowerOpt = None,
+    lora: LoraOpt = None,
+    seed: SeedOpt = 0,
+    rope_scaling: RopeScalingOpt = None,
+):
+    """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
+    from vlm_export.reference import answer
+
+    on_token = (lambda text: typer.echo(text, nl=False)) if stream else None
+    result = answer(
+        model, prompt, image=image, max_new_tokens=max_new_tokens, on_token=on_token,
+        vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling,
+    )
+    typer.echo("" if stream else result.text)
+    t = result.timings
+    typer.echo(
+        f"[torch reference] prompt {result.prompt_tokens} tok, vision {t['vision_ms']:.0f} ms, "
+        f"TTFT {t['ttft_ms']:.0f} ms, decode {t['decode_tok_s']:.1f} tok/s, {len(result.token_ids)} new tokens",
+        err=True,
+    )

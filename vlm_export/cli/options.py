@@ -1,0 +1,11 @@
+"""Option types shared by several commands, defined once."""
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[str, typer.Argument(help="Preset name (see `vlm-export inspect --list`), checkpoint directory, or .gguf file.")]
+VisionTowerOpt = Annotated[Optional[str], typer.Option("--vision-tower", help="Local CLIP directory for checkpoints without the tower (V1).")]
+LoraOpt = Annotated[Optional[str], typer.Option("--lora", help="PEFT LoRA adapter directory, merged at load time.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights.")]
+RopeScalingOpt = Annotated[Optional[float], typer.Option("--rope-scaling", help="Linear RoPE interpolation factor (e.g. 4 for 2k -> 8k).")]

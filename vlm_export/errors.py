@@ -1,0 +1,34 @@
+"""User-facing errors: one line naming the problem and the fix; the CLI exits 2 on them."""
+
+
+class VlmExportError(Exception):
+    """A problem with the user's input or environment, reported without a traceback."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = self.problem if not self.fix else f"{self.problem} -- fix: {self.fix}"
+        return " ".join(text.split())  # never more than one line
+
+
+class MissingExtraError(VlmExportError):
+    """An optional dependency is absent; names the extra that provides it."""
+
+    def __init__(self, module: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the Python module '{module}', which is not installed",
+            f"pip install 'vlm-export[{extra}]'",
+        )
+
+
+def require_module(module: str, extra: str, purpose: str):
+    """Import an optional heavy dependency lazily, with an actionable error when absent."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(module, extra, purpose) from exc

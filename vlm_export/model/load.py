@@ -1,0 +1,129 @@
+"""Build the reference model from a spec: seeded random weights, then whatever is real.
+
+Sources: a MobileVLM checkpoint directory (safetensors / .bin, sharded or not, bf16 or fp32),
+a separate local CLIP directory for the vision tower, a GGUF file for the LLM, and a PEFT LoRA
+adapter merged into the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from vlm_export.checkpoint_files import iter_tensors, weight_files
+from vlm_export.errors import VlmExportError
+from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.spec.hf_config import VISION_PREFIX
+from vlm_export.spec.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Buffers that older checkpoints saved and current modules recompute.
+IGNORED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+
+
+def _first(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def copy_weights(model: torch.nn.Module, tensors, origin: str, expected_prefixes: tuple[str, ...]) -> None:
+    """Copy (name, tensor) pairs into the model; every expected key must be covered exactly once.
+
+    Raises a one-line error naming the first few missing, unexpected or wrong-shape keys.
+    """
+    params = model.state_dict(keep_vars=True)
+    expected = {k for k in params if k.startswith(expected_prefixes)}
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    seen, unexpected, wrong_shape = set(), [], []
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+                continue
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            target = params[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                wrong_shape.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
+                continue
+            target.copy_(tensor)
+            seen.add(name)
+    if unexpected:
+        raise VlmExportError(f"{origin}: unexpected weights {_first(unexpected)}", "is this a MobileVLM checkpoint of the right version?")
+    if wrong_shape:
+        raise VlmExportError(f"{origin}: wrong-shape weights {_first(wrong_shape, 2)}", "config.json does not match the weights")
+    missing = expected - seen
+    if missing:
+        raise VlmExportError(f"{origin}: missing weights {_first(missing)}", "download every shard of the checkpoint")
+
+
+def _load_checkpoint(model: MobileVLMForCausalLM, spec: ModelSpec) -> None:
+    directory = Path(spec.weights.path)
+    files = weight_files(directory)
+    has_vision = spec.weights.vision_tower_path is None
+    prefixes = ("model.", "lm_head.")
+    if not has_vision:
+        # V1 layout: the tower comes from a separate CLIP directory, the checkpoint holds the rest.
+        _load_clip_directory(model, Path(spec.weights.vision_tower_path))
+        prefixes = tuple(p for p in ("model.embed_tokens", "model.layers.", "model.norm", "model.mm_projector.", "lm_head."))
+    names = ", ".join(f.name for f in files[:2]) + ("..." if len(files) > 2 else "")
+    copy_weights(model, iter_tensors(files), f"checkpoint {directory} ({names})", prefixes)
+
+
+def _load_clip_directory(model: MobileVLMForCausalLM, directory: Path) -> None:
+    """A CLIPVisionModel or CLIPModel directory: take its `vision_model.*` weights."""
+    def vision_only():
+        for name, tensor in iter_tensors(weight_files(directory)):
+            if name.startswith("vision_model."):
+                yield "model.vision_tower.vision_tower." + name, tensor
+
+    copy_weights(model, vision_only(), f"vision tower {directory}", (VISION_PREFIX,))
+
+
+def _load_gguf_llm(model: MobileVLMForCausalLM, path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    log.info("reading LLM weights from %s", path)
+    try:
+        llm = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as exc:
+        raise VlmExportError(f"cannot read LLM weights from GGUF {path} ({exc})", "use a LLaMA-architecture GGUF file") from exc
+    copy_weights(model, llm.state_dict().items(), f"GGUF {path}", ("model.embed_tokens", "model.layers.", "model.norm", "lm_head."))
+
+
+def _merge_lora(model: MobileVLMForCausalLM, directory: Path) -> MobileVLMForCausalLM:
+    from peft import PeftModel
+
+    if not (directory / "adapter_config.json").is_file():
+        raise VlmExportError(f"{directory} has no adapter_config.json", "pass a PEFT LoRA adapter directory")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(directory))
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise VlmExportError(f"cannot apply LoRA adapter {directory} ({str(exc).splitlines()[0]})", "use an adapter trained for this model") from exc
+    return peft_model.merge_and_unload()
+
+
+def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> MobileVLMForCausalLM:
+    """The reference model with weights from `spec.weights` (seeded random where none are given)."""
+    torch.manual_seed(spec.weights.seed)
+    model = MobileVLMForCausalLM(spec)
+    source = spec.weights.source
+    if source == "checkpoint":
+        _load_checkpoint(model, spec)
+    elif source == "gguf":
+        _load_gguf_llm(model, Path(spec.weights.path))
+    if source != "checkpoint" and spec.weights.vision_tower_path:
+        _load_clip_directory(model, Path(spec.weights.vision_tower_path))
+    if spec.weights.lora_path:
+        model = _merge_lora(model, Path(spec.weights.lora_path))
+    return model.to(dtype).eval()
+
+
+def build_on_meta(spec: ModelSpec) -> MobileVLMForCausalLM:
+    """The model's structure without allocating weights (parameter counts of 7B shapes in ms)."""
+    with torch.device("meta"):
+        return MobileVLMForCausalLM(spec)

@@ -1,0 +1,81 @@
+"""MobileVLM as one PyTorch module, with the official checkpoint key names.
+
+    model.vision_tower.vision_tower.vision_model.*   CLIP ViT (CLIPVisionModel)
+    model.mm_projector.*                             LDP / LDPv2
+    model.embed_tokens, model.layers.*, model.norm   LLaMA decoder (LlamaModel)
+    lm_head                                          LM head
+
+Like the official MobileLlamaForCausalLM it is a LlamaForCausalLM whose inner `model` also holds
+the vision tower and the projector, so `state_dict()` keys equal a real checkpoint's.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlm_export.model.projector import build_projector
+from vlm_export.model.vision_tower import CLIPVisionTower
+from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX, LLMSpec, ModelSpec
+
+
+def llama_config(spec: LLMSpec) -> LlamaConfig:
+    scaling = {"rope_type": "linear", "factor": spec.rope_scaling_factor} if spec.rope_scaling_factor else None
+    return LlamaConfig(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_context,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_theta=spec.rope_theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=list(spec.eos_token_ids),
+        pad_token_id=spec.pad_token_id,
+        hidden_act="silu",
+        attn_implementation="eager",
+    )
+
+
+class MobileVLMForCausalLM(LlamaForCausalLM):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(llama_config(spec.llm))
+        self.spec = spec
+        self.model.vision_tower = CLIPVisionTower(spec.vision)
+        self.model.mm_projector = build_projector(
+            spec.projector_type, spec.vision.hidden_size, spec.llm.hidden_size, spec.vision.grid
+        )
+
+    # -- the three pieces every runtime needs --------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 336, 336) -> (B, 144, C)"""
+        features = self.model.vision_tower(pixel_values.to(self.dtype))
+        return self.model.mm_projector(features)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def splice_image_embeds(self, input_ids: list[int], image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token ids with IMAGE_TOKEN_INDEX markers -> (T, C) embeddings, images spliced in order."""
+        pieces, start, image_index = [], 0, 0
+        ids = torch.tensor(input_ids, dtype=torch.long)
+        for position in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+            pieces.append(self.embed_text(ids[start:position]))
+            pieces.append(image_embeds[image_index].to(self.dtype))
+            image_index, start = image_index + 1, position + 1
+        pieces.append(self.embed_text(ids[start:]))
+        return torch.cat(pieces, dim=0)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part; tied embeddings are counted once."""
+        def count(module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        vision = count(self.model.vision_tower)
+        projector = count(self.model.mm_projector)
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return {"vision_tower": vision, "projector": projector, "llm": total - vision - projector, "total": total}

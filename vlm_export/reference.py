@@ -1,0 +1,24 @@
+"""One-call reference answers: resolve -> load -> template -> generate (API behind `generate`)."""
+
+from __future__ import annotations
+
+import logging
+
+from vlm_export.model.generate import GenerationResult, generate_reference
+from vlm_export.model.load import load_reference
+from vlm_export.model.preprocess import load_image, preprocess_image
+from vlm_export.model.prompt import render_prompt, user_turn
+from vlm_export.model.tokenizer import load_tokenizer
+from vlm_export.spec import resolve_spec
+
+log = logging.getLogger(__name__)
+
+
+def answer(model: str, prompt: str, image: str | None = None, max_new_tokens: int = 64, on_token=None, **resolve_options) -> GenerationResult:
+    spec = resolve_spec(model, **resolve_options)
+    pixels = preprocess_image(load_image(image), spec.vision, spec.image_aspect_ratio) if image else None
+    tokenizer = load_tokenizer(spec.tokenizer)
+    reference = load_reference(spec)
+    text = render_prompt(spec.template, [user_turn(prompt, with_image=image is not None)], tokenizer)
+    log.debug("prompt text: %r", text)
+    return generate_reference(reference, tokenizer, text, pixels, max_new_tokens, on_token)

@@ -1,0 +1,149 @@
+"""Turn a MobileVLM checkpoint directory (Hugging Face layout) into a ModelSpec.
+
+Reads config.json (`mm_projector_type`, `mm_vision_tower`, `mm_hidden_size`,
+`mm_vision_select_layer`, `image_aspect_ratio`, LLaMA fields) and the vision tower's shape, from a
+separate CLIP directory, the checkpoint's own weights, or the published CLIP-L/14-336.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_export.errors import VlmExportError
+from vlm_export.spec.model_spec import VICUNA_V1, LLMSpec, ModelSpec, TokenizerSpec, VisionSpec, WeightsSpec
+
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise VlmExportError(f"{path} is missing", f"a {what} needs this file") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlmExportError(f"{path} is not valid JSON ({exc})", f"restore the {what}'s {path.name}") from exc
+    if not isinstance(data, dict):
+        raise VlmExportError(f"{path} does not hold a JSON object", f"restore the {what}'s {path.name}")
+    return data
+
+
+def _required(config: dict, key: str, path: Path):
+    if key not in config:
+        raise VlmExportError(f"{path} has no '{key}'", "this does not look like a MobileVLM config.json")
+    return config[key]
+
+
+def llm_spec_from_config(config: dict, path: Path) -> LLMSpec:
+    heads = int(_required(config, "num_attention_heads", path))
+    scaling = config.get("rope_scaling") or None
+    factor = None
+    if scaling:
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind != "linear":
+            raise VlmExportError(f"{path}: rope_scaling type '{kind}' is not supported", "use linear RoPE scaling")
+        factor = float(scaling["factor"])
+    eos = config.get("eos_token_id", 2)
+    return LLMSpec(
+        hidden_size=int(_required(config, "hidden_size", path)),
+        intermediate_size=int(_required(config, "intermediate_size", path)),
+        num_layers=int(_required(config, "num_hidden_layers", path)),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        vocab_size=int(_required(config, "vocab_size", path)),
+        max_context=int(config.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_scaling_factor=factor,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        bos_token_id=config.get("bos_token_id", 1),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
+        pad_token_id=config.get("pad_token_id", 0),
+    )
+
+
+def vision_spec_from_clip_config(config: dict, select_layer: int, select_feature: str, name: str) -> VisionSpec:
+    """From a CLIPVisionConfig or a CLIPConfig (its `vision_config`)."""
+    config = config.get("vision_config", config)
+    return VisionSpec(
+        image_size=int(config.get("image_size", 224)),
+        patch_size=int(config.get("patch_size", 32)),
+        hidden_size=int(config.get("hidden_size", 768)),
+        intermediate_size=int(config.get("intermediate_size", 3072)),
+        num_layers=int(config.get("num_hidden_layers", 12)),
+        num_heads=int(config.get("num_attention_heads", 12)),
+        hidden_act=config.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        select_layer=select_layer,
+        select_feature=select_feature,
+        name=name,
+    )
+
+
+def vision_spec_from_shapes(shapes: dict[str, tuple], select_layer: int, select_feature: str, name: str) -> VisionSpec:
+    """Infer a CLIP tower's dims from its weight shapes (checkpoints that embed the tower)."""
+    hidden, _, patch, _ = shapes[VISION_PREFIX + "embeddings.patch_embedding.weight"]
+    positions = shapes[VISION_PREFIX + "embeddings.position_embedding.weight"][0]
+    grid = int(round((positions - 1) ** 0.5))
+    layers = {k.split(".")[5] for k in shapes if k.startswith(VISION_PREFIX + "encoder.layers.")}
+    return VisionSpec(
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_size=hidden,
+        intermediate_size=shapes[VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0],
+        num_layers=len(layers),
+        num_heads=max(1, hidden // 64),  # CLIP ViTs use 64-dim heads
+        select_layer=select_layer,
+        select_feature=select_feature,
+        name=name,
+    )
+
+
+def tokenizer_spec_for(directory: Path) -> TokenizerSpec:
+    if (directory / "tokenizer.model").is_file():
+        return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
+    if (directory / "tokenizer.json").is_file():
+        return TokenizerSpec(kind="hf", path=str(directory))
+    raise VlmExportError(
+        f"checkpoint {directory} has no tokenizer (tokenizer.model or tokenizer.json)",
+        "copy the tokenizer files of the checkpoint into the directory",
+    )
+
+
+def spec_from_checkpoint(directory: Path, vision_tower: Path | None, weight_shapes: dict[str, tuple]) -> ModelSpec:
+    config_path = directory / "config.json"
+    config = read_json(config_path, "MobileVLM checkpoint")
+    select_layer = int(config.get("mm_vision_select_layer", -2))
+    select_feature = config.get("mm_vision_select_feature", "patch")
+    tower_name = config.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")
+    if vision_tower is None and Path(tower_name).is_dir():
+        vision_tower = Path(tower_name)
+    if any(k.startswith(VISION_PREFIX) for k in weight_shapes):
+        # The checkpoint's own tower wins over a separate directory (V2 checkpoints embed it).
+        vision = vision_spec_from_shapes(weight_shapes, select_layer, select_feature, tower_name)
+        vision_tower = None
+    elif vision_tower is not None:
+        clip_config = read_json(vision_tower / "config.json", "CLIP vision tower directory")
+        vision = vision_spec_from_clip_config(clip_config, select_layer, select_feature, str(vision_tower))
+    else:
+        raise VlmExportError(
+            f"checkpoint {directory} holds no vision tower weights and '{tower_name}' is not a local directory",
+            "pass --vision-tower PATH to a local CLIP ViT-L/14-336 directory",
+        )
+    if int(config.get("mm_hidden_size", vision.hidden_size)) != vision.hidden_size:
+        raise VlmExportError(
+            f"{config_path}: mm_hidden_size {config['mm_hidden_size']} != vision tower width {vision.hidden_size}",
+            "pass the vision tower this checkpoint was trained with",
+        )
+    return ModelSpec(
+        name=directory.name,
+        vision=vision,
+        projector_type=str(_required(config, "mm_projector_type", config_path)),
+        llm=llm_spec_from_config(config, config_path),
+        template=VICUNA_V1,
+        tokenizer=tokenizer_spec_for(directory),
+        weights=WeightsSpec(
+            source="checkpoint", path=str(directory), vision_tower_path=str(vision_tower) if vision_tower else None
+        ),
+        image_aspect_ratio=config.get("image_aspect_ratio", "pad"),
+    )

@@ -85,7 +85,7 @@ def vision_spec_from_shapes(shapes: dict[str, tuple], select_layer: int, select_
     hidden, _, patch, _ = shapes[VISION_PREFIX + "embeddings.patch_embedding.weight"]
     positions = shapes[VISION_PREFIX + "embeddings.position_embedding.weight"][0]
     grid = int(round((positions - 1) ** 0.5))
-    layers = {k.split(".")[5] for k in shapes if k.startswith(VISION_PREFIX + "encoder.layers.")}
+    layers = {k[len(VISION_PREFIX + "encoder.layers."):].split(".")[0] for k in shapes if k.startswith(VISION_PREFIX + "encoder.layers.")}
     return VisionSpec(
         image_size=grid * patch,
         patch_size=patch,

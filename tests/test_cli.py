@@ -1,0 +1,56 @@
+"""End-to-end through the real `vlm-export` entry point (subprocess: exit codes and stderr as users see them)."""
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["inspect", "generate"]
+
+
+def vlm(*args, check=False):
+    return subprocess.run([sys.executable, "-m", "vlm_export", *args], capture_output=True, text=True, check=check, timeout=600)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_works(command):
+    result = vlm(*([command] if command else []), "--help")
+    assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_inspect_published_shape():
+    out = vlm("inspect", "mobilevlm-1.7b", check=True).stdout
+    assert "18,936,832" in out and "(1.36 B)" in out and "vicuna_v1" in out
+
+
+def test_inspect_checkpoint(v2_checkpoint):
+    out = vlm("inspect", str(v2_checkpoint), check=True).stdout
+    assert "ldpnetv2" in out and "checkpoint" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "mobilevlm-42b"], "unknown model 'mobilevlm-42b'"),
+        (["inspect", "/"], "no config.json"),
+        (["generate", "tiny", "--image", "/nonexistent.png"], "does not exist"),
+        (["generate", "tiny", "--max-new-tokens", "600"], "exceeds the context of 512"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = vlm(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_traceback():
+    result = vlm("--debug", "inspect", "mobilevlm-42b")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generate_tiny_with_real_photo(photo):
+    result = vlm("generate", "tiny", "--image", str(photo), "--prompt", "What is this?", "--max-new-tokens", "5", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert "[torch reference] prompt" in result.stderr and "5 new tokens" in result.stderr

@@ -1,0 +1,3 @@
+from vlm_export.cli.app import main
+
+main()

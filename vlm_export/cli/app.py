@@ -8,11 +8,9 @@ import os
 import typer
 
 from vlm_export.cli.errors import STATE
+from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
 from vlm_export.cli.inspect_cmd import inspect
-
-# transformers' GGUF loader draws a plain tqdm bar; tqdm reads this when the bar is created.
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(
     name="vlm-export",
@@ -29,8 +27,9 @@ def main_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
 ):
     STATE["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO with -v; libraries (onnxscript, transformers) stay at WARNING.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlm_export").setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
     if not debug:
         # Library chatter (progress bars, legacy-tokenizer notices) is not for end users.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -42,6 +41,7 @@ def main_options(
 
 app.command()(inspect)
 app.command()(generate)
+app.command()(export)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ adapter merged into the weights.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -88,8 +90,11 @@ def _load_gguf_llm(model: MobileVLMForCausalLM, path: Path) -> None:
     from transformers import LlamaForCausalLM
 
     log.info("reading LLM weights from %s", path)
+    # transformers' GGUF reader draws its own tqdm bar on stderr; keep it out of the CLI's output.
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not log.isEnabledFor(logging.DEBUG) else contextlib.nullcontext()
     try:
-        llm = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        with quiet:
+            llm = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     except (ValueError, OSError, KeyError) as exc:
         raise VlmExportError(f"cannot read LLM weights from GGUF {path} ({exc})", "use a LLaMA-architecture GGUF file") from exc
     copy_weights(model, llm.state_dict().items(), f"GGUF {path}", ("model.embed_tokens", "model.layers.", "model.norm", "lm_head."))

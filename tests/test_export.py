@@ -1,0 +1,168 @@
+"""Exporters on `tiny`: every graph validated, names as specified, KV cache consistent in both layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.checkpoints import tiny_spec
+from vlm_export.errors import VlmExportError
+from vlm_export.export.graph_specs import ExportOptions
+from vlm_export.export.pipeline import export_model
+from vlm_export.export.validate import ort_session
+from vlm_export.model.load import load_reference
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return tiny_spec("ldpnet")
+
+
+@pytest.fixture(scope="module")
+def reference(spec):
+    return load_reference(spec)
+
+
+@pytest.fixture(scope="module")
+def dynamic_graphs(tmp_path_factory, spec):
+    out = tmp_path_factory.mktemp("graphs") / "tiny"
+    export_model(spec, out, ExportOptions(layout="dynamic"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def static_graphs(tmp_path_factory, spec):
+    out = tmp_path_factory.mktemp("graphs") / "tiny-static"
+    export_model(spec, out, ExportOptions(layout="static", prefill_chunk=16, kv_buffer=64))
+    return out
+
+
+def test_manifest_records_everything(dynamic_graphs):
+    manifest = json.loads((dynamic_graphs / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"vision.onnx", "embed.onnx", "decoder.onnx"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert {"torch", "transformers", "onnx"} <= set(manifest["versions"]) and manifest["opset"] == 17
+    decoder = next(g for g in manifest["graphs"] if g["name"] == "decoder")
+    names = [t["name"] for t in decoder["inputs"]]
+    assert names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert [t["name"] for t in decoder["outputs"]][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert decoder["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 16]
+    for graph in manifest["graphs"]:
+        assert graph["validation"]["passed"]
+        assert graph["validation"]["outputs"].get("logits", {"max_abs_diff": 0})["max_abs_diff"] <= 1e-4
+
+
+def test_vision_graph_stops_at_the_selected_layer(dynamic_graphs, spec):
+    import re
+
+    model = onnx.load(str(dynamic_graphs / "vision.onnx"))
+    layers = {int(m.group(1)) for n in model.graph.node if (m := re.search(r"/vision_tower/layers\.(\d+)/", n.name))}
+    assert layers == set(range(spec.vision.layers_used)) and spec.vision.layers_used == spec.vision.num_layers - 1
+    assert not any("post_layernorm" in i.name for i in model.graph.initializer)
+
+
+@pytest.mark.parametrize("graph", ["vision.onnx", "embed.onnx", "decoder.onnx"])
+def test_polygraphy_lint_is_clean(dynamic_graphs, graph):
+    result = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "check", "lint", str(dynamic_graphs / graph)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _kv_names(num_layers):
+    return [f"{p}.{i}.{k}" for i in range(num_layers) for p in ("past_key_values",) for k in ("key", "value")]
+
+
+def test_dynamic_decoder_step_by_step_equals_one_pass(dynamic_graphs, reference, spec):
+    llm = spec.llm
+    session = ort_session(dynamic_graphs / "decoder.onnx")
+    rng = np.random.default_rng(3)
+    embeds = (rng.standard_normal((1, 9, llm.hidden_size)) * 0.02).astype(np.float32)
+    with torch.no_grad():
+        full = reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    past = {n: np.zeros((1, llm.num_kv_heads, 0, llm.head_dim), np.float32) for n in _kv_names(llm.num_layers)}
+    steps = [(0, 5), (5, 6), (6, 7), (7, 9)]  # a prefill, then single tokens, then two at once
+    for start, end in steps:
+        feeds = {"inputs_embeds": embeds[:, start:end], "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": np.arange(start, end, dtype=np.int64)[None], **past}
+        logits, *present = session.run(None, feeds)
+        np.testing.assert_allclose(logits, full[:, start:end], atol=1e-4)
+        past = dict(zip(_kv_names(llm.num_layers), present))
+
+
+def test_static_chunked_prefill_and_decode_equal_one_pass(static_graphs, reference, spec):
+    """Right-aligned chunks (padding at the front), host-written KV slots, 1-token decode."""
+    llm, m, chunk = spec.llm, 64, 16
+    prefill, decode = ort_session(static_graphs / "decoder_prefill.onnx"), ort_session(static_graphs / "decoder_decode.onnx")
+    rng = np.random.default_rng(4)
+    length, extra = 21, 3  # 21 prompt tokens -> 2 chunks with 11 pads in front; then 3 decode steps
+    embeds = (rng.standard_normal((1, length + extra, llm.hidden_size)) * 0.02).astype(np.float32)
+    with torch.no_grad():
+        full = reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    buffers = {n: np.zeros((1, llm.num_kv_heads, m, llm.head_dim), np.float32) for n in _kv_names(llm.num_layers)}
+    valid = np.zeros(m, np.int64)
+    pad = 2 * chunk - length
+    padded = np.concatenate([np.zeros((1, pad, llm.hidden_size), np.float32), embeds[:, :length]], axis=1)
+    chunk_valid = np.r_[np.zeros(pad, np.int64), np.ones(length, np.int64)]
+    positions = np.clip(np.cumsum(chunk_valid) - 1, 0, None)
+    slot = 0
+
+    def run(session, x, keep, pos, slot):
+        feeds = {"inputs_embeds": x, "attention_mask": np.r_[valid, keep][None], "position_ids": pos[None], **buffers}
+        logits, *present = session.run(None, feeds)
+        for name, new in zip(_kv_names(llm.num_layers), present):
+            buffers[name][:, :, slot: slot + x.shape[1]] = new
+        valid[slot: slot + x.shape[1]] = keep
+        return logits
+
+    for c in range(2):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        logits = run(prefill, padded[:, sl], chunk_valid[sl], positions[sl], slot)
+        slot += chunk
+    np.testing.assert_allclose(logits[0, -1], full[0, length - 1], atol=1e-4)
+    for step in range(extra):
+        t = length + step
+        logits = run(decode, embeds[:, t: t + 1], np.ones(1, np.int64), np.array([t]), slot)
+        slot += 1
+        np.testing.assert_allclose(logits[0, -1], full[0, t], atol=1e-4)
+
+
+def test_non_empty_output_needs_force(dynamic_graphs, spec):
+    with pytest.raises(VlmExportError, match="--force"):
+        export_model(spec, dynamic_graphs, ExportOptions())
+
+
+def test_bad_options():
+    with pytest.raises(VlmExportError, match="unsupported dtype"):
+        ExportOptions(dtype="int3")
+    with pytest.raises(VlmExportError, match="prefill chunk"):
+        ExportOptions(layout="static", prefill_chunk=2048, kv_buffer=1024)
+
+
+def test_failed_validation_leaves_nothing(tmp_path, spec, monkeypatch):
+    import vlm_export.export.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "validate_graph", lambda *a, **k: {"passed": False, "outputs": {"x": {"max_abs_diff": 1.0}}})
+    with pytest.raises(VlmExportError, match="validation against PyTorch failed"):
+        export_model(spec, tmp_path / "out", ExportOptions())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_disk_full_is_a_clear_error(tmp_path, spec, monkeypatch):
+    import errno
+
+    import vlm_export.export.pipeline as pipeline
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "export_graph", full_disk)
+    with pytest.raises(VlmExportError, match="disk filled up"):
+        export_model(spec, tmp_path / "out", ExportOptions())
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,106 @@
+"""Artifacts on disk: atomic directories, checksums, manifests, verification.
+
+A stage writes into `<out>.partial-<pid>` and renames it to `<out>` only when everything in it
+is complete and the manifest (sizes + sha256 of every file) is written last. A directory without
+a valid manifest is never taken for a finished artifact set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vlm_export.errors import VlmExportError
+
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    manifest = {**manifest, "files": file_records(directory)}
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise VlmExportError(f"{directory} has no {MANIFEST}: not a finished artifact set", "re-run the export/build that makes it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlmExportError(f"{path} is corrupt ({exc})", "re-run the export/build that makes it") from exc
+
+
+def verify(directory: Path, check_hashes: bool = True) -> dict:
+    """Every file the manifest lists exists with its size (and sha256); raises naming the first bad one."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name, record in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise VlmExportError(f"{path} is missing from the artifact set", "re-run the export/build")
+        if path.stat().st_size != record["bytes"] or (check_hashes and sha256(path) != record["sha256"]):
+            raise VlmExportError(f"{path} does not match its manifest checksum (tampered or incomplete)", "re-run the export/build")
+    return manifest
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise VlmExportError(f"output {out} exists and is not a directory", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VlmExportError(f"output directory {out} is not empty", "pass --force to replace it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VlmExportError(f"cannot create {out.parent} ({exc.strerror})", "choose a writable --out") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise VlmExportError(f"output location {out.parent} is not writable", "choose a writable --out")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, force: bool = False):
+    """Yield a staging directory; on success it replaces `out`, on any failure it is removed."""
+    out = Path(out)
+    prepare_output(out, force)
+    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == 28:  # ENOSPC
+            raise VlmExportError(f"the disk filled up while writing {out}", "free space and re-run") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)

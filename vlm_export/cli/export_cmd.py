@@ -1,0 +1,47 @@
+"""`vlm-export export MODEL`: ONNX graphs (vision, embed, decoder) validated against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
+
+
+@handles_errors
+def export(
+    model: ModelArg = "smol",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default graphs/<model>[-static][-fp16]).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16")] = "fp32",
+    layout: Annotated[str, typer.Option("--layout", help="dynamic (ORT CPU, TensorRT) | static (NPUs)")] = "dynamic",
+    logits: Annotated[str, typer.Option("--logits", help="all | last: logits of every position or only the last (dynamic layout)")] = "all",
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="static layout: tokens per prefill graph call")] = 128,
+    kv_buffer: Annotated[Optional[int], typer.Option("--kv-buffer", help="static layout: KV buffer length (default min(1024, context))")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    vision_tower: VisionTowerOpt = None,
+    lora: LoraOpt = None,
+    seed: SeedOpt = 0,
+    rope_scaling: RopeScalingOpt = None,
+):
+    """Export the vision+projector, embedding and decoder graphs, each validated against PyTorch."""
+    from rich.console import Console
+
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+    from vlm_export.spec import resolve_spec
+
+    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling)
+    kv_buffer = kv_buffer or min(1024, spec.llm.max_context)
+    opts = ExportOptions(dtype=dtype, layout=layout, logits=logits, prefill_chunk=prefill_chunk, kv_buffer=kv_buffer)
+    suffix = ("-static" if layout == "static" else "") + ("-fp16" if dtype == "fp16" else "")
+    out = out or Path("graphs") / f"{spec.name}{suffix}"
+    console = Console(stderr=True)
+    with console.status("exporting") as status:
+        manifest = export_model(spec, out, opts, force=force, progress=lambda text: status.update(text))
+    for graph in manifest["graphs"]:
+        stats = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in graph["validation"]["outputs"].items())
+        typer.echo(f"{graph['file']:<22} {graph['export_seconds']:>7.1f} s  ORT vs PyTorch: {stats}  [ok]")
+    typer.echo(f"wrote {out} in {manifest['export_seconds']} s (peak RSS {manifest['peak_rss_mb']} MB)")

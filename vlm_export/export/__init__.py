@@ -1,0 +1,1 @@
+"""Exporters: thin wrappers per graph + declarative graph specs + one generic ONNX exporter."""

@@ -1,0 +1,220 @@
+"""Declarative specs of every exported graph: names, shapes (ints or named dynamic axes),
+dtypes, the wrapper that produces it, how to make inputs, and the validation tolerance.
+
+Names are defined here once; everything downstream reads them from the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError
+from vlm_export.spec.model_spec import ModelSpec
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str  # vision | embed | decoder | decoder_prefill | decoder_decode
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: str  # vision | embed | decoder
+    cases: tuple[dict, ...]  # axis sizes for validation (first one is the export example)
+    atol: float
+    rtol: float
+    attrs: dict = field(default_factory=dict)  # layout facts the runtime needs (kv buffer, chunk...)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for tensor in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
+            if named:
+                axes[tensor.name] = named
+        return axes
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "file": self.file, "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs], "attrs": self.attrs,
+            "tolerance": {"atol": self.atol, "rtol": self.rtol},
+        }
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"  # fp32 | fp16
+    layout: str = "dynamic"  # dynamic | static
+    logits: str = "all"  # all | last (dynamic layout; static prefill is always last)
+    prefill_chunk: int = 128
+    kv_buffer: int = 1024
+    static_batch: int = 1
+    opset: int = 17
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "fp16"):
+            raise VlmExportError(f"unsupported dtype '{self.dtype}'", "use --dtype fp32 or fp16")
+        if self.layout not in ("dynamic", "static"):
+            raise VlmExportError(f"unsupported layout '{self.layout}'", "use --layout dynamic or static")
+        if self.logits not in ("all", "last"):
+            raise VlmExportError(f"unsupported logits mode '{self.logits}'", "use --logits all or last")
+        if self.layout == "static" and not 0 < self.prefill_chunk <= self.kv_buffer:
+            raise VlmExportError(
+                f"prefill chunk {self.prefill_chunk} must be between 1 and the KV buffer {self.kv_buffer}",
+                "lower --prefill-chunk or raise --kv-buffer",
+            )
+
+    @property
+    def float_dtype(self) -> str:
+        return "float16" if self.dtype == "fp16" else "float32"
+
+
+def _kv_tensors(spec: ModelSpec, prefix: str, batch: Dim, length: Dim, dtype: str) -> list[TensorSpec]:
+    llm = spec.llm
+    return [
+        TensorSpec(f"{prefix}.{i}.{kind}", dtype, (batch, llm.num_kv_heads, length, llm.head_dim))
+        for i in range(llm.num_layers)
+        for kind in ("key", "value")
+    ]
+
+
+def vision_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
+    size, f = spec.vision.image_size, opts.float_dtype
+    return GraphSpec(
+        name="vision", file="vision.onnx", wrapper="vision",
+        inputs=(TensorSpec("pixel_values", f, ("batch", 3, size, size)),),
+        outputs=(TensorSpec("image_embeds", f, ("batch", spec.num_image_tokens, spec.llm.hidden_size)),),
+        cases=({"batch": 2}, {"batch": 1}),
+        atol=1e-4 if f == "float32" else 2e-2, rtol=1e-4 if f == "float32" else 2e-2,
+    )
+
+
+def embed_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
+    return GraphSpec(
+        name="embed", file="embed.onnx", wrapper="embed",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=(TensorSpec("inputs_embeds", opts.float_dtype, ("batch", "sequence", spec.llm.hidden_size)),),
+        cases=({"batch": 2, "sequence": 7}, {"batch": 1, "sequence": 1}),
+        atol=0.0, rtol=0.0,  # a gather: exact
+    )
+
+
+def _decoder(spec, opts, name, file, batch, seq, past, total, cases, present_len, attrs, last_only) -> GraphSpec:
+    f = opts.float_dtype
+    logits_len = 1 if last_only else seq
+    return GraphSpec(
+        name=name, file=file, wrapper="decoder",
+        inputs=(
+            TensorSpec("inputs_embeds", f, (batch, seq, spec.llm.hidden_size)),
+            TensorSpec("attention_mask", "int64", (batch, total)),
+            TensorSpec("position_ids", "int64", (batch, seq)),
+            *_kv_tensors(spec, "past_key_values", batch, past, f),
+        ),
+        outputs=(
+            TensorSpec("logits", f, (batch, logits_len, spec.llm.vocab_size)),
+            *_kv_tensors(spec, "present", batch, present_len, f),
+        ),
+        cases=cases,
+        atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
+        attrs={**attrs, "last_logits_only": last_only},
+    )
+
+
+def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
+    if opts.layout == "dynamic":
+        cases = (
+            {"batch": 2, "sequence": 5, "past_sequence": 3, "left_pad": 2},
+            {"batch": 1, "sequence": 6, "past_sequence": 0, "left_pad": 0},
+            {"batch": 2, "sequence": 1, "past_sequence": 9, "left_pad": 4},
+        )
+        return [_decoder(
+            spec, opts, "decoder", "decoder.onnx", "batch", "sequence", "past_sequence", "total_sequence",
+            cases, "total_sequence", {"layout": "dynamic", "kv_update": "present_is_full_cache"},
+            opts.logits == "last",
+        )]
+    b, m, chunk = opts.static_batch, opts.kv_buffer, opts.prefill_chunk
+    attrs = {"layout": "static", "kv_buffer": m, "kv_update": "present_is_new_entries_host_writes_slot"}
+    graphs = []
+    for name, seq in (("decoder_prefill", chunk), ("decoder_decode", 1)):
+        # past_valid: filled slots of the buffer; left_pad: leading invalid slots of the chunk.
+        cases = ({"past_valid": 0, "left_pad": min(3, seq - 1)}, {"past_valid": min(m, 37), "left_pad": 0})
+        graphs.append(_decoder(
+            spec, opts, name, f"{name}.onnx", b, seq, m, m + seq, cases, seq, {**attrs, "sequence": seq}, True,
+        ))
+    return graphs
+
+
+def graphs_for(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
+    return [vision_graph(spec, opts), embed_graph(spec, opts), *decoder_graphs(spec, opts)]
+
+
+# -- inputs for export examples and validation ---------------------------------------------------
+def _sizes(graph: GraphSpec, case: dict) -> Callable[[Dim], int]:
+    static_past = graph.attrs.get("kv_buffer", 0)
+
+    def size(dim: Dim) -> int:
+        if isinstance(dim, int):
+            return dim
+        if dim == "total_sequence":
+            return case["past_sequence"] + case["sequence"]
+        return case[dim]
+
+    return size if graph.attrs.get("layout") != "static" else (lambda d: d if isinstance(d, int) else static_past)
+
+
+def decoder_mask(graph: GraphSpec, case: dict, batch: int, total: int, seq: int) -> np.ndarray:
+    """Keep-mask over [past | new]: the last row is left-padded; static buffers mark unused slots."""
+    mask = np.ones((batch, total), dtype=np.int64)
+    if graph.attrs.get("layout") == "static":
+        mask[:, case["past_valid"]: total - seq] = 0  # buffer slots not yet written
+        mask[-1, total - seq: total - seq + case["left_pad"]] = 0
+    else:
+        mask[-1, : case["left_pad"]] = 0
+    return mask
+
+
+def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, vocab: int, embed_scale: float) -> dict:
+    size = _sizes(graph, case)
+    feeds = {}
+    if graph.wrapper == "decoder":
+        embeds = graph.inputs[0]
+        batch, seq = size(embeds.shape[0]), size(embeds.shape[1])
+        total = size(graph.inputs[1].shape[1])
+        mask = decoder_mask(graph, case, batch, total, seq)
+        feeds["attention_mask"] = mask
+        feeds["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -seq:].astype(np.int64)
+    for tensor in graph.inputs:
+        if tensor.name in feeds:
+            continue
+        shape = tuple(size(d) for d in tensor.shape)
+        if tensor.dtype == "int64":
+            feeds[tensor.name] = rng.integers(0, vocab, shape, dtype=np.int64)
+        else:
+            scale = embed_scale if tensor.name == "inputs_embeds" else 1.0
+            feeds[tensor.name] = (rng.standard_normal(shape) * scale).astype(tensor.dtype)
+    return feeds
+
+
+def valid_positions(graph: GraphSpec, output: TensorSpec, feeds: dict) -> np.ndarray | None:
+    """Boolean mask over an output's sequence axis (fully masked rows are garbage by design)."""
+    if graph.wrapper != "decoder":
+        return None
+    mask = feeds["attention_mask"] > 0  # (B, total)
+    seq = feeds["inputs_embeds"].shape[1]
+    if output.name == "logits":
+        return mask[:, -1:] if graph.attrs["last_logits_only"] else mask[:, -seq:]
+    return mask[:, -seq:] if graph.attrs["kv_update"].startswith("present_is_new") else mask

@@ -1,0 +1,95 @@
+"""`export_model`: spec -> reference -> every graph of a layout -> validated -> manifest, atomically."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlm_export.artifacts import atomic_directory, write_manifest
+from vlm_export.errors import VlmExportError
+from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
+from vlm_export.export.onnx_export import export_graph
+from vlm_export.export.validate import validate_graph
+from vlm_export.export.wrappers import DecoderGraph, EmbedGraph, VisionGraph
+from vlm_export.model.load import load_reference
+from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def make_wrapper(model: MobileVLMForCausalLM, graph: GraphSpec) -> torch.nn.Module:
+    if graph.wrapper == "vision":
+        return VisionGraph(model).eval()
+    if graph.wrapper == "embed":
+        return EmbedGraph(model).eval()
+    return DecoderGraph(
+        model,
+        present_is_new_only=graph.attrs["kv_update"].startswith("present_is_new"),
+        last_logits_only=graph.attrs["last_logits_only"],
+    ).eval()
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False, progress=None) -> dict:
+    """Export every graph of `opts.layout`; raise (leaving nothing behind) if any validation fails."""
+    if opts.layout == "static" and opts.kv_buffer > spec.llm.max_context:
+        raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
+                             "lower --kv-buffer")
+    start = time.perf_counter()
+    graphs = graphs_for(spec, opts)
+    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    model = load_reference(spec, dtype=dtype)
+    vocab, embed_scale = spec.llm.vocab_size, float(model.model.embed_tokens.weight.detach().float().std())
+    records, failures = [], []
+    with atomic_directory(Path(out), force) as staging:
+        for graph in graphs:
+            if progress:
+                progress(f"exporting {graph.file}")
+            t0 = time.perf_counter()
+            wrapper = make_wrapper(model, graph)
+            example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), vocab, embed_scale)
+            path = export_graph(wrapper, graph, example, staging, opts.opset)
+            exported = time.perf_counter() - t0
+            if progress:
+                progress(f"validating {graph.file} against PyTorch")
+            validation = validate_graph(wrapper, graph, path, vocab, embed_scale)
+            log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
+            records.append({**graph.to_dict(), "export_seconds": round(exported, 2), "validation": validation})
+            if not validation["passed"]:
+                failures.append(graph.name)
+        if failures:
+            details = "; ".join(
+                f"{r['name']} " + ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in r["validation"]["outputs"].items())
+                for r in records if r["name"] in failures
+            )
+            raise VlmExportError(f"validation against PyTorch failed: {details}", "report this with --debug output")
+        manifest = write_manifest(staging, {
+            "kind": "vlm-export graphs",
+            "model": spec.to_dict(),
+            "options": opts.__dict__,
+            "opset": opts.opset,
+            "versions": _versions(),
+            "graphs": records,
+            "export_seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(peak_rss_mb()),
+        })
+    return manifest

@@ -1,0 +1,101 @@
+"""One thin nn.Module per exported graph, so each graph's inputs and outputs are plain tensors.
+
+The decoder wrapper restates LLaMA's forward over the reference's own modules (RMSNorm, rotary,
+projections, SwiGLU MLP) with the KV cache as flat tensors and the mask built here, because
+that is what exports cleanly (no DynamicCache, no vmap mask builder) and what both layouts share:
+
+    dynamic: keys = concat(past [P], new [S])  -> present = the whole concat   (P grows)
+    static:  keys = concat(buffer [M], new [S]) -> present = the S new entries (M fixed;
+             the runtime writes them into the buffer, so no ScatterND, which HTP v68 lacks)
+
+In both, key j is visible to query i when attention_mask[j] == 1 and j <= P + i.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+
+
+class VisionGraph(nn.Module):
+    """pixel_values (B, 3, 336, 336) -> image_embeds (B, 144, C): CLIP up to the selected layer + LDP."""
+
+    def __init__(self, model: MobileVLMForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.encode_images(pixel_values)
+
+
+class EmbedGraph(nn.Module):
+    """input_ids (B, T) -> inputs_embeds (B, T, C)."""
+
+    def __init__(self, model: MobileVLMForCausalLM):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, P+S) keep-mask -> (B, 1, S, P+S) additive mask, causal over the concatenated keys."""
+    total = attention_mask.shape[1]
+    past = total - seq_len
+    key_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    query_pos = torch.arange(seq_len, device=attention_mask.device)[:, None] + past
+    allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds, attention_mask, position_ids, past K/V -> logits, present K/V."""
+
+    def __init__(self, model: MobileVLMForCausalLM, present_is_new_only: bool, last_logits_only: bool):
+        super().__init__()
+        self.layers = model.model.layers
+        self.norm = model.model.norm
+        self.rotary = model.model.rotary_emb
+        self.lm_head = model.lm_head
+        self.present_is_new_only = present_is_new_only
+        self.last_logits_only = last_logits_only
+        llm = model.spec.llm
+        self.num_heads, self.num_kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, llm.head_dim
+
+    def _attention(self, attn, x, cos, sin, past_k, past_v, mask):
+        b, s, _ = x.shape
+        group = self.num_heads // self.num_kv_heads
+        q = attn.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        k = attn.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        v = attn.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nkv, T, hd)
+        # GQA without repeating K/V: the query heads of one KV head become extra rows.
+        q = q.reshape(b, self.num_kv_heads, group * s, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * (self.head_dim**-0.5)  # (B, nkv, g*S, T)
+        scores = scores.view(b, self.num_kv_heads, group, s, -1) + mask[:, :, None]
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(b, self.num_kv_heads, group * s, -1)
+        out = torch.matmul(probs, values).view(b, self.num_heads, s, self.head_dim)
+        out = attn.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return out, (k, v) if self.present_is_new_only else (keys, values)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        hidden = inputs_embeds
+        mask = additive_mask(attention_mask, hidden.shape[1], hidden.dtype)
+        cos, sin = self.rotary(hidden, position_ids)
+        presents = []
+        for index, layer in enumerate(self.layers):
+            attn_out, present = self._attention(
+                layer.self_attn, layer.input_layernorm(hidden), cos, sin, past[2 * index], past[2 * index + 1], mask
+            )
+            hidden = hidden + attn_out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            presents.extend(present)
+        if self.last_logits_only:
+            hidden = hidden[:, -1:]
+        return (self.lm_head(self.norm(hidden)), *presents)

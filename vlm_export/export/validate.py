@@ -25,24 +25,32 @@ def compare(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None,
     }
 
 
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None, low_memory: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if low_memory:  # no second, prepacked copy of every weight (validation runs beside PyTorch)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
+def _as_torch(array: np.ndarray, float_dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.to(float_dtype) if tensor.is_floating_point() else tensor
+
+
 @torch.no_grad()
 def validate_graph(wrapper: torch.nn.Module, graph: GraphSpec, path: Path, vocab: int, embed_scale: float, seed: int = 0) -> dict:
-    session = ort_session(path)
+    session = ort_session(path, low_memory=True)
+    dtype = next(wrapper.parameters()).dtype
     rng = np.random.default_rng(seed)
     worst: dict[str, dict] = {}
     for case in graph.cases:
         feeds = make_inputs(graph, case, rng, vocab, embed_scale)
-        expected = wrapper(*(torch.from_numpy(feeds[t.name]) for t in graph.inputs))
+        expected = wrapper(*(_as_torch(feeds[t.name], dtype) for t in graph.inputs))
         expected = expected if isinstance(expected, tuple) else (expected,)
         actual = session.run([t.name for t in graph.outputs], feeds)
         for spec, ref, act in zip(graph.outputs, expected, actual):

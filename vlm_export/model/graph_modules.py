@@ -1,4 +1,6 @@
-"""One thin nn.Module per exported graph, so each graph's inputs and outputs are plain tensors.
+"""The reference cut into graph-shaped pieces: one thin nn.Module per exported graph, so each
+graph's inputs and outputs are plain tensors. The exporters trace them; the torch runner runs
+them, so the PyTorch backend and the ONNX graphs go through the very same generation loop.
 
 The decoder wrapper restates LLaMA's forward over the reference's own modules (RMSNorm, rotary,
 projections, SwiGLU MLP) with the KV cache as flat tensors and the mask built here, because
@@ -99,3 +101,16 @@ class DecoderGraph(nn.Module):
         if self.last_logits_only:
             hidden = hidden[:, -1:]
         return (self.lm_head(self.norm(hidden)), *presents)
+
+
+def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Module:
+    """The module for a graph record (`wrapper` kind and layout attrs, as in the manifest)."""
+    if kind == "vision":
+        return VisionGraph(model).eval()
+    if kind == "embed":
+        return EmbedGraph(model).eval()
+    return DecoderGraph(
+        model,
+        present_is_new_only=attrs["kv_update"].startswith("present_is_new"),
+        last_logits_only=attrs["last_logits_only"],
+    ).eval()

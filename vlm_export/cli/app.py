@@ -11,6 +11,7 @@ from vlm_export.cli.errors import STATE
 from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
 from vlm_export.cli.inspect_cmd import inspect
+from vlm_export.cli.run_cmd import run
 
 app = typer.Typer(
     name="vlm-export",
@@ -42,6 +43,7 @@ def main_options(
 app.command()(inspect)
 app.command()(generate)
 app.command()(export)
+app.command()(run)
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ class GraphSpec:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "file": self.file, "inputs": [t.to_dict() for t in self.inputs],
+            "name": self.name, "file": self.file, "wrapper": self.wrapper, "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs], "attrs": self.attrs,
             "tolerance": {"atol": self.atol, "rtol": self.rtol},
         }

@@ -20,7 +20,9 @@ from vlm_export.export.onnx_export import export_graph
 from vlm_export.export.validate import validate_graph
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
+from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.runtime.artifact_set import TOKENIZER_DIR
 from vlm_export.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
                 for r in records if r["name"] in failures
             )
             raise VlmExportError(f"validation against PyTorch failed: {details}", "report this with --debug output")
+        # The tokenizer travels with the graphs: a device-side run needs neither the checkpoint nor the GGUF.
+        load_tokenizer(spec.tokenizer).hf.save_pretrained(str(staging / TOKENIZER_DIR))
         manifest = write_manifest(staging, {
             "kind": "vlm-export graphs",
             "model": spec.to_dict(),

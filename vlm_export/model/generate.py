@@ -6,7 +6,6 @@ The shared multi-backend loop (runtime/) is checked against this.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -15,24 +14,8 @@ import torch
 from vlm_export.errors import VlmExportError
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
 from vlm_export.model.tokenizer import TextTokenizer
+from vlm_export.results import GenerationResult, check_context
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def check_context(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
-    if prompt_tokens + max_new_tokens > max_context:
-        raise VlmExportError(
-            f"prompt ({prompt_tokens} tokens incl. image) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"context of {max_context}",
-            "shorten the prompt or lower --max-new-tokens",
-        )
 
 
 @torch.no_grad()

@@ -185,3 +185,22 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _tuples(data: dict, *keys: str) -> dict:
+    return {k: (tuple(v) if k in keys and isinstance(v, list) else v) for k, v in data.items()}
+
+
+def spec_from_dict(data: dict) -> ModelSpec:
+    """Inverse of ModelSpec.to_dict (manifests store the spec as JSON)."""
+    return ModelSpec(
+        name=data["name"],
+        vision=VisionSpec(**data["vision"]),
+        projector_type=data["projector_type"],
+        llm=LLMSpec(**_tuples(data["llm"], "eos_token_ids")),
+        template=TemplateSpec(**_tuples(data["template"], "roles", "stop_strings")),
+        tokenizer=TokenizerSpec(**data["tokenizer"]),
+        weights=WeightsSpec(**_tuples(data["weights"], "random_parts")),
+        image_aspect_ratio=data.get("image_aspect_ratio", "pad"),
+        notes=tuple(data.get("notes", ())),
+    )

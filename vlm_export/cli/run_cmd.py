@@ -1,0 +1,50 @@
+"""`vlm-export run ARTIFACTS`: answer a prompt (about an image) with exported artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlm_export.cli.errors import handles_errors
+
+
+@handles_errors
+def run(
+    artifacts: Annotated[Path, typer.Argument(help="Directory written by `vlm-export export` (has manifest.json).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="User message; repeat for a batch.")] = ["Describe the image."],  # noqa: B006
+    image: Annotated[Optional[str], typer.Option("--image", help="Image for every prompt (omit for text-only).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch | ort | trt")] = "ort",
+    providers: Annotated[Optional[str], typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
+):
+    """Run the generation loop on exported artifacts; prints the answer, then a one-line timing summary."""
+    from vlm_export.runtime.api import run_prompts
+    from vlm_export.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    streaming = stream and len(prompt) == 1
+    on_token = (lambda _row, text: typer.echo(text, nl=False)) if streaming else None
+    results, timings = run_prompts(artifacts, prompt, image=image, backend=backend,
+                                   providers=providers.split(",") if providers else None, threads=threads,
+                                   params=params, on_token=on_token)
+    for index, result in enumerate(results):
+        if streaming:
+            typer.echo("")
+        else:
+            typer.echo(("" if len(results) == 1 else f"[{index}] ") + result.text)
+    typer.echo(
+        f"[{backend}] vision {timings['vision_ms']:.0f} ms | TTFT {timings['ttft_ms']:.0f} ms | "
+        f"prefill {timings['prefill_tok_s']:.1f} tok/s | decode {timings['decode_tok_s']:.1f} tok/s | "
+        f"{results[0].prompt_tokens} prompt tokens, {len(results[0].token_ids)} new ({results[0].stop_reason})",
+        err=True,
+    )

@@ -1,0 +1,213 @@
+"""The one generation loop, shared by every backend and both decoder layouts.
+
+    image -> preprocess -> vision graph ----------------------+
+    prompt -> template -> ids (image marker) -> embed graph -> splice -> prefill -> decode ...
+
+Prefill: dynamic layout = one call over the left-padded batch; static layout = fixed chunks,
+right-aligned (padding in front of the first chunk) so the last prompt token is always the
+chunk's last position and its logits are the graph's only logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError
+from vlm_export.model.preprocess import load_image, preprocess_image
+from vlm_export.model.prompt import Message, render_prompt, user_turn
+from vlm_export.results import GenerationResult, check_context
+from vlm_export.runtime.artifact_set import ArtifactSet
+from vlm_export.runtime.kv_cache import DynamicKV, StaticKV
+from vlm_export.runtime.sampling import SamplingParams, sample_token
+from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
+
+OnToken = Callable[[int, str], None]  # (row, new text)
+
+
+@dataclass
+class Request:
+    messages: list[Message]
+    image: object = None  # path or PIL image
+
+    @classmethod
+    def ask(cls, prompt: str, image=None) -> "Request":
+        return cls([user_turn(prompt, with_image=image is not None)], image)
+
+
+class _Stream:
+    """Per-row text bookkeeping: stop strings and streaming deltas."""
+
+    def __init__(self, tokenizer, stop_strings, on_token: OnToken | None, row: int):
+        self.tokenizer, self.stop_strings, self.on_token, self.row = tokenizer, stop_strings, on_token, row
+        self.ids: list[int] = []
+        self.text = ""
+        self.done = ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for stop in self.stop_strings:
+            if stop in text:
+                text, self.done = text[: text.index(stop)], "stop_string"
+        if self.on_token and text.startswith(self.text) and len(text) > len(self.text):
+            self.on_token(self.row, text[len(self.text):])
+        self.text = text
+
+
+class Generator:
+    def __init__(self, artifacts: ArtifactSet, backend: str = "ort", **runner_options):
+        self.artifacts, self.spec = artifacts, artifacts.spec
+        self.tokenizer = artifacts.tokenizer()
+        self.runners = artifacts.runners(backend, **runner_options)
+        for runner in self.runners.values():
+            runner.activate()
+        graphs = artifacts.graphs
+        self.layout = artifacts.layout
+        decoder = graphs["decoder"] if self.layout == "dynamic" else graphs["decoder_decode"]
+        self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
+        self.kv_buffer = decoder["attrs"].get("kv_buffer")
+        self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
+        self.timings: dict[str, float] = {}
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _image_embeds(self, images: list) -> list[np.ndarray]:
+        if not images:
+            return []
+        pixels = [preprocess_image(img if not isinstance(img, (str, Path)) else load_image(img), self.spec.vision,
+                                   self.spec.image_aspect_ratio) for img in images]
+        vision = self.runners["vision"]
+        out = vision.infer({"pixel_values": np.concatenate(pixels).astype(self.float_dtype)})
+        return list(vision.to_numpy(out["image_embeds"]))  # each (144, C)
+
+    def _embed_ids(self, ids: list[int]) -> np.ndarray:
+        embed = self.runners["embed"]
+        out = embed.infer({"input_ids": np.asarray([ids], dtype=np.int64)})
+        return embed.to_numpy(out["inputs_embeds"])[0]
+
+    def encode(self, request: Request, image_embeds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Request -> (T, C) prompt embeddings with the image spliced in, and the text ids seen."""
+        text = render_prompt(self.spec.template, request.messages, self.tokenizer)
+        ids = self.tokenizer.tokenize_prompt(text, add_bos=self.spec.template.add_bos)
+        if (IMAGE_TOKEN_INDEX in ids) != (image_embeds is not None):
+            raise VlmExportError("the conversation's <image> markers and the image given do not match",
+                                 "give one image with the turn that mentions it")
+        pieces, start = [], 0
+        for pos in [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]:
+            if pos > start:
+                pieces.append(self._embed_ids(ids[start:pos]))
+            pieces.append(image_embeds)
+            start = pos + 1
+        if start < len(ids):
+            pieces.append(self._embed_ids(ids[start:]))
+        text_ids = np.asarray([t for t in ids if t != IMAGE_TOKEN_INDEX], dtype=np.int64)
+        return np.concatenate(pieces).astype(self.float_dtype), text_ids
+
+    # -- decoder steps ---------------------------------------------------------------------
+    def _step(self, name: str, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        runner = self.runners[name]
+        feeds = {"inputs_embeds": embeds, "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values}
+        outputs = runner.infer(feeds)
+        kv.update(outputs, keep)
+        return runner.to_numpy(outputs["logits"])[:, -1].astype(np.float32)  # (B, V)
+
+    def _new_kv(self, batch: int):
+        llm = self.spec.llm
+        if self.layout == "dynamic":
+            return DynamicKV(llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype)
+        to_numpy = self.runners["decoder_decode"].to_numpy
+        return StaticKV(llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype, self.kv_buffer, to_numpy)
+
+    def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
+        lengths = [p.shape[0] for p in prompts]
+        if self.layout == "dynamic":
+            total = max(lengths)
+            check_context(total, max_new_tokens, self.spec.llm.max_context)
+            name, span = "decoder", total
+        else:
+            span = math.ceil(lengths[0] / self.chunk) * self.chunk
+            check_context(span, max_new_tokens, self.kv_buffer, "the static KV buffer (incl. chunk padding)")
+            name = "decoder_prefill"
+        batch, width = len(prompts), prompts[0].shape[1]
+        embeds = np.zeros((batch, span, width), dtype=self.float_dtype)
+        keep = np.zeros((batch, span), dtype=np.int64)
+        for row, prompt in enumerate(prompts):  # left/front padding
+            embeds[row, span - prompt.shape[0]:] = prompt
+            keep[row, span - prompt.shape[0]:] = 1
+        positions = np.clip(np.cumsum(keep, axis=1) - 1, 0, None)
+        kv = self._new_kv(batch)
+        step = span if self.layout == "dynamic" else self.chunk
+        for start in range(0, span, step):
+            sl = slice(start, start + step)
+            logits = self._step(name, kv, embeds[:, sl], keep[:, sl], positions[:, sl])
+        return kv, logits, keep.sum(axis=1)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def generate(self, requests: list[Request], params: SamplingParams = SamplingParams(),
+                 on_token: OnToken | None = None) -> list[GenerationResult]:
+        if self.layout == "static" and len(requests) > 1:
+            # NPU graphs have a fixed batch of 1: run the requests one after another.
+            results = []
+            for row, request in enumerate(requests):
+                shifted = (lambda _r, text, row=row: on_token(row, text)) if on_token else None
+                results += self.generate([request], params, shifted)
+            return results
+        start = time.perf_counter()
+        images = [r.image for r in requests if r.image is not None]
+        image_embeds = iter(self._image_embeds(images))
+        vision_done = time.perf_counter()
+        encoded = [self.encode(r, next(image_embeds) if r.image is not None else None) for r in requests]
+        prompts, seen = [e[0] for e in encoded], [e[1] for e in encoded]
+        kv, logits, positions = self._prefill(prompts, params.max_new_tokens)
+        prefill_done = time.perf_counter()
+        rng = np.random.default_rng(params.seed)
+        stops = set(self.spec.llm.eos_token_ids)
+        streams = [_Stream(self.tokenizer, params.stop_strings + self.spec.template.stop_strings, on_token, row)
+                   for row in range(len(requests))]
+        first_token_at, steps = None, 0
+        decoder = "decoder" if self.layout == "dynamic" else "decoder_decode"
+        while True:
+            tokens = np.zeros(len(requests), dtype=np.int64)
+            for row, stream in enumerate(streams):
+                if stream.done:
+                    continue
+                token = sample_token(logits[row], np.concatenate([seen[row], stream.ids]).astype(np.int64), params, rng)
+                tokens[row] = token
+                if token in stops:
+                    stream.done = "eos"
+                    continue
+                stream.push(token)
+                if not stream.done and len(stream.ids) >= params.max_new_tokens:
+                    stream.done = "max_new_tokens"
+            first_token_at = first_token_at or time.perf_counter()
+            if all(s.done for s in streams):
+                break
+            embeds = self.runners["embed"].infer({"input_ids": tokens[:, None]})["inputs_embeds"]
+            logits = self._step(decoder, kv, embeds, np.ones((len(requests), 1), np.int64), positions[:, None])
+            positions = positions + 1
+            steps += 1
+        end = time.perf_counter()
+        prompt_tokens = max(p.shape[0] for p in prompts)
+        timings = {
+            "vision_ms": (vision_done - start) * 1e3,
+            "ttft_ms": (first_token_at - start) * 1e3,
+            "prefill_tok_s": prompt_tokens * len(prompts) / max(prefill_done - vision_done, 1e-9),
+            "decode_tok_s": steps / max(end - first_token_at, 1e-9),
+        }
+        self.timings = timings
+        return [GenerationResult(s.text, s.ids, p.shape[0], timings, s.done) for s, p in zip(streams, prompts)]

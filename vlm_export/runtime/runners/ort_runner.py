@@ -1,0 +1,73 @@
+"""ONNX Runtime runner: any execution provider, IO binding so KV tensors stay OrtValues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError
+from vlm_export.runtime.runners.base import Runner
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def check_providers(providers: list[str]) -> None:
+    missing = [p for p in providers if p not in available_providers()]
+    if missing:
+        raise VlmExportError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build "
+            f"(available: {', '.join(available_providers())})",
+            "install an onnxruntime build with that provider, or pass --providers CPUExecutionProvider",
+        )
+
+
+class OrtRunner(Runner):
+    def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__(graph)
+        self.path = Path(path)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self.session = None
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        check_providers(self.providers)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise VlmExportError(f"onnxruntime cannot load {self.path} ({str(exc).splitlines()[0][:200]})",
+                                 "re-export the graphs; check `vlm-export verify`") from exc
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, feeds: dict) -> dict:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.get_outputs()))
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
+def make_runner(graph: dict, directory: Path, options: dict) -> OrtRunner:
+    return OrtRunner(graph, Path(directory) / graph["file"], options.get("providers"), options.get("threads"))

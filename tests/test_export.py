@@ -46,7 +46,7 @@ def static_graphs(tmp_path_factory, spec):
 
 def test_manifest_records_everything(dynamic_graphs):
     manifest = json.loads((dynamic_graphs / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"vision.onnx", "embed.onnx", "decoder.onnx"}
+    assert {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer/tokenizer.model"} <= set(manifest["files"])
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     assert {"torch", "transformers", "onnx"} <= set(manifest["versions"]) and manifest["opset"] == 17
     decoder = next(g for g in manifest["graphs"] if g["name"] == "decoder")

@@ -187,7 +187,10 @@ def decoder_mask(graph: GraphSpec, case: dict, batch: int, total: int, seq: int)
     return mask
 
 
-def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, vocab: int, embed_scale: float) -> dict:
+def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler) -> dict:
+    """Inputs for one validation case. `sampler` supplies in-distribution values: embeddings of
+    random tokens, and past K/V computed by the reference from a random prefix (random K/V would
+    put attention far outside what a real run sees)."""
     size = _sizes(graph, case)
     feeds = {}
     if graph.wrapper == "decoder":
@@ -197,15 +200,23 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, vocab: i
         mask = decoder_mask(graph, case, batch, total, seq)
         feeds["attention_mask"] = mask
         feeds["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -seq:].astype(np.int64)
+        feeds["inputs_embeds"] = sampler.embeds(rng, batch, seq).astype(embeds.dtype)
+        past_len = total - seq
+        filled = case.get("past_valid", past_len)
+        past = sampler.past(rng, mask[:, :filled]) if filled else []
+        for index, tensor in enumerate(graph.inputs[3:]):
+            buffer = np.zeros((batch, tensor.shape[1], past_len, tensor.shape[3]), dtype=tensor.dtype)
+            if filled:
+                buffer[:, :, :filled] = past[index]
+            feeds[tensor.name] = buffer
     for tensor in graph.inputs:
         if tensor.name in feeds:
             continue
         shape = tuple(size(d) for d in tensor.shape)
         if tensor.dtype == "int64":
-            feeds[tensor.name] = rng.integers(0, vocab, shape, dtype=np.int64)
+            feeds[tensor.name] = rng.integers(0, sampler.vocab, shape, dtype=np.int64)
         else:
-            scale = embed_scale if tensor.name == "inputs_embeds" else 1.0
-            feeds[tensor.name] = (rng.standard_normal(shape) * scale).astype(tensor.dtype)
+            feeds[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
     return feeds
 
 

@@ -17,7 +17,7 @@ from vlm_export.artifacts import atomic_directory, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
 from vlm_export.export.onnx_export import export_graph
-from vlm_export.export.validate import validate_graph
+from vlm_export.export.validate import InputSampler, validate_graph
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.model.tokenizer import load_tokenizer
@@ -64,7 +64,7 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
     # fp16 graphs are exported from a half copy but validated against the fp32 reference, so the
     # reported error is the whole fp16 error (RMSNorm and softmax already compute in fp32).
     model = copy.deepcopy(reference).half() if opts.dtype == "fp16" else reference
-    vocab, embed_scale = spec.llm.vocab_size, float(model.model.embed_tokens.weight.detach().float().std())
+    sampler = InputSampler(reference)
     records, failures = [], []
     with atomic_directory(Path(out), force) as staging:
         for graph in graphs:
@@ -72,13 +72,13 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
                 progress(f"exporting {graph.file}")
             t0 = time.perf_counter()
             wrapper = make_wrapper(model, graph)
-            example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), vocab, embed_scale)
+            example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
             path = export_graph(wrapper, graph, example, staging, opts.opset)
             exported = time.perf_counter() - t0
             if progress:
                 progress(f"validating {graph.file} against PyTorch")
             reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
-            validation = validate_graph(reference_wrapper, graph, path, vocab, embed_scale)
+            validation = validate_graph(reference_wrapper, graph, path, sampler)
             log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
             records.append({**graph.to_dict(), "export_seconds": round(exported, 2), "validation": validation})
             if not validation["passed"]:

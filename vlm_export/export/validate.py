@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vlm_export.export.graph_specs import GraphSpec, make_inputs, valid_positions
+from vlm_export.model.graph_modules import graph_module
 
 
 def compare(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None, seq_axis: int) -> dict:
@@ -42,14 +43,39 @@ def _as_torch(array: np.ndarray, float_dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(float_dtype) if tensor.is_floating_point() else tensor
 
 
+class InputSampler:
+    """In-distribution decoder inputs from the fp32 reference: token embeddings and real past K/V."""
+
+    def __init__(self, model):
+        self.table = model.model.embed_tokens.weight.detach()
+        self.vocab = self.table.shape[0]
+        self.prefix = graph_module(model, "decoder", {"kv_update": "present_is_full_cache", "last_logits_only": True})
+        self.kv_shape = (model.spec.llm.num_kv_heads, model.spec.llm.head_dim)
+
+    def embeds(self, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+        ids = torch.from_numpy(rng.integers(0, self.vocab, (batch, seq)))
+        return self.table[ids].float().numpy()
+
+    @torch.no_grad()
+    def past(self, rng: np.random.Generator, mask: np.ndarray) -> list[np.ndarray]:
+        """K/V of a random prefix, run through the reference with this keep-mask (B, P)."""
+        batch, length = mask.shape
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        empty = torch.zeros((batch, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.table.dtype)
+        num_layers = len(self.prefix.layers)
+        outputs = self.prefix(torch.from_numpy(self.embeds(rng, batch, length)).to(self.table.dtype),
+                              torch.from_numpy(mask), torch.from_numpy(positions), *([empty] * 2 * num_layers))
+        return [t.float().numpy() for t in outputs[1:]]
+
+
 @torch.no_grad()
-def validate_graph(wrapper: torch.nn.Module, graph: GraphSpec, path: Path, vocab: int, embed_scale: float, seed: int = 0) -> dict:
+def validate_graph(wrapper: torch.nn.Module, graph: GraphSpec, path: Path, sampler: InputSampler, seed: int = 0) -> dict:
     session = ort_session(path, low_memory=True)
     dtype = next(wrapper.parameters()).dtype
     rng = np.random.default_rng(seed)
     worst: dict[str, dict] = {}
     for case in graph.cases:
-        feeds = make_inputs(graph, case, rng, vocab, embed_scale)
+        feeds = make_inputs(graph, case, rng, sampler)
         expected = wrapper(*(_as_torch(feeds[t.name], dtype) for t in graph.inputs))
         expected = expected if isinstance(expected, tuple) else (expected,)
         actual = session.run([t.name for t in graph.outputs], feeds)

@@ -15,7 +15,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
-    if (directory / "tokenizer.model").is_file():
+    # A saved fast tokenizer (tokenizer.json) is authoritative; GGUF-born ones also write a stray
+    # tokenizer.model that the slow LLaMA tokenizer cannot read.
+    if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
         return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
     return TokenizerSpec(kind="hf", path=str(directory))
 

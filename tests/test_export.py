@@ -166,3 +166,16 @@ def test_disk_full_is_a_clear_error(tmp_path, spec, monkeypatch):
     with pytest.raises(VlmExportError, match="disk filled up"):
         export_model(spec, tmp_path / "out", ExportOptions())
     assert not list(tmp_path.iterdir())
+
+
+def test_tokenizer_graph_gives_the_same_ids(dynamic_graphs):
+    manifest = json.loads((dynamic_graphs / "manifest.json").read_text())
+    record = manifest["tokenizer_graph"]
+    assert record["file"] == "tokenizer.onnx" and record["check"]["passed"] and record["check"]["texts"] >= 4
+
+
+def test_fp16_export_is_validated_against_fp32(tmp_path, spec):
+    manifest = export_model(spec, tmp_path / "fp16", ExportOptions(dtype="fp16"))
+    decoder = next(g for g in manifest["graphs"] if g["name"] == "decoder")
+    assert decoder["inputs"][0]["dtype"] == "float16" and decoder["validation"]["passed"]
+    assert 0 < decoder["validation"]["outputs"]["logits"]["max_abs_diff"] < 5e-2

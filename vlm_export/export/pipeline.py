@@ -17,6 +17,7 @@ from vlm_export.artifacts import atomic_directory, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
 from vlm_export.export.onnx_export import export_graph
+from vlm_export.export.tokenizer_graph import write_tokenizer_graph
 from vlm_export.export.validate import InputSampler, validate_graph
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
@@ -92,7 +93,12 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
             )
             raise VlmExportError(f"validation against PyTorch failed: {details}", "report this with --debug output")
         # The tokenizer travels with the graphs: a device-side run needs neither the checkpoint nor the GGUF.
-        load_tokenizer(spec.tokenizer).hf.save_pretrained(str(staging / TOKENIZER_DIR))
+        tokenizer = load_tokenizer(spec.tokenizer)
+        tokenizer.hf.save_pretrained(str(staging / TOKENIZER_DIR))
+        tokenizer_graph = write_tokenizer_graph(staging / TOKENIZER_DIR, staging, tokenizer, spec.template.add_bos)
+        if tokenizer_graph["file"] and not tokenizer_graph["check"]["passed"]:
+            raise VlmExportError(f"tokenizer.onnx gives other ids than the tokenizer: {tokenizer_graph['check']['mismatches']}",
+                                 "report this with --debug output")
         manifest = write_manifest(staging, {
             "kind": "vlm-export graphs",
             "model": spec.to_dict(),
@@ -100,6 +106,7 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
             "opset": opts.opset,
             "versions": _versions(),
             "graphs": records,
+            "tokenizer_graph": tokenizer_graph,
             "export_seconds": round(time.perf_counter() - start, 1),
             "peak_rss_mb": round(peak_rss_mb()),
         })

@@ -74,6 +74,7 @@ class Generator:
         self.kv_buffer = decoder["attrs"].get("kv_buffer")
         self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
         self.timings: dict[str, float] = {}
+        self._decoder_seconds = 0.0
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -122,7 +123,9 @@ class Generator:
     def _step(self, name: str, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
         runner = self.runners[name]
         feeds = {"inputs_embeds": embeds, "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values}
+        started = time.perf_counter()
         outputs = runner.infer(feeds)
+        self._decoder_seconds += time.perf_counter() - started
         kv.update(outputs, keep)
         return runner.to_numpy(outputs["logits"])[:, -1].astype(np.float32)  # (B, V)
 
@@ -180,6 +183,7 @@ class Generator:
         streams = [_Stream(self.tokenizer, params.stop_strings + self.spec.template.stop_strings, on_token, row)
                    for row in range(len(requests))]
         first_token_at, steps = None, 0
+        self._decoder_seconds = 0.0
         decoder = "decoder" if self.layout == "dynamic" else "decoder_decode"
         while True:
             tokens = np.zeros(len(requests), dtype=np.int64)
@@ -202,12 +206,15 @@ class Generator:
             positions = positions + 1
             steps += 1
         end = time.perf_counter()
+        decode_seconds = max(end - first_token_at, 1e-9)
         prompt_tokens = max(p.shape[0] for p in prompts)
         timings = {
             "vision_ms": (vision_done - start) * 1e3,
             "ttft_ms": (first_token_at - start) * 1e3,
             "prefill_tok_s": prompt_tokens * len(prompts) / max(prefill_done - vision_done, 1e-9),
-            "decode_tok_s": steps / max(end - first_token_at, 1e-9),
+            "decode_tok_s": steps / decode_seconds,
+            # Share of decode time spent outside the decoder graph (embedding, sampling, bookkeeping).
+            "loop_overhead_pct": 100.0 * (1 - self._decoder_seconds / decode_seconds) if steps else 0.0,
         }
         self.timings = timings
         return [GenerationResult(s.text, s.ids, p.shape[0], timings, s.done) for s, p in zip(streams, prompts)]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["inspect", "generate"]
+COMMANDS = ["inspect", "generate", "export", "run", "verify"]
 
 
 def vlm(*args, check=False):

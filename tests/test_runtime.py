@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -126,3 +127,31 @@ def test_cli_run_refuses_incomplete_directory(tmp_path):
     (tmp_path / "decoder.onnx").write_bytes(b"x")
     result = subprocess.run([sys.executable, "-m", "vlm_export", "run", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and "no manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_external_data_outside_the_directory_is_refused(graphs, tmp_path):
+    import shutil
+
+    import onnx
+
+    from vlm_export.artifacts import write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(graphs / "dynamic", copy)
+    model = onnx.load(str(copy / "embed.onnx"))
+    onnx.save_model(model, str(copy / "embed.onnx"), save_as_external_data=True, location="embed.data", size_threshold=0)
+    patched = onnx.load(str(copy / "embed.onnx"), load_external_data=False)
+    for tensor in patched.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../etc/passwd"
+    onnx.save_model(patched, str(copy / "embed.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})  # checksums consistent again
+    with pytest.raises(VlmExportError, match="outside the artifact directory"):
+        ArtifactSet.open(copy)
+
+
+def test_cli_verify(graphs):
+    result = subprocess.run([sys.executable, "-m", "vlm_export", "verify", str(graphs / "static")], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("ok:")

@@ -57,6 +57,22 @@ def read_manifest(directory: Path) -> dict:
         raise VlmExportError(f"{path} is corrupt ({exc})", "re-run the export/build that makes it") from exc
 
 
+def check_external_data(model_path: Path) -> None:
+    """ONNX external-data locations must stay inside the artifact directory (no absolute paths, no `..`)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    root = model_path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or ".." in Path(location).parts or root not in target.parents:
+            raise VlmExportError(f"{model_path} points its weights outside the artifact directory ('{location}'), refused",
+                                 "re-export the graphs; never load graphs whose external data escape their folder")
+
+
 def verify(directory: Path, check_hashes: bool = True) -> dict:
     """Every file the manifest lists exists with its size (and sha256); raises naming the first bad one."""
     directory = Path(directory)
@@ -67,6 +83,9 @@ def verify(directory: Path, check_hashes: bool = True) -> dict:
             raise VlmExportError(f"{path} is missing from the artifact set", "re-run the export/build")
         if path.stat().st_size != record["bytes"] or (check_hashes and sha256(path) != record["sha256"]):
             raise VlmExportError(f"{path} does not match its manifest checksum (tampered or incomplete)", "re-run the export/build")
+    for name in manifest.get("files", {}):
+        if name.endswith(".onnx"):
+            check_external_data(directory / name)
     return manifest
 
 

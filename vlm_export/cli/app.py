@@ -12,6 +12,7 @@ from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
 from vlm_export.cli.inspect_cmd import inspect
 from vlm_export.cli.run_cmd import run
+from vlm_export.cli.verify_cmd import verify
 
 app = typer.Typer(
     name="vlm-export",
@@ -44,6 +45,7 @@ app.command()(inspect)
 app.command()(generate)
 app.command()(export)
 app.command()(run)
+app.command()(verify)
 
 
 def main() -> None:

@@ -102,24 +102,70 @@ def prepare_output(out: Path, force: bool) -> None:
         raise VlmExportError(f"output location {out.parent} is not writable", "choose a writable --out")
 
 
+STAGE_DIR = ".stage"  # per-stage completion records inside a staging directory
+
+
+def stage_key(*parts) -> str:
+    """A build-cache key: sha256 of the JSON of everything a stage's output depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Staging:
+    """A staging directory that remembers finished stages, so an interrupted build resumes.
+
+    A stage is recorded only after its files are complete (key + file sha256); on resume it is
+    reused when its key and files still match, and redone otherwise.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        (path / STAGE_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _record_path(self, name: str) -> Path:
+        return self.path / STAGE_DIR / f"{name}.json"
+
+    def cached(self, name: str, key: str) -> dict | None:
+        record_path = self._record_path(name)
+        if not record_path.is_file():
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        files_ok = all((self.path / f).is_file() and sha256(self.path / f) == digest for f, digest in record["files"].items())
+        return record["result"] if record["key"] == key and files_ok else None
+
+    def remember(self, name: str, key: str, files: list[str], result: dict) -> None:
+        digests = {f: sha256(self.path / f) for f in files if (self.path / f).is_file()}
+        write_json_atomic(self._record_path(name), {"key": key, "files": digests, "result": result})
+
+    def finish(self) -> None:
+        shutil.rmtree(self.path / STAGE_DIR, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool = False):
-    """Yield a staging directory; on success it replaces `out`, on any failure it is removed."""
+    """Yield a Staging; on success it replaces `out`.
+
+    Interrupted (Ctrl-C, kill): the staging directory stays, without a manifest (so `verify`
+    refuses it), and the next run resumes from its finished stages. Failed (bad validation, full
+    disk, any error): it is removed.
+    """
     out = Path(out)
     prepare_output(out, force)
-    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Staging(out.with_name(f"{out.name}.partial"))
     try:
         yield staging
+    except KeyboardInterrupt:
+        raise
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.path, ignore_errors=True)
         if exc.errno == 28:  # ENOSPC
             raise VlmExportError(f"the disk filled up while writing {out}", "free space and re-run") from exc
         raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.path, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
-    os.replace(staging, out)
+    os.replace(staging.path, out)

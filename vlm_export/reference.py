@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from vlm_export.model.generate import generate_reference
-from vlm_export.results import GenerationResult
 from vlm_export.model.load import load_reference
 from vlm_export.model.preprocess import load_image, preprocess_image
 from vlm_export.model.prompt import render_prompt, user_turn
 from vlm_export.model.tokenizer import load_tokenizer
+from vlm_export.results import GenerationResult
 from vlm_export.spec import resolve_spec
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ def handles_errors(command):
             print(f"error: {exc.one_line()}", file=sys.stderr)
             raise typer.Exit(USER_ERROR_EXIT) from None
         except KeyboardInterrupt:
-            print("error: interrupted; nothing half-written was kept", file=sys.stderr)
+            print("error: interrupted; nothing was finished -- fix: re-run the same command to resume", file=sys.stderr)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise

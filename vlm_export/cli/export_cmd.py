@@ -42,6 +42,9 @@ def export(
     with console.status("exporting") as status:
         manifest = export_model(spec, out, opts, force=force, progress=lambda text: status.update(text))
     for graph in manifest["graphs"]:
+        if graph.get("cached"):
+            typer.echo(f"{graph['file']:<22}  cached   (inputs unchanged since an interrupted run)")
+            continue
         stats = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in graph["validation"]["outputs"].items())
         typer.echo(f"{graph['file']:<22} {graph['export_seconds']:>7.1f} s  ORT vs PyTorch: {stats}  [ok]")
     typer.echo(f"wrote {out} in {manifest['export_seconds']} s (peak RSS {manifest['peak_rss_mb']} MB)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_export.artifacts import atomic_directory, write_manifest
+from vlm_export.artifacts import atomic_directory, stage_key, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
 from vlm_export.export.onnx_export import export_graph
@@ -21,8 +21,8 @@ from vlm_export.export.tokenizer_graph import write_tokenizer_graph
 from vlm_export.export.validate import InputSampler, validate_graph
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
-from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.runtime.artifact_set import TOKENIZER_DIR
 from vlm_export.spec import ModelSpec
 
@@ -54,57 +54,90 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def weights_fingerprint(spec: ModelSpec) -> list:
+    """What identifies the weights without hashing gigabytes: path, size and mtime of each source."""
+    paths = [p for p in (spec.weights.path, spec.weights.vision_tower_path, spec.weights.lora_path) if p]
+    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return [spec.weights.seed] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
+class _LazyReference:
+    """Loads the reference (and its fp16 copy) only if some graph is not cached."""
+
+    def __init__(self, spec: ModelSpec, dtype: str):
+        self.spec, self.dtype, self._models = spec, dtype, None
+
+    def get(self):
+        if self._models is None:
+            reference = load_reference(self.spec)
+            # fp16 graphs are exported from a half copy but validated against the fp32 reference, so
+            # the reported error is the whole fp16 error (RMSNorm and softmax compute in fp32).
+            model = copy.deepcopy(reference).half() if self.dtype == "fp16" else reference
+            self._models = (reference, model, InputSampler(reference))
+        return self._models
+
+
+def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: ExportOptions, progress) -> dict:
+    reference, model, sampler = models.get()
+    progress(f"exporting {graph.file}")
+    t0 = time.perf_counter()
+    wrapper = make_wrapper(model, graph)
+    example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
+    path = export_graph(wrapper, graph, example, staging, opts.opset)
+    exported = time.perf_counter() - t0
+    progress(f"validating {graph.file} against PyTorch")
+    reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
+    validation = validate_graph(reference_wrapper, graph, path, sampler)
+    log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
+    if graph.wrapper == "vision":
+        release_vision(model, reference)
+    if not validation["passed"]:
+        details = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in validation["outputs"].items())
+        raise VlmExportError(f"validation against PyTorch failed: {graph.name} {details}", "report this with --debug output")
+    return {**graph.to_dict(), "export_seconds": round(exported, 2), "validation": validation}
+
+
+def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
+    """The tokenizer travels with the graphs: a device-side run needs neither the checkpoint nor the GGUF."""
+    tokenizer = load_tokenizer(spec.tokenizer)
+    tokenizer.hf.save_pretrained(str(staging / TOKENIZER_DIR))
+    record = write_tokenizer_graph(staging / TOKENIZER_DIR, staging, tokenizer, spec.template.add_bos)
+    if record["file"] and not record["check"]["passed"]:
+        raise VlmExportError(f"tokenizer.onnx gives other ids than the tokenizer: {record['check']['mismatches']}",
+                             "report this with --debug output")
+    return record
+
+
 def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False, progress=None) -> dict:
-    """Export every graph of `opts.layout`; raise (leaving nothing behind) if any validation fails."""
+    """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run finished."""
     if opts.layout == "static" and opts.kv_buffer > spec.llm.max_context:
         raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
                              "lower --kv-buffer")
+    progress = progress or (lambda text: None)
     start = time.perf_counter()
-    graphs = graphs_for(spec, opts)
-    reference = load_reference(spec)
-    # fp16 graphs are exported from a half copy but validated against the fp32 reference, so the
-    # reported error is the whole fp16 error (RMSNorm and softmax already compute in fp32).
-    model = copy.deepcopy(reference).half() if opts.dtype == "fp16" else reference
-    sampler = InputSampler(reference)
-    records, failures = [], []
+    versions = _versions()
+    base_key = (spec.to_dict(), opts.__dict__, versions, weights_fingerprint(spec))
+    models = _LazyReference(spec, opts.dtype)
+    records = []
     with atomic_directory(Path(out), force) as staging:
-        for graph in graphs:
-            if progress:
-                progress(f"exporting {graph.file}")
-            t0 = time.perf_counter()
-            wrapper = make_wrapper(model, graph)
-            example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
-            path = export_graph(wrapper, graph, example, staging, opts.opset)
-            exported = time.perf_counter() - t0
-            if progress:
-                progress(f"validating {graph.file} against PyTorch")
-            reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
-            validation = validate_graph(reference_wrapper, graph, path, sampler)
-            log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
-            records.append({**graph.to_dict(), "export_seconds": round(exported, 2), "validation": validation})
-            if not validation["passed"]:
-                failures.append(graph.name)
-            if graph.wrapper == "vision":
-                release_vision(model, reference)
-        if failures:
-            details = "; ".join(
-                f"{r['name']} " + ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in r["validation"]["outputs"].items())
-                for r in records if r["name"] in failures
-            )
-            raise VlmExportError(f"validation against PyTorch failed: {details}", "report this with --debug output")
-        # The tokenizer travels with the graphs: a device-side run needs neither the checkpoint nor the GGUF.
-        tokenizer = load_tokenizer(spec.tokenizer)
-        tokenizer.hf.save_pretrained(str(staging / TOKENIZER_DIR))
-        tokenizer_graph = write_tokenizer_graph(staging / TOKENIZER_DIR, staging, tokenizer, spec.template.add_bos)
-        if tokenizer_graph["file"] and not tokenizer_graph["check"]["passed"]:
-            raise VlmExportError(f"tokenizer.onnx gives other ids than the tokenizer: {tokenizer_graph['check']['mismatches']}",
-                                 "report this with --debug output")
-        manifest = write_manifest(staging, {
+        for graph in graphs_for(spec, opts):
+            key = stage_key(base_key, graph.to_dict())
+            record = staging.cached(graph.name, key)
+            if record is not None:
+                progress(f"{graph.file}: unchanged inputs, reusing the finished stage")
+                records.append({**record, "cached": True})
+                continue
+            record = _export_one(models, graph, staging.path, opts, progress)
+            staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
+            records.append(record)
+        tokenizer_graph = _write_tokenizer(spec, staging.path)
+        staging.finish()
+        manifest = write_manifest(staging.path, {
             "kind": "vlm-export graphs",
             "model": spec.to_dict(),
             "options": opts.__dict__,
             "opset": opts.opset,
-            "versions": _versions(),
+            "versions": versions,
             "graphs": records,
             "tokenizer_graph": tokenizer_graph,
             "export_seconds": round(time.perf_counter() - start, 1),

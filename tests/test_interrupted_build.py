@@ -1,0 +1,32 @@
+"""Ctrl-C during an export leaves nothing `verify` accepts; the same command resumes from the finished stages."""
+
+import signal
+import subprocess
+import sys
+import time
+
+
+def vlm(*args):
+    return [sys.executable, "-m", "vlm_export", *args]
+
+
+def test_interrupt_then_resume(tmp_path):
+    out = tmp_path / "tiny"
+    process = subprocess.Popen(vlm("export", "tiny", "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "tiny.partial" / ".stage" / "vision.json"
+    deadline = time.time() + 120
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert marker.exists(), "the vision stage never finished"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and not out.exists()
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in stderr
+    refused = subprocess.run(vlm("verify", str(tmp_path / "tiny.partial")), capture_output=True, text=True)
+    assert refused.returncode == 2 and "no manifest.json" in refused.stderr
+
+    resumed = subprocess.run(vlm("export", "tiny", "--out", str(out)), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "vision.onnx" in resumed.stdout and "cached" in resumed.stdout.split("vision.onnx")[1].splitlines()[0]
+    assert subprocess.run(vlm("verify", str(out)), capture_output=True, text=True).returncode == 0
+    assert not (tmp_path / "tiny.partial").exists()

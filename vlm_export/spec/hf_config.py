@@ -110,9 +110,32 @@ def tokenizer_spec_for(directory: Path) -> TokenizerSpec:
     )
 
 
+# Multimodal config keys this toolkit understands; any other `mm_*` key could change what the
+# model computes, so it is refused rather than silently ignored. Other unknown keys (training
+# flags, transformers bookkeeping) do not affect inference and are ignored.
+KNOWN_MM_KEYS = {
+    "mm_projector_type", "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer",
+    "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr",
+}
+UNSUPPORTED_VALUES = {"mm_use_im_start_end": True, "mm_use_im_patch_token": True}
+
+
+def check_multimodal_keys(config: dict, path: Path) -> None:
+    unknown = sorted(k for k in config if k.startswith("mm_") and k not in KNOWN_MM_KEYS)
+    if unknown:
+        raise VlmExportError(f"{path} has multimodal settings this toolkit does not implement: {', '.join(unknown[:3])}",
+                             "use a MobileVLM V1/V2 checkpoint, or remove the keys if they do not apply")
+    for key, bad in UNSUPPORTED_VALUES.items():
+        if config.get(key) == bad:
+            raise VlmExportError(f"{path}: {key}={bad} is not supported (MobileVLM uses false)", f"set {key} to false")
+    if config.get("image_aspect_ratio", "pad") not in ("pad", "square"):
+        raise VlmExportError(f"{path}: image_aspect_ratio '{config['image_aspect_ratio']}' is not supported", "use 'pad'")
+
+
 def spec_from_checkpoint(directory: Path, vision_tower: Path | None, weight_shapes: dict[str, tuple]) -> ModelSpec:
     config_path = directory / "config.json"
     config = read_json(config_path, "MobileVLM checkpoint")
+    check_multimodal_keys(config, config_path)
     select_layer = int(config.get("mm_vision_select_layer", -2))
     select_feature = config.get("mm_vision_select_feature", "patch")
     tower_name = config.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["inspect", "generate", "export", "run", "verify"]
+COMMANDS = ["inspect", "generate", "export", "build", "run", "verify"]
 
 
 def vlm(*args, check=False):

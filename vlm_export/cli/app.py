@@ -7,6 +7,7 @@ import os
 
 import typer
 
+from vlm_export.cli.build_cmd import build
 from vlm_export.cli.errors import STATE
 from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
@@ -44,6 +45,7 @@ def main_options(
 app.command()(inspect)
 app.command()(generate)
 app.command()(export)
+app.command()(build)
 app.command()(run)
 app.command()(verify)
 

@@ -1,0 +1,33 @@
+"""`build_model`: MODEL -> graphs (exported, or reused when already exported and intact) -> target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_export.errors import VlmExportError
+from vlm_export.spec import ModelSpec
+from vlm_export.targets import target_module
+
+
+def ensure_graphs(spec: ModelSpec, graphs: Path, progress) -> Path:
+    """Reuse `graphs` if it is a verified export of this model; export it otherwise."""
+    from vlm_export.artifacts import MANIFEST, verify
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+
+    if (graphs / MANIFEST).is_file():
+        manifest = verify(graphs)
+        if manifest.get("model") != json.loads(json.dumps(spec.to_dict())):  # as stored: tuples become lists
+            raise VlmExportError(f"{graphs} holds graphs of another model or version", "pass another --graphs DIR or delete that one")
+        progress(f"reusing verified graphs in {graphs}")
+        return graphs
+    export_model(spec, graphs, ExportOptions(), force=graphs.exists(), progress=progress)
+    return graphs
+
+
+def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool, progress) -> dict:
+    module = target_module(target)
+    profile = module.Profile(**profile_options)  # each target validates its own typed profile
+    ensure_graphs(spec, graphs, progress)
+    return module.build(graphs, out, profile, force=force, progress=progress)

@@ -1,0 +1,41 @@
+"""`vlm-export build MODEL --target T`: graphs -> target artifacts + a build report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.options import LoraOpt, ModelArg, SeedOpt, VisionTowerOpt
+
+
+@handles_errors
+def build(
+    model: ModelArg = "smol",
+    target: Annotated[str, typer.Option("--target", help="Build target (cpu).")] = "cpu",
+    graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: comma-separated subset of fp32,int8,int4.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    vision_tower: VisionTowerOpt = None,
+    lora: LoraOpt = None,
+    seed: SeedOpt = 0,
+):
+    """Build target artifacts (each variant runnable with `vlm-export run`) and a build report."""
+    from rich.console import Console
+
+    from vlm_export.build import build_model
+    from vlm_export.spec import resolve_spec
+    from vlm_export.targets import target_module
+
+    target_module(target)  # an unknown target fails before any work
+    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed)
+    graphs = graphs or Path("graphs") / spec.name
+    out = out or Path("engines") / target / spec.name
+    options = {"variants": tuple(variants.split(","))} if variants else {}
+    with Console(stderr=True).status("building") as status:
+        report = build_model(spec, target, out, graphs, options, force, lambda text: status.update(text))
+    typer.echo((out / "report.md").read_text().rstrip())
+    typer.echo(f"wrote {out} ({', '.join(report['variants'])}); run one with: vlm-export run {out / 'int4'} --prompt ...")

@@ -1,0 +1,1 @@
+"""Quantization passes over exported ONNX graphs."""

@@ -6,6 +6,7 @@ official `tokenizer_image_token`: each text chunk tokenized on its own, BOS kept
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ log = logging.getLogger(__name__)
 class TextTokenizer:
     hf: object  # a transformers PreTrainedTokenizer(Fast)
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return len(self.hf)
+        return len(self.hf)  # ~5 ms for fast tokenizers: computed once
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_bos)["input_ids"])
@@ -30,7 +31,8 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         # A stand-in tokenizer can be smaller than a random model's vocabulary: show those as unk.
         unk = self.hf.unk_token_id if self.hf.unk_token_id is not None else 0
-        safe = [i if 0 <= i < self.vocab_size else unk for i in ids]
+        size = self.vocab_size
+        safe = [i if 0 <= i < size else unk for i in ids]
         return self.hf.decode(safe, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:

@@ -47,6 +47,17 @@ class GraphSpec:
                 axes[tensor.name] = named
         return axes
 
+    @classmethod
+    def from_dict(cls, record: dict, cases: tuple[dict, ...] = ()) -> "GraphSpec":
+        """A manifest record back into a spec (tensor names, shapes and layout attrs)."""
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        tolerance = record.get("tolerance", {"atol": 0.0, "rtol": 0.0})
+        return cls(name=record["name"], file=record["file"], inputs=tensors(record["inputs"]),
+                   outputs=tensors(record["outputs"]), wrapper=record["wrapper"], cases=cases,
+                   atol=tolerance["atol"], rtol=tolerance["rtol"], attrs=record.get("attrs", {}))
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "file": self.file, "wrapper": self.wrapper, "inputs": [t.to_dict() for t in self.inputs],
@@ -156,6 +167,20 @@ def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
             spec, opts, name, f"{name}.onnx", b, seq, m, m + seq, cases, seq, {**attrs, "sequence": seq}, True,
         ))
     return graphs
+
+
+# Diff cases keep every position valid, so whole tensors compare (no masked garbage rows).
+DIFF_CASES = {
+    "vision": ({"batch": 1},),
+    "embed": ({"batch": 1, "sequence": 16},),
+    "dynamic": ({"batch": 1, "sequence": 12, "past_sequence": 0, "left_pad": 0},
+                {"batch": 1, "sequence": 1, "past_sequence": 12, "left_pad": 0}),
+    "static": ({"past_valid": 0, "left_pad": 0}, {"past_valid": 12, "left_pad": 0}),
+}
+
+
+def diff_cases(graph: GraphSpec) -> tuple[dict, ...]:
+    return DIFF_CASES[graph.wrapper if graph.wrapper != "decoder" else graph.attrs["layout"]]
 
 
 def graphs_for(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:

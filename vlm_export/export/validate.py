@@ -62,7 +62,7 @@ class InputSampler:
         batch, length = mask.shape
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         empty = torch.zeros((batch, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=self.table.dtype)
-        num_layers = len(self.prefix.layers)
+        num_layers = len(self.prefix.blocks)
         outputs = self.prefix(torch.from_numpy(self.embeds(rng, batch, length)).to(self.table.dtype),
                               torch.from_numpy(mask), torch.from_numpy(positions), *([empty] * 2 * num_layers))
         return [t.float().numpy() for t in outputs[1:]]

@@ -55,21 +55,22 @@ def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype
     return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
 
 
-class DecoderGraph(nn.Module):
-    """inputs_embeds, attention_mask, position_ids, past K/V -> logits, present K/V."""
+class DecoderBlock(nn.Module):
+    """One LLaMA layer (pre-norm attention + SwiGLU MLP) over flat K/V tensors.
 
-    def __init__(self, model: MobileVLMForCausalLM, present_is_new_only: bool, last_logits_only: bool):
+    Its own module so exported node names carry the layer index (`/blocks.7/self_attn/...`),
+    which is what the layer-wise diff maps errors back to.
+    """
+
+    def __init__(self, layer, num_heads: int, num_kv_heads: int, head_dim: int, present_is_new_only: bool):
         super().__init__()
-        self.layers = model.model.layers
-        self.norm = model.model.norm
-        self.rotary = model.model.rotary_emb
-        self.lm_head = model.lm_head
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.present_is_new_only = present_is_new_only
-        self.last_logits_only = last_logits_only
-        llm = model.spec.llm
-        self.num_heads, self.num_kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, llm.head_dim
 
-    def _attention(self, attn, x, cos, sin, past_k, past_v, mask):
+    def _attention(self, x, cos, sin, past_k, past_v, mask):
+        attn = self.self_attn
         b, s, _ = x.shape
         group = self.num_heads // self.num_kv_heads
         q = attn.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
@@ -86,17 +87,35 @@ class DecoderGraph(nn.Module):
         out = attn.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
         return out, (k, v) if self.present_is_new_only else (keys, values)
 
+    def forward(self, hidden, cos, sin, past_k, past_v, mask):
+        attn_out, present = self._attention(self.input_layernorm(hidden), cos, sin, past_k, past_v, mask)
+        hidden = hidden + attn_out
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, present
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds, attention_mask, position_ids, past K/V -> logits, present K/V."""
+
+    def __init__(self, model: MobileVLMForCausalLM, present_is_new_only: bool, last_logits_only: bool):
+        super().__init__()
+        llm = model.spec.llm
+        self.blocks = nn.ModuleList(
+            DecoderBlock(layer, llm.num_heads, llm.num_kv_heads, llm.head_dim, present_is_new_only)
+            for layer in model.model.layers
+        )
+        self.norm = model.model.norm
+        self.rotary = model.model.rotary_emb
+        self.lm_head = model.lm_head
+        self.last_logits_only = last_logits_only
+
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         hidden = inputs_embeds
         mask = additive_mask(attention_mask, hidden.shape[1], hidden.dtype)
         cos, sin = self.rotary(hidden, position_ids)
         presents = []
-        for index, layer in enumerate(self.layers):
-            attn_out, present = self._attention(
-                layer.self_attn, layer.input_layernorm(hidden), cos, sin, past[2 * index], past[2 * index + 1], mask
-            )
-            hidden = hidden + attn_out
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        for index, block in enumerate(self.blocks):
+            hidden, present = block(hidden, cos, sin, past[2 * index], past[2 * index + 1], mask)
             presents.extend(present)
         if self.last_logits_only:
             hidden = hidden[:, -1:]

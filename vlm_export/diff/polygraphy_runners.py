@@ -1,0 +1,48 @@
+"""Polygraphy runners for the two sides of a diff: the PyTorch reference and ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.common import TensorMetadata
+
+from vlm_export.export.graph_specs import GraphSpec
+
+
+class TorchGraphRunner(BaseRunner):
+    """Runs a graph-shaped module of the reference (model/graph_modules.py) as a Polygraphy runner."""
+
+    def __init__(self, module: torch.nn.Module, graph: GraphSpec, name: str = "pytorch-reference"):
+        super().__init__(name=name, prefix="torch")
+        self.module, self.graph = module, graph
+
+    def activate_impl(self):
+        self.dtype = next(self.module.parameters()).dtype
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for tensor in self.graph.inputs:
+            meta.add(tensor.name, np.dtype(tensor.dtype), [d if isinstance(d, int) else -1 for d in tensor.shape])
+        return meta
+
+    @torch.no_grad()
+    def infer_impl(self, feed_dict, copy_outputs_to_host=True):
+        args = []
+        for tensor in self.graph.inputs:
+            value = torch.from_numpy(np.ascontiguousarray(feed_dict[tensor.name]))
+            args.append(value.to(self.dtype) if value.is_floating_point() else value)
+        outputs = self.module(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return OrderedDict((t.name, o.float().numpy()) for t, o in zip(self.graph.outputs, outputs))
+
+    def deactivate_impl(self):
+        pass
+
+
+def ort_runner(path: Path, name: str, providers: list[str] | None = None) -> OnnxrtRunner:
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["CPUExecutionProvider"]), name=name)

@@ -8,6 +8,7 @@ import os
 import typer
 
 from vlm_export.cli.build_cmd import build
+from vlm_export.cli.diff_cmd import diff
 from vlm_export.cli.errors import STATE
 from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
@@ -47,6 +48,7 @@ app.command()(generate)
 app.command()(export)
 app.command()(build)
 app.command()(run)
+app.command()(diff)
 app.command()(verify)
 
 

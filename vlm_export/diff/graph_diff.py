@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from polygraphy.comparator import Comparator, CompareFunc, RunResults
 from polygraphy.json import save_json
+from polygraphy.logger import G_LOGGER
 
 # Per-variant pass criteria. fp32 also honours the graph's own export tolerance (atol + rtol*max|ref|).
 MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "int4": 0.95}
@@ -36,10 +37,10 @@ def _group(name: str) -> str:
     return "present" if name.startswith("present") else name
 
 
-def diff_graph(reference_runner, candidates: dict, feeds: list[dict], atol: float, rtol: float,
+def diff_graph(reference_runner, candidates: dict, kinds: dict, feeds: list[dict], atol: float, rtol: float,
                golden_dir: Path | None = None) -> dict:
-    """candidates: {variant name (its kind: fp32, fp16, int8, int4): Polygraphy runner}.
-    Returns per-variant, per-output worst statistics and verdicts."""
+    """candidates: {label: Polygraphy runner}; kinds: {label: fp32 | fp16 | int8 | int4}.
+    Returns per-candidate, per-output worst statistics and verdicts."""
     runners = [reference_runner, *candidates.values()]
     results = Comparator.run(runners, data_loader=feeds)
     reference = results[reference_runner.name]
@@ -52,13 +53,14 @@ def diff_graph(reference_runner, candidates: dict, feeds: list[dict], atol: floa
                 group = _group(name)
                 if group not in worst or stats["cosine"] < worst[group]["cosine"] or stats["max_abs_diff"] > worst[group]["max_abs_diff"]:
                     worst[group] = stats
-        passed = {g: output_passes(s, variant, atol, rtol) for g, s in worst.items()}
+        passed = {g: output_passes(s, kinds[variant], atol, rtol) for g, s in worst.items()}
         # Polygraphy's own verdict with the same absolute/relative tolerance, for the record.
-        polygraphy = Comparator.compare_accuracy(
-            RunResults([(reference_runner.name, reference), (runner.name, results[runner.name])]),
-            compare_func=CompareFunc.simple(atol=atol, rtol=max(rtol, 1e-12)),
-        )
-        report[variant] = {"outputs": worst, "passed": all(passed.values()), "failed_outputs": [g for g, ok in passed.items() if not ok],
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # its per-output log would repeat the report
+            polygraphy = Comparator.compare_accuracy(
+                RunResults([(reference_runner.name, reference), (runner.name, results[runner.name])]),
+                compare_func=CompareFunc.simple(atol=atol, rtol=max(rtol, 1e-12)),
+            )
+        report[variant] = {"kind": kinds[variant], "outputs": worst, "passed": all(passed.values()), "failed_outputs": [g for g, ok in passed.items() if not ok],
                            "polygraphy_simple_compare_passed": bool(polygraphy)}
     if golden_dir is not None:
         golden_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
+from polygraphy.logger import G_LOGGER
+
+G_LOGGER.module_severity = G_LOGGER.ERROR  # the report carries the numbers; Polygraphy's chatter is noise
 
 from vlm_export.export.graph_specs import GraphSpec
 
@@ -32,12 +36,14 @@ class TorchGraphRunner(BaseRunner):
 
     @torch.no_grad()
     def infer_impl(self, feed_dict, copy_outputs_to_host=True):
+        started = time.perf_counter()
         args = []
         for tensor in self.graph.inputs:
             value = torch.from_numpy(np.ascontiguousarray(feed_dict[tensor.name]))
             args.append(value.to(self.dtype) if value.is_floating_point() else value)
         outputs = self.module(*args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        self.inference_time = time.perf_counter() - started
         return OrderedDict((t.name, o.float().numpy()) for t, o in zip(self.graph.outputs, outputs))
 
     def deactivate_impl(self):

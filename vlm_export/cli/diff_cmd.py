@@ -1,0 +1,34 @@
+"""`vlm-export diff GRAPHS [VARIANT ...]`: accuracy of every artifact against the PyTorch reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlm_export.cli.errors import handles_errors
+
+DIFF_FAILED_EXIT = 1
+
+
+@handles_errors
+def diff(
+    graphs: Annotated[Path, typer.Argument(help="Exported graphs (`vlm-export export`), the fp32 baseline.")],
+    variants: Annotated[Optional[list[Path]], typer.Argument(help="Built variant directories to compare too.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default <graphs>-diff).")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per end-to-end prompt.")] = 16,
+):
+    """Per-graph (Polygraphy), per-layer and end-to-end diffs; exit code 1 when a tolerance fails."""
+    from rich.console import Console
+
+    from vlm_export.diff.api import diff_artifacts, failure_summary
+
+    out = out or graphs.with_name(graphs.name + "-diff")
+    with Console(stderr=True).status("diffing") as status:
+        report = diff_artifacts(graphs, list(variants or []), out, new_tokens, lambda text: status.update(text))
+    typer.echo((out / "diff.md").read_text().rstrip())
+    if not report["passed"]:
+        print(f"error: diff failed: {failure_summary(report)} -- see {out / 'diff.md'}", file=sys.stderr)
+        raise typer.Exit(DIFF_FAILED_EXIT)

@@ -1,0 +1,104 @@
+"""`diff_artifacts`: the reference vs exported graphs and built variants -> JSON + Markdown report.
+
+    per graph      PyTorch reference vs each artifact (Polygraphy Comparator), golden files
+    per layer      fp32 graph vs each candidate decoder, block by block (first divergence)
+    end to end     greedy agreement, teacher-forced top-1 and KL, perplexity (dynamic layout)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.artifacts import sha256, write_json_atomic
+from vlm_export.diff.graph_diff import diff_graph, golden_command
+from vlm_export.diff.localize import localize
+from vlm_export.diff.polygraphy_runners import TorchGraphRunner, ort_runner
+from vlm_export.diff.report import markdown
+from vlm_export.export.graph_specs import GraphSpec, diff_cases, make_inputs
+from vlm_export.export.validate import InputSampler
+from vlm_export.model.graph_modules import graph_module
+from vlm_export.model.load import load_reference
+from vlm_export.runtime.artifact_set import ArtifactSet
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class Candidate:
+    label: str
+    directory: Path
+    kind: str  # fp32 | fp16 | int8 | int4
+    manifest: dict
+
+
+def _candidate(directory: Path, label: str | None = None) -> Candidate:
+    artifacts = ArtifactSet.open(directory)
+    manifest = artifacts.manifest
+    kind = manifest.get("variant") or manifest.get("options", {}).get("dtype", "fp32")
+    return Candidate(label or f"{kind}:{directory.name}", directory, kind, manifest)
+
+
+def _graph_feeds(record: dict, sampler: InputSampler) -> tuple[GraphSpec, list[dict]]:
+    graph = GraphSpec.from_dict(record)
+    graph = dataclasses.replace(graph, cases=diff_cases(graph))
+    rng = np.random.default_rng(1234)
+    return graph, [make_inputs(graph, case, rng, sampler) for case in graph.cases]
+
+
+def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16, progress=None) -> dict:
+    progress = progress or (lambda text: None)
+    base = ArtifactSet.open(graphs_dir)
+    candidates = [_candidate(graphs_dir, "graphs")] + [_candidate(Path(d)) for d in variant_dirs]
+    reference = load_reference(base.spec)
+    sampler = InputSampler(reference)
+    report = {"schema": SCHEMA_VERSION, "model": base.spec.name, "reference": "pytorch", "graphs_dir": str(graphs_dir),
+              "candidates": {c.label: {"dir": str(c.directory), "kind": c.kind} for c in candidates},
+              "graphs": {}, "localisation": {}, "end_to_end": {}, "golden": {}}
+    for name, record in base.graphs.items():
+        progress(f"diffing {record['file']}")
+        graph, feeds = _graph_feeds(record, sampler)
+        seen_digests, runners, kinds = set(), {}, {}
+        for c in candidates:
+            digest = c.manifest["files"].get(graph.file, {}).get("sha256")
+            if digest is None or digest in seen_digests:
+                continue  # absent, or the very same file as a candidate already compared
+            seen_digests.add(digest)
+            runners[c.label], kinds[c.label] = ort_runner(c.directory / graph.file, c.label), c.kind
+        golden = out / "golden" / name
+        torch_runner = TorchGraphRunner(graph_module(reference, graph.wrapper, graph.attrs), graph)
+        report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
+        report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
+        if graph.wrapper == "decoder":
+            for c in candidates[1:]:
+                if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
+                    progress(f"localising {c.label} {graph.file}")
+                    report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds)
+    if base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all":
+        from vlm_export.diff.end_to_end import agreement, open_generator
+
+        with open_generator(graphs_dir, "torch") as ref_gen:
+            for c in candidates:
+                progress(f"end to end: {c.label}")
+                with open_generator(c.directory, "ort") as cand_gen:
+                    report["end_to_end"][c.label] = agreement(ref_gen, cand_gen, new_tokens)
+    else:
+        report["end_to_end"] = {"skipped": "needs a dynamic decoder with all logits (export --layout dynamic --logits all)"}
+    report["passed"] = all(v["passed"] for g in report["graphs"].values() for v in g.values())
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "diff.json", report)
+    (out / "diff.md").write_text(markdown(report))
+    return report
+
+
+def failure_summary(report: dict) -> str:
+    failures = [f"{label} {graph} {', '.join(v['failed_outputs'])}"
+                for graph, results in report["graphs"].items() for label, v in results.items() if not v["passed"]]
+    return "; ".join(failures)
+
+
+def load_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -27,6 +27,7 @@ def test_variants_and_report(built):
     for name in ("int8", "int4"):
         accuracy = report["variants"][name]["accuracy_vs_fp32"]
         assert accuracy["prompts"] == 3 and 0.0 <= accuracy["greedy_prefix_agreement"] <= 1.0
+        assert 0.0 <= accuracy["top1_agreement"] <= 1.0 and accuracy["mean_kl"] >= 0.0
         decoder = onnx.load(str(root / "cpu" / name / "decoder.onnx"))
         assert any(n.op_type == "MatMulNBits" for n in decoder.graph.node)
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)

@@ -60,7 +60,6 @@ def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
     from vlm_export.artifacts import verify
-    from vlm_export.targets.accuracy import compare_to_fp32
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
@@ -77,7 +76,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
                           "bytes": sum(f["bytes"] for f in built["files"].values())}
                 if name != "fp32":
                     progress(f"measuring {name} against fp32")
-                    record["accuracy_vs_fp32"] = compare_to_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
+                    record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         staging.finish()
@@ -86,13 +85,22 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     return report
 
 
+def accuracy_vs_fp32(fp32_dir: Path, variant_dir: Path, new_tokens: int) -> dict:
+    """End-to-end agreement of a variant with the fp32 variant (the same measure `vlm-export diff` uses)."""
+    from vlm_export.diff.end_to_end import agreement, open_generator
+
+    with open_generator(fp32_dir, "ort") as reference, open_generator(variant_dir, "ort") as candidate:
+        return agreement(reference, candidate, new_tokens)
+
+
 def report_markdown(report: dict) -> str:
-    lines = ["| variant | size MB | build s | greedy prefix agreement | first-token agreement | identical |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | size MB | build s | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
-        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['first_token_agreement']:.2f}",
-                 f"{acc['identical_outputs']}/{acc['prompts']}"] if acc else ["baseline"] * 3
+        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
+                 f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}",
+                 f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

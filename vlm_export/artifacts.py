@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from vlm_export.errors import VlmExportError
+from vlm_export.errors import VlmExportError, is_interruption
 
 MANIFEST = "manifest.json"
 
@@ -156,16 +156,17 @@ def atomic_directory(out: Path, force: bool = False):
     staging = Staging(out.with_name(f"{out.name}.partial"))
     try:
         yield staging
-    except KeyboardInterrupt:
-        raise
-    except OSError as exc:
-        shutil.rmtree(staging.path, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
-            raise VlmExportError(f"the disk filled up while writing {out}", "free space and re-run") from exc
-        raise
-    except BaseException:
-        shutil.rmtree(staging.path, ignore_errors=True)
+    except BaseException as exc:
+        if is_interruption(exc):
+            raise KeyboardInterrupt from exc  # keep the staging directory: the next run resumes
+        _discard(staging.path, exc, out)
         raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging.path, out)
+
+
+def _discard(staging: Path, exc: BaseException, out: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        raise VlmExportError(f"the disk filled up while writing {out}", "free space and re-run") from exc

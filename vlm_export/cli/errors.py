@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from vlm_export.errors import VlmExportError
+from vlm_export.errors import VlmExportError, is_interruption
 
 STATE = {"debug": False}
 USER_ERROR_EXIT = 2
@@ -32,6 +32,9 @@ def handles_errors(command):
         except Exception as exc:  # noqa: BLE001 - the last line of defence for users
             if STATE["debug"]:
                 raise
+            if is_interruption(exc):
+                print("error: interrupted; nothing was finished -- fix: re-run the same command to resume", file=sys.stderr)
+                raise typer.Exit(130) from None
             detail = " ".join(str(exc).split())[:300]
             print(f"error: internal error {type(exc).__name__}: {detail} -- rerun with --debug and report it", file=sys.stderr)
             raise typer.Exit(INTERNAL_ERROR_EXIT) from None

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError, is_interruption
@@ -154,16 +156,42 @@ def atomic_directory(out: Path, force: bool = False):
     out = Path(out)
     prepare_output(out, force)
     staging = Staging(out.with_name(f"{out.name}.partial"))
-    try:
-        yield staging
-    except BaseException as exc:
-        if is_interruption(exc):
-            raise KeyboardInterrupt from exc  # keep the staging directory: the next run resumes
-        _discard(staging.path, exc, out)
-        raise
+    with _InterruptGuard() as guard:
+        try:
+            yield staging
+        except BaseException as exc:
+            if is_interruption(exc) or guard.hit:
+                raise KeyboardInterrupt from exc  # keep the staging directory: the next run resumes
+            _discard(staging.path, exc, out)
+            raise
+        if guard.hit:  # a library swallowed the KeyboardInterrupt: still never finish
+            raise KeyboardInterrupt
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging.path, out)
+
+
+class _InterruptGuard:
+    """SIGINT/SIGTERM during a stage raise KeyboardInterrupt *and* are remembered, so an interrupt
+    that a library catches and swallows still stops the output from being renamed into place."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.hit, self.previous = False, {}
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _discard(staging: Path, exc: BaseException, out: Path) -> None:

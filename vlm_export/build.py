@@ -28,6 +28,9 @@ def ensure_graphs(spec: ModelSpec, graphs: Path, progress) -> Path:
 
 def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool, progress) -> dict:
     module = target_module(target)
-    profile = module.Profile(**profile_options)  # each target validates its own typed profile
+    try:
+        profile = module.Profile(**profile_options)  # each target validates its own typed profile
+    except TypeError as exc:
+        raise VlmExportError(f"an option given does not apply to --target {target} ({exc})", "drop it") from exc
     ensure_graphs(spec, graphs, progress)
     return module.build(graphs, out, profile, force=force, progress=progress)

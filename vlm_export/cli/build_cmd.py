@@ -18,6 +18,10 @@ def build(
     graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
     variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: comma-separated subset of fp32,int8,int4.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
+    dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
+    max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", help="orin: KV cache length the decode profile takes.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
@@ -34,8 +38,10 @@ def build(
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed)
     graphs = graphs or Path("graphs") / spec.name
     out = out or Path("engines") / target / spec.name
-    options = {"variants": tuple(variants.split(","))} if variants else {}
+    given = {"variants": tuple(variants.split(",")) if variants else None, "device": device, "vision_on_dla": dla,
+             "max_prompt": max_prompt, "max_context": max_context}
+    options = {k: v for k, v in given.items() if v is not None}
     with Console(stderr=True).status("building") as status:
         report = build_model(spec, target, out, graphs, options, force, lambda text: status.update(text))
     typer.echo((out / "report.md").read_text().rstrip())
-    typer.echo(f"wrote {out} ({', '.join(report['variants'])}); run one with: vlm-export run {out / 'int4'} --prompt ...")
+    typer.echo(f"wrote {out}: {report['message']}")

@@ -63,7 +63,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
-    report = {"target": "cpu", "graphs": str(graphs), "variants": {}}
+    report = {"target": "cpu", "graphs": str(graphs), "variants": {},
+              "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
             key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__)

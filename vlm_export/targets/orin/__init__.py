@@ -1,0 +1,10 @@
+"""`--target orin`: TensorRT for NVIDIA Jetson Orin (compute capability 8.7).
+
+What can be proved without TensorRT is done here (static support check, optimisation profiles,
+build plan, a ready-to-run build script); the engine build itself runs wherever `import tensorrt`
+works, and an engine is never reported unless it was built.
+"""
+
+from vlm_export.targets.orin.target import Profile, build
+
+__all__ = ["Profile", "build"]

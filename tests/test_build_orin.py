@@ -26,10 +26,29 @@ def built(tmp_path_factory):
 def test_says_engines_were_not_built(built):
     root, stdout = built
     assert "engines NOT built" in stdout and "build_engines.sh" in stdout
-    assert not list((root / "orin").glob("*.engine"))
+    assert not list((root / "orin").rglob("*.engine"))
     report = json.loads((root / "orin" / "report.json").read_text())
-    assert report["engines_built"] == [] and report["static_check_passed"]
-    assert os.access(root / "orin" / "build_engines.sh", os.X_OK)
+    assert list(report["variants"]) == ["fp16", "int8"]
+    for variant in report["variants"].values():
+        assert variant["engines_built"] == [] and set(variant["static_check"].values()) == {"ok"}
+    assert os.access(root / "orin" / "int8" / "build_engines.sh", os.X_OK)
+
+
+def test_int8_is_symmetric_qdq_and_measured(built):
+    import onnx
+    from onnx import numpy_helper
+
+    root, _ = built
+    model = onnx.load(str(root / "orin" / "int8" / "decoder.onnx"))
+    values = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(not numpy_helper.to_array(values[n.input[2]]).any() for n in dq if len(n.input) > 2 and n.input[2] in values)
+    per_channel = [n for n in dq if n.input[0] in values and numpy_helper.to_array(values[n.input[1]]).size > 1]
+    assert per_channel, "weights carry per-channel scales"
+    accuracy = json.loads((root / "orin" / "report.json").read_text())["variants"]["int8"]["accuracy_vs_fp32"]
+    assert accuracy["prompts"] == 3 and 0 <= accuracy["top1_agreement"] <= 1 and accuracy["mean_kl"] >= 0
+    run = vlm("run", root / "orin" / "int8", "--prompt", "hello", "--max-new-tokens", "3")
+    assert run.returncode == 0, run.stderr
 
 
 def _shapes(argument: str) -> dict[str, list[int]]:
@@ -38,10 +57,11 @@ def _shapes(argument: str) -> dict[str, list[int]]:
 
 def test_trtexec_lines_match_graph_inputs_and_profiles(built):
     root, _ = built
-    manifest = json.loads((root / "orin" / "manifest.json").read_text())
+    variant = root / "orin" / "int8"
+    manifest = json.loads((variant / "manifest.json").read_text())
     graphs = {g["file"]: g for g in manifest["graphs"]}
-    plan = {p["graph"]: p for p in json.loads((root / "orin" / "plan.json").read_text())["plans"]}
-    lines = [line.strip() for line in (root / "orin" / "build_engines.sh").read_text().splitlines() if line.strip().startswith("trtexec")]
+    plan = {p["graph"]: p for p in json.loads((variant / "plan.json").read_text())["plans"]}
+    lines = [line.strip() for line in (variant / "build_engines.sh").read_text().splitlines() if line.strip().startswith("trtexec")]
     assert len(lines) == len(graphs)
     for line in lines:
         graph_file = re.search(r"--onnx=(\S+)", line).group(1)
@@ -62,6 +82,7 @@ def test_trtexec_lines_match_graph_inputs_and_profiles(built):
     assert prefill["past_key_values.0.key"][2] == 0 and decode["inputs_embeds"][1] == 1
     assert decode["attention_mask"][1] == 512  # clamped to tiny's context
     assert "--useDLACore=0" in next(line for line in lines if "--onnx=vision.onnx" in line)
+    assert "--int8" in decoder and "--fp16" in decoder
 
 
 def test_static_check_refuses_ops_tensorrt_cannot_parse(built, tmp_path):

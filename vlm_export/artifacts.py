@@ -37,6 +37,15 @@ def file_records(directory: Path) -> dict[str, dict]:
     }
 
 
+def link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link an unchanged artifact into another artifact set (no second copy of GBs); copy across filesystems."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -94,3 +94,9 @@ def agreement(reference: Generator, candidate: Generator, new_tokens: int = 16) 
 
 def open_generator(directory: Path, backend: str) -> Generator:
     return Generator(ArtifactSet.open(directory, check_hashes=False), backend)
+
+
+def accuracy_vs_fp32(fp32_dir: Path, variant_dir: Path, new_tokens: int = 16) -> dict:
+    """End-to-end agreement of a built variant with fp32 graphs, both on ONNX Runtime (what build reports use)."""
+    with open_generator(fp32_dir, "ort") as reference, open_generator(variant_dir, "ort") as candidate:
+        return agreement(reference, candidate, new_tokens)

@@ -52,4 +52,5 @@ class ArtifactSet:
     def runners(self, backend: str, **options) -> dict:
         module = backend_module(backend)
         options.setdefault("spec", self.spec)
+        options.setdefault("engines", self.manifest.get("engines", {}))  # what built engines were built with
         return {name: module.make_runner(graph, self.directory, options) for name, graph in self.graphs.items()}

@@ -10,13 +10,11 @@ end to end and written to the build report.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic, write_manifest
+from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, write_json_atomic, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 
@@ -36,14 +34,6 @@ class Profile:
             raise VlmExportError("the fp32 variant is the accuracy baseline of the others", "keep fp32 in --variants")
 
 
-def _link_or_copy(source: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
 def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None, manifest: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     quantization = {}
@@ -52,7 +42,7 @@ def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None
         if config is not None and is_decoder:
             quantization[relative] = quantize_weights(graphs / relative, out / relative, config)
         elif config is None or not relative.startswith("decoder"):
-            _link_or_copy(graphs / relative, out / relative)
+            link_or_copy(graphs / relative, out / relative)
     body = {k: v for k, v in manifest.items() if k != "files"}
     return write_manifest(out, {**body, "kind": "vlm-export build", "target": "cpu", "variant": name,
                                 "quantization": quantization})
@@ -60,6 +50,7 @@ def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
     from vlm_export.artifacts import verify
+    from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
@@ -84,14 +75,6 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
         write_json_atomic(staging.path / "report.json", report)
         (staging.path / "report.md").write_text(report_markdown(report))
     return report
-
-
-def accuracy_vs_fp32(fp32_dir: Path, variant_dir: Path, new_tokens: int) -> dict:
-    """End-to-end agreement of a variant with the fp32 variant (the same measure `vlm-export diff` uses)."""
-    from vlm_export.diff.end_to_end import agreement, open_generator
-
-    with open_generator(fp32_dir, "ort") as reference, open_generator(variant_dir, "ort") as candidate:
-        return agreement(reference, candidate, new_tokens)
 
 
 def report_markdown(report: dict) -> str:

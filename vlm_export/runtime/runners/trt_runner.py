@@ -15,10 +15,24 @@ from vlm_export.runtime.runners.base import Runner
 
 
 class TrtRunner(Runner):
-    def __init__(self, graph: dict, engine_path: Path):
+    def __init__(self, graph: dict, engine_path: Path, built_with: dict | None = None):
         super().__init__(graph)
         self.engine_path = Path(engine_path)
+        self.built_with = built_with or {}  # the build manifest's record: TensorRT version, GPU capability
         self.engine = self.context = self.stream = None
+        self.profile = None
+
+    def _check_build_matches(self, trt, torch) -> None:
+        """Engines are specific to the TensorRT version and the GPU they were built for."""
+        built_version = self.built_with.get("tensorrt")
+        if built_version and built_version.split(".")[:2] != trt.__version__.split(".")[:2]:
+            raise VlmExportError(f"{self.engine_path.name} was built with TensorRT {built_version}, this is {trt.__version__}",
+                                 "rebuild the engines here with build_engines.sh")
+        built_cc = self.built_with.get("compute_capability")
+        here_cc = "%d.%d" % torch.cuda.get_device_capability()
+        if built_cc and built_cc != here_cc:
+            raise VlmExportError(f"{self.engine_path.name} was built for compute capability {built_cc}, this GPU is {here_cc}",
+                                 "rebuild the engines on this device")
 
     def activate_impl(self) -> None:
         trt = require_module("tensorrt", "trt", "running TensorRT engines")
@@ -29,6 +43,7 @@ class TrtRunner(Runner):
         if not self.engine_path.is_file():
             raise VlmExportError(f"engine {self.engine_path} does not exist",
                                  "build it on a TensorRT host: vlm-export build MODEL --target orin")
+        self._check_build_matches(trt, torch)
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
@@ -44,6 +59,7 @@ class TrtRunner(Runner):
         import tensorrt as trt
         import torch
 
+        self._select_profile(feeds)
         keep = []
         for name in self.input_names:
             value = feeds[name]
@@ -63,10 +79,26 @@ class TrtRunner(Runner):
         self.stream.synchronize()
         return outputs
 
+    def _select_profile(self, feeds: dict) -> None:
+        """Engines built with several profiles (decoder: prefill, decode): pick the one that fits."""
+        shapes = {n: tuple(feeds[n].shape) for n in self.input_names}
+        for index in range(self.engine.num_optimization_profiles):
+            fits = all(
+                all(lo <= d <= hi for d, lo, hi in zip(shape, *self.engine.get_tensor_profile_shape(name, index)[::2]))
+                for name, shape in shapes.items()
+            )
+            if fits:
+                if index != self.profile:
+                    self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+                    self.profile = index
+                return
+        raise VlmExportError(f"{self.name}: input shapes {shapes} are outside every optimisation profile",
+                             "rebuild with larger --max-prompt / --max-context")
+
     def to_numpy(self, value) -> np.ndarray:
         return value.float().cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)
 
 
 def make_runner(graph: dict, directory: Path, options: dict) -> TrtRunner:
     engine = Path(directory) / (Path(graph["file"]).stem + ".engine")
-    return TrtRunner(graph, engine)
+    return TrtRunner(graph, engine, options.get("engines", {}).get(engine.name))

@@ -16,8 +16,23 @@ def load_support() -> dict:
 
 
 def _initializer_names(model: onnx.ModelProto) -> set[str]:
-    constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return {i.name for i in model.graph.initializer} | constants
+    """Initializers, Constant outputs, and Q/DQ-quantized initializers (explicit-quantization weights)."""
+    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    return constants | dequantized
+
+
+def _nonzero_zero_points(model: onnx.ModelProto) -> list[str]:
+    """TensorRT takes symmetric Q/DQ only: every zero point must be 0."""
+    from onnx import numpy_helper
+
+    values = {i.name: i for i in model.graph.initializer}
+    bad = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in values:
+            if numpy_helper.to_array(values[node.input[2]]).any():
+                bad.append(node.name)
+    return bad
 
 
 def check_graph(path: Path, support: dict | None = None) -> dict:
@@ -40,6 +55,7 @@ def check_graph(path: Path, support: dict | None = None) -> dict:
             problems.append(f"{node.name}: Conv weights must be an initializer")
         elif node.op_type == "Slice" and len(node.input) > 3 and node.input[3] and node.input[3] not in constants:
             problems.append(f"{node.name}: Slice axes must be an initializer")
+    problems += [f"{name}: non-zero zero point (TensorRT needs symmetric int8)" for name in _nonzero_zero_points(model)]
     allowed = set(support["dtypes"])
     for value in [*model.graph.input, *model.graph.output]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name

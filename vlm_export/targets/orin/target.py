@@ -1,54 +1,57 @@
-"""The orin target: graphs -> static check -> plan -> engines (if TensorRT is here) or a build script."""
+"""The orin target: graphs -> per-precision variant (fp16 | int8 QDQ) -> static check -> plan ->
+engines (if TensorRT is here) or a build script. Every variant is a complete artifact set.
+
+    fp16/  the exported graphs, built with TensorRT's fp16 flag
+    int8/  vision and decoder with explicit symmetric int8 Q/DQ (calibrated on calibration/),
+           built with int8 + fp16 flags; its accuracy against fp32 is measured here in ONNX Runtime
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.artifacts import atomic_directory, verify, write_json_atomic, write_manifest
+from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, verify, write_json_atomic, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
 from vlm_export.targets.orin.static_check import check_graph
+
+PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"]}  # builder flags per variant
+QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays float
 
 
 @dataclass(frozen=True)
 class Profile:
     device: str = "agx-orin-64gb"
-    precisions: tuple[str, ...] = ("fp16",)
+    precisions: tuple[str, ...] = ("fp16", "int8")
     max_batch: int = 1
     max_prompt: int = 512
     max_context: int = 1024
     vision_on_dla: bool = False
+    calibration: str | None = None  # folder with recipe.json (default: the repository's calibration/)
+    eval_tokens: int = 16
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise VlmExportError(f"unknown Orin device '{self.device}'", f"use one of {', '.join(DEVICES)}")
-        if not set(self.precisions) <= {"fp32", "fp16"}:
-            raise VlmExportError(f"precision(s) {', '.join(self.precisions)} not available for orin yet",
-                                 "use fp16 (int8 explicit quantization is not implemented yet)")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise VlmExportError(f"unknown orin precision(s) {', '.join(unknown)}", f"use {', '.join(PRECISIONS)}")
         if self.vision_on_dla and DEVICES[self.device]["dla_cores"] == 0:
             raise VlmExportError(f"{self.device} has no DLA core", "drop --dla or pick a module with DLA")
         if not 0 < self.max_prompt < self.max_context:
             raise VlmExportError("max prompt must be positive and below max context", "adjust --max-prompt / --max-context")
 
 
-def _link_or_copy(source: Path, destination: Path) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
-def graph_plan(graph: dict, profile: Profile) -> dict:
+def graph_plan(graph: dict, profile: Profile, precision: str) -> dict:
     device = DEVICES[profile.device]
     return {
         "graph": graph["file"], "engine": Path(graph["file"]).stem + ".engine",
-        "precisions": list(profile.precisions), "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
+        "precisions": PRECISIONS[precision], "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
         "compute_capability": COMPUTE_CAPABILITY, "device": profile.device,
         "dla_core": 0 if profile.vision_on_dla and graph["wrapper"] == "vision" else None,
         "profiles": profiles_for(graph, profile.max_batch, profile.max_prompt, profile.max_context),
@@ -80,58 +83,116 @@ def _build_engines(directory: Path, plans: list[dict]) -> dict:
             for name, s in p["shapes"].items():
                 trt_profile.add(name, s["min"], s["opt"], s["max"])
             profiles.append(trt_profile)
-        config = CreateConfig(fp16="fp16" in plan["precisions"], profiles=profiles,
+        config = CreateConfig(fp16="fp16" in plan["precisions"], int8="int8" in plan["precisions"], profiles=profiles,
                               memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan["workspace_mb"] << 20},
                               load_timing_cache=str(directory / plan["timing_cache"]))
         SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(str(directory / plan["graph"])), config=config),
                    str(directory / plan["engine"]))()
-        built[plan["engine"]] = {"tensorrt": trt.__version__}
+        import torch
+
+        built[plan["engine"]] = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+                                 "compute_capability": "%d.%d" % torch.cuda.get_device_capability()}
     return built
+
+
+def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
+    """Link the graphs into `out`; for int8, replace vision and decoder by calibrated Q/DQ graphs."""
+    quantization = {}
+    records = {g["file"]: g for g in manifest["graphs"]}
+    samples = None
+    for relative in manifest["files"]:
+        record = records.get(relative)
+        if precision == "int8" and record is not None and record["wrapper"] in QUANTIZED_GRAPHS:
+            if samples is None:
+                samples = _calibration_samples(graphs, manifest, profile, progress)
+            from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+
+            progress(f"int8 Q/DQ: {relative}")
+            out.mkdir(parents=True, exist_ok=True)
+            quantization[relative] = quantize_int8_qdq(graphs / relative, out / relative, samples[record["wrapper"]])
+        elif not (precision == "int8" and relative.endswith(".data") and relative[: -len(".data")] in records
+                  and records[relative[: -len(".data")]]["wrapper"] in QUANTIZED_GRAPHS):
+            link_or_copy(graphs / relative, out / relative)
+    return quantization
+
+
+def _calibration_samples(graphs: Path, manifest: dict, profile: Profile, progress) -> dict:
+    from vlm_export.quantize.calibration import calibration_set, decoder_samples, vision_samples
+    from vlm_export.runtime.artifact_set import ArtifactSet
+
+    progress("collecting calibration samples")
+    spec = ArtifactSet.open(graphs, check_hashes=False).spec
+    images, prompts = calibration_set(profile.calibration)
+    return {"vision": vision_samples(images, spec.vision, spec.image_aspect_ratio),
+            "decoder": decoder_samples(graphs, images, prompts)}
+
+
+def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
+    started = time.perf_counter()
+    quantization = _variant_graphs(graphs, out, precision, manifest, profile, progress)
+    checks = [check_graph(out / g["file"]) for g in manifest["graphs"]]
+    failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
+    if failed:
+        raise VlmExportError(f"graphs TensorRT cannot parse: {'; '.join(failed[:3])}", "re-export, or report the op")
+    plans = [graph_plan(g, profile, precision) for g in manifest["graphs"]]
+    write_json_atomic(out / "plan.json", {"device": profile.device, **DEVICES[profile.device], "plans": plans})
+    write_json_atomic(out / "static_check.json", {"checks": checks})
+    script = out / "build_engines.sh"
+    script.write_text(build_script(plans))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    engines = {}
+    if importlib.util.find_spec("tensorrt") is not None:
+        progress(f"building TensorRT engines ({precision})")
+        engines = _build_engines(out, plans)
+    body = {k: v for k, v in manifest.items() if k != "files"}
+    write_manifest(out, {**body, "kind": "vlm-export build", "target": "orin", "variant": precision,
+                         "device": profile.device, "builder_flags": PRECISIONS[precision],
+                         "quantization": quantization, "engines": engines})
+    record = {"seconds": round(time.perf_counter() - started, 1), "engines_built": sorted(engines),
+              "static_check": {c["graph"]: "ok" for c in checks}, "plans": len(plans),
+              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+    if precision == "int8":
+        from vlm_export.diff.end_to_end import accuracy_vs_fp32
+
+        progress("measuring int8 Q/DQ against fp32 in ONNX Runtime")
+        record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+    return record
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
-    checks = [check_graph(graphs / g["file"]) for g in manifest["graphs"]]
-    failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
-    if failed:
-        raise VlmExportError(f"graphs TensorRT cannot parse: {'; '.join(failed[:3])}", "re-export, or report the op")
+    if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
+        raise VlmExportError("the orin target builds from dynamic-layout graphs (TensorRT profiles)", "export with --layout dynamic")
     context = manifest["model"]["llm"]["max_context"]
     if profile.max_context > context:  # the decode profile never needs more than the model's context
         profile = dataclasses.replace(profile, max_context=context, max_prompt=min(profile.max_prompt, context - 1))
-    plans = [graph_plan(g, profile) for g in manifest["graphs"]]
-    trt_here = importlib.util.find_spec("tensorrt") is not None
+    report = {"target": "orin", "device": profile.device, "variants": {}}
     with atomic_directory(out, force) as staging:
-        for relative in manifest["files"]:
-            (staging.path / relative).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(graphs / relative, staging.path / relative)
-        write_json_atomic(staging.path / "plan.json", {"device": profile.device, **DEVICES[profile.device], "plans": plans})
-        write_json_atomic(staging.path / "static_check.json", {"checks": checks})
-        script = staging.path / "build_engines.sh"
-        script.write_text(build_script(plans))
-        script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-        engines = {}
-        if trt_here:
-            progress("building TensorRT engines")
-            engines = _build_engines(staging.path, plans)
-        report = {"target": "orin", "device": profile.device, "engines_built": sorted(engines),
-                  "static_check_passed": True, "graphs": [c["graph"] for c in checks],
-                  "message": ("engines built: " + ", ".join(sorted(engines))) if engines else
-                  f"engines NOT built: TensorRT is not importable here; copy {out} to the Jetson and run ./build_engines.sh there",
-                  "variants": {"orin": {"plans": len(plans)}}}
-        write_json_atomic(staging.path / "report.json", report)
-        (staging.path / "report.md").write_text(report_markdown(checks, plans))
+        for precision in profile.precisions:
+            key = stage_key(manifest["files"], precision, dataclasses.asdict(profile))
+            record = staging.cached(precision, key)
+            if record is None:
+                record = _build_variant(graphs, staging.path / precision, precision, manifest, profile, progress)
+                staging.remember(precision, key, [f"{precision}/{MANIFEST}"], record)
+            report["variants"][precision] = record
+        built = [f"{p}/{e}" for p, r in report["variants"].items() for e in r["engines_built"]]
+        report["message"] = ("engines built: " + ", ".join(built)) if built else (
+            f"engines NOT built: TensorRT is not importable here; copy {out}/<variant> to the Jetson and run "
+            "./build_engines.sh there")
         staging.finish()
-        body = {k: v for k, v in manifest.items() if k != "files"}
-        write_manifest(staging.path, {**body, "kind": "vlm-export build", "target": "orin", "device": profile.device,
-                                      "precisions": list(profile.precisions), "engines": engines})
+        write_json_atomic(staging.path / "report.json", report)
+        (staging.path / "report.md").write_text(report_markdown(report))
     return report
 
 
-def report_markdown(checks: list[dict], plans: list[dict]) -> str:
-    lines = ["| graph | ops | TensorRT parser check | profiles | precisions | DLA |", "|---|---|---|---|---|---|"]
-    for check, plan in zip(checks, plans):
-        profiles = ", ".join(p["name"] for p in plan["profiles"])
-        lines.append(f"| {check['graph']} | {sum(check['ops'].values())} | {'ok' if check['passed'] else 'FAIL'} | {profiles} | "
-                     f"{'/'.join(plan['precisions'])} | {'core 0' if plan['dla_core'] is not None else '-'} |")
+def report_markdown(report: dict) -> str:
+    lines = [f"Jetson {report['device']} (compute capability {COMPUTE_CAPABILITY})", "",
+             "| variant | size MB | TensorRT parser check | engines | greedy prefix agreement | top-1 | mean KL |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in report["variants"].items():
+        acc = v.get("accuracy_vs_fp32")
+        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}"] if acc else ["fp32 graphs"] * 3
+        checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
+        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,68 @@
+"""Calibration samples from `calibration/` (real photos + prompts, recipe in recipe.json), run through
+the fp32 graphs so the decoder sees real prompt embeddings, spliced images, and real KV caches.
+
+Calibrating on the prefill (positions from 0) and on a decode step both matters: ranges taken from
+later steps only clip the single-key attention of step 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError
+
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "calibration"
+
+
+def calibration_set(directory: Path | None = None) -> tuple[list[Path], list[str]]:
+    directory = Path(directory or DEFAULT_DIR)
+    recipe_path = directory / "recipe.json"
+    if not recipe_path.is_file():
+        raise VlmExportError(f"no calibration recipe at {recipe_path}", "pass --calibration DIR with recipe.json, images/ and prompts.txt")
+    recipe = json.loads(recipe_path.read_text())
+    images = sorted(directory.glob(recipe["images"]))
+    prompts_path = directory / recipe["prompts"]
+    prompts = [p.strip() for p in prompts_path.read_text().splitlines() if p.strip()] if prompts_path.is_file() else []
+    if not images or not prompts:
+        raise VlmExportError(f"calibration data missing in {directory} ({len(images)} images, {len(prompts)} prompts)",
+                             "add photos under images/ and prompts to prompts.txt")
+    return images, prompts
+
+
+def vision_samples(images: list[Path], vision_spec, aspect: str) -> list[dict]:
+    from vlm_export.model.preprocess import load_image, preprocess_image
+
+    return [{"pixel_values": preprocess_image(load_image(p), vision_spec, aspect)} for p in images]
+
+
+def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) -> list[dict]:
+    """Prefill and one decode step per calibration request, as feed dicts of the dynamic decoder."""
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator, Request
+    from vlm_export.runtime.kv_cache import DynamicKV
+
+    samples = []
+    with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
+        if generator.layout != "dynamic":
+            raise VlmExportError("int8 calibration needs the dynamic-layout graphs", "build from `vlm-export export MODEL`")
+        llm = generator.spec.llm
+        for index, prompt in enumerate(prompts):
+            image = images[index % len(images)] if index % 2 == 0 else None
+            request = Request.ask(prompt, image)
+            image_embeds = generator._image_embeds([image])[0] if image is not None else None
+            embeds, ids = generator.encode(request, image_embeds)
+            kv = DynamicKV(llm.num_layers, 1, llm.num_kv_heads, llm.head_dim, generator.float_dtype)
+            keep = np.ones((1, embeds.shape[0]), np.int64)
+            positions = np.arange(embeds.shape[0], dtype=np.int64)[None]
+            samples.append({"inputs_embeds": embeds[None], "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values})
+            logits = generator._step("decoder", kv, embeds[None], keep, positions)
+            token = int(np.argmax(logits[0]))
+            step_embeds = generator._embed_ids([token])[None]
+            runner = generator.runners["decoder"]
+            past = {k: runner.to_numpy(v) for k, v in kv.values.items()}
+            samples.append({"inputs_embeds": step_embeds, "attention_mask": kv.step_mask(np.ones((1, 1), np.int64)),
+                            "position_ids": np.array([[embeds.shape[0]]], np.int64), **past})
+    return samples

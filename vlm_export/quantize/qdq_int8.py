@@ -1,0 +1,66 @@
+"""Explicit int8 quantization in the form TensorRT consumes without a calibrator: QuantizeLinear /
+DequantizeLinear pairs, symmetric (zero point 0), per-channel weight scales (output channel),
+per-tensor activation scales from calibration. Only weight-bearing MatMul / Conv are quantized;
+activation x activation MatMuls (attention scores, probs x V) stay in float for accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import onnx
+
+from vlm_export.errors import VlmExportError
+
+log = logging.getLogger(__name__)
+
+
+class _Samples:
+    """ORT's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, samples: list[dict]):
+        self._iter = iter(samples)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    constants = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in constants]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer warns about pre-processing on the root logger on every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8_qdq(source: Path, destination: Path, samples: list[dict]) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not samples:
+        raise VlmExportError(f"no calibration samples for {source.name}", "check the calibration folder")
+    exclude = _activation_matmuls(onnx.load(str(source), load_external_data=False))
+    large = (source.parent / (source.name + ".data")).exists()
+    with _quiet_root_logger():
+        quantize_static(
+            str(source), str(destination), _Samples(samples), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul", "Conv"], nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=large,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
+        )
+    quantized = onnx.load(str(destination), load_external_data=False)
+    counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    log.info("%s: %s, %d activation MatMuls kept in float", source.name, counts, len(exclude))
+    return {**counts, "float_matmuls": len(exclude), "calibration_samples": len(samples), "symmetric": True, "per_channel": True}

@@ -17,7 +17,7 @@ def build(
     target: Annotated[str, typer.Option("--target", help="Build target (cpu).")] = "cpu",
     graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: comma-separated subset of fp32,int8,int4.")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: subset of fp32,int8,int4; orin: subset of fp16,int8 (comma-separated).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
     dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
     max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,

@@ -27,7 +27,7 @@ QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays flo
 @dataclass(frozen=True)
 class Profile:
     device: str = "agx-orin-64gb"
-    precisions: tuple[str, ...] = ("fp16", "int8")
+    variants: tuple[str, ...] = ("fp16", "int8")
     max_batch: int = 1
     max_prompt: int = 512
     max_context: int = 1024
@@ -38,7 +38,7 @@ class Profile:
     def __post_init__(self):
         if self.device not in DEVICES:
             raise VlmExportError(f"unknown Orin device '{self.device}'", f"use one of {', '.join(DEVICES)}")
-        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        unknown = [p for p in self.variants if p not in PRECISIONS]
         if unknown:
             raise VlmExportError(f"unknown orin precision(s) {', '.join(unknown)}", f"use {', '.join(PRECISIONS)}")
         if self.vision_on_dla and DEVICES[self.device]["dla_cores"] == 0:
@@ -169,7 +169,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
         profile = dataclasses.replace(profile, max_context=context, max_prompt=min(profile.max_prompt, context - 1))
     report = {"target": "orin", "device": profile.device, "variants": {}}
     with atomic_directory(out, force) as staging:
-        for precision in profile.precisions:
+        for precision in profile.variants:
             key = stage_key(manifest["files"], precision, dataclasses.asdict(profile))
             record = staging.cached(precision, key)
             if record is None:

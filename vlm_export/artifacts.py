@@ -38,8 +38,15 @@ def file_records(directory: Path) -> dict[str, dict]:
 
 
 def link_or_copy(source: Path, destination: Path) -> None:
-    """Hard-link an unchanged artifact into another artifact set (no second copy of GBs); copy across filesystems."""
+    """Hard-link an unchanged artifact into another artifact set (no second copy); copy across filesystems.
+
+    ONNX external-data files are always copied: onnx and ONNX Runtime refuse weights in a file with
+    several hard links (their guard against hard-link attacks), which would break both sets.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.suffix == ".data":
+        shutil.copy2(source, destination)
+        return
     try:
         os.link(source, destination)
     except OSError:

@@ -51,7 +51,9 @@ def quantize_int8_qdq(source: Path, destination: Path, samples: list[dict]) -> d
         raise VlmExportError(f"no calibration samples for {source.name}", "check the calibration folder")
     exclude = _activation_matmuls(onnx.load(str(source), load_external_data=False))
     large = (source.parent / (source.name + ".data")).exists()
-    with _quiet_root_logger():
+    leftover = source.with_name(source.stem + "-inferred.onnx")  # ORT writes it beside the source
+    with _quiet_root_logger(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: leftover.unlink(missing_ok=True))
         quantize_static(
             str(source), str(destination), _Samples(samples), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,

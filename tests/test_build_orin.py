@@ -32,6 +32,9 @@ def test_says_engines_were_not_built(built):
     for variant in report["variants"].values():
         assert variant["engines_built"] == [] and set(variant["static_check"].values()) == {"ok"}
     assert os.access(root / "orin" / "int8" / "build_engines.sh", os.X_OK)
+    fp16 = json.loads((root / "orin" / "fp16" / "manifest.json").read_text())
+    decoder = next(g for g in fp16["graphs"] if g["name"] == "decoder")
+    assert decoder["inputs"][0]["dtype"] == "float16" and decoder["validation"]["passed"]  # exporter's fp16 graphs
 
 
 def test_int8_is_symmetric_qdq_and_measured(built):

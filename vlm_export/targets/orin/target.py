@@ -1,7 +1,7 @@
 """The orin target: graphs -> per-precision variant (fp16 | int8 QDQ) -> static check -> plan ->
 engines (if TensorRT is here) or a build script. Every variant is a complete artifact set.
 
-    fp16/  the exported graphs, built with TensorRT's fp16 flag
+    fp16/  fp16 graphs from the exporter (validated against the fp32 reference), TensorRT fp16 flag
     int8/  vision and decoder with explicit symmetric int8 Q/DQ (calibrated on calibration/),
            built with int8 + fp16 flags; its accuracy against fp32 is measured here in ONNX Runtime
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import stat
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from vlm_export.targets.orin.static_check import check_graph
 
 PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"]}  # builder flags per variant
 QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays float
+VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,21 @@ def _build_engines(directory: Path, plans: list[dict]) -> dict:
     return built
 
 
+def _fp16_graphs(out: Path, manifest: dict, progress) -> dict:
+    """fp16 graphs from the exporter (RMSNorm and softmax stay fp32 inside), validated against the fp32 reference."""
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.model_spec import spec_from_dict
+
+    options = ExportOptions(**{**manifest["options"], "dtype": "fp16"})
+    exported = export_model(spec_from_dict(manifest["model"]), out, options, progress=progress)
+    return {g["file"]: {"dtype": "fp16", "validation": g["validation"]["outputs"]} for g in exported["graphs"]}
+
+
 def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
-    """Link the graphs into `out`; for int8, replace vision and decoder by calibrated Q/DQ graphs."""
+    """fp16: a fresh fp16 export. int8: the fp32 graphs, with vision and decoder replaced by calibrated Q/DQ graphs."""
+    if precision == "fp16":
+        return _fp16_graphs(out, manifest, progress)
     quantization = {}
     records = {g["file"]: g for g in manifest["graphs"]}
     samples = None
@@ -130,11 +145,12 @@ def _calibration_samples(graphs: Path, manifest: dict, profile: Profile, progres
 def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
     started = time.perf_counter()
     quantization = _variant_graphs(graphs, out, precision, manifest, profile, progress)
-    checks = [check_graph(out / g["file"]) for g in manifest["graphs"]]
+    variant_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else manifest
+    checks = [check_graph(out / g["file"]) for g in variant_manifest["graphs"]]
     failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
     if failed:
         raise VlmExportError(f"graphs TensorRT cannot parse: {'; '.join(failed[:3])}", "re-export, or report the op")
-    plans = [graph_plan(g, profile, precision) for g in manifest["graphs"]]
+    plans = [graph_plan(g, profile, precision) for g in variant_manifest["graphs"]]
     write_json_atomic(out / "plan.json", {"device": profile.device, **DEVICES[profile.device], "plans": plans})
     write_json_atomic(out / "static_check.json", {"checks": checks})
     script = out / "build_engines.sh"
@@ -144,7 +160,7 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
     if importlib.util.find_spec("tensorrt") is not None:
         progress(f"building TensorRT engines ({precision})")
         engines = _build_engines(out, plans)
-    body = {k: v for k, v in manifest.items() if k != "files"}
+    body = {k: v for k, v in variant_manifest.items() if k != "files"}
     write_manifest(out, {**body, "kind": "vlm-export build", "target": "orin", "variant": precision,
                          "device": profile.device, "builder_flags": PRECISIONS[precision],
                          "quantization": quantization, "engines": engines})
@@ -170,7 +186,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     report = {"target": "orin", "device": profile.device, "variants": {}}
     with atomic_directory(out, force) as staging:
         for precision in profile.variants:
-            key = stage_key(manifest["files"], precision, dataclasses.asdict(profile))
+            key = stage_key(manifest["files"], precision, dataclasses.asdict(profile), VARIANT_RECIPE_VERSION)
             record = staging.cached(precision, key)
             if record is None:
                 record = _build_variant(graphs, staging.path / precision, precision, manifest, profile, progress)

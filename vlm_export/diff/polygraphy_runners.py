@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np

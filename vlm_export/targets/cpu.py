@@ -10,6 +10,7 @@ end to end and written to the build report.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
             key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__)
             record = staging.cached(name, key)
             if record is None:
+                shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
                 progress(f"building {name}")
                 started = time.perf_counter()
                 built = _variant(graphs, staging.path / name, name, VARIANTS[name], manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -189,6 +190,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
             key = stage_key(manifest["files"], precision, dataclasses.asdict(profile), VARIANT_RECIPE_VERSION)
             record = staging.cached(precision, key)
             if record is None:
+                shutil.rmtree(staging.path / precision, ignore_errors=True)  # leftovers of an interrupted attempt
                 record = _build_variant(graphs, staging.path / precision, precision, manifest, profile, progress)
                 staging.remember(precision, key, [f"{precision}/{MANIFEST}"], record)
             report["variants"][precision] = record

@@ -210,7 +210,7 @@ def report_markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
-        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}"] if acc else ["fp32 graphs"] * 3
+        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}"] if acc else ["-"] * 3
         checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

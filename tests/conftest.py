@@ -12,7 +12,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tests.checkpoints import tiny_spec, write_checkpoint  # noqa: E402
 
-SKIMAGE_DATA = None
 
 
 @pytest.fixture(scope="session")

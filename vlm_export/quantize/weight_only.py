@@ -48,9 +48,8 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig) 
     nbits = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if nbits == 0:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
-    large = quantized.ByteSize() > 2**31 - 1 if all(
-        t.data_location != onnx.TensorProto.EXTERNAL for t in quantized.graph.initializer) else True
-    if large:
+    # Quantized weights are smaller: a source that fit in one file still does; a large one keeps a data file.
+    if (source.parent / (source.name + ".data")).exists():
         onnx.save_model(quantized, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=destination.name + ".data", size_threshold=1024)
     else:

@@ -104,6 +104,11 @@ def verify(directory: Path, check_hashes: bool = True) -> dict:
     for name in manifest.get("files", {}):
         if name.endswith(".onnx"):
             check_external_data(directory / name)
+    for graph in manifest.get("graphs", []):
+        if graph.get("qnn"):  # a context binary must be for the SoC the set says it is for
+            from vlm_export.runtime.runners.qnn_ep import check_binary
+
+            check_binary(directory / graph["qnn"]["context_binary"], graph["qnn"]["soc"])
     return manifest
 
 

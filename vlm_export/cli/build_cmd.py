@@ -14,14 +14,18 @@ from vlm_export.cli.options import LoraOpt, ModelArg, SeedOpt, VisionTowerOpt
 @handles_errors
 def build(
     model: ModelArg = "smol",
-    target: Annotated[str, typer.Option("--target", help="Build target (cpu).")] = "cpu",
+    target: Annotated[str, typer.Option("--target", help="Build target: cpu | orin | sd888.")] = "cpu",
     graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: subset of fp32,int8,int4; orin: subset of fp16,int8 (comma-separated).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: subset of fp32,int8,int4; orin: subset of fp16,int8; sd888: subset of qnn,cpu-int8,cpu-int4 (comma-separated).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
     dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
     max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,
-    max_context: Annotated[Optional[int], typer.Option("--max-context", help="orin: KV cache length the decode profile takes.")] = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", help="orin: KV cache length the decode profile takes; sd888: KV buffer of the static graphs.")] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", help="sd888: prompt tokens per static prefill call.")] = None,
+    soc: Annotated[Optional[str], typer.Option("--soc", help="sd888: Snapdragon SoC the QNN context binaries are compiled for (SM8350 = Snapdragon 888).")] = None,
+    qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs", help="sd888: graphs put on the NPU, subset of vision,decoder (the others run on the CPU).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="orin/sd888: calibration folder with recipe.json (default: the repository's calibration/).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
@@ -39,7 +43,9 @@ def build(
     graphs = graphs or Path("graphs") / spec.name
     out = out or Path("engines") / target / spec.name
     given = {"variants": tuple(variants.split(",")) if variants else None, "device": device, "vision_on_dla": dla,
-             "max_prompt": max_prompt, "max_context": max_context}
+             "max_prompt": max_prompt, "max_context": max_context, "prefill_chunk": prefill_chunk, "soc": soc,
+             "qnn_graphs": tuple(qnn_graphs.split(",")) if qnn_graphs else None,
+             "calibration": str(calibration) if calibration else None}
     options = {k: v for k, v in given.items() if v is not None}
     with Console(stderr=True).status("building") as status:
         report = build_model(spec, target, out, graphs, options, force, lambda text: status.update(text))

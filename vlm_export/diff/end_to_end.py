@@ -47,14 +47,26 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def forced_logits(generator: Generator, request: Request, tokens: list[int]) -> np.ndarray:
+    """(len(tokens), V) logits predicting each of `tokens`, fed one by one after the prompt: the
+    generation loop's own prefill and decode steps, so it works for either decoder layout."""
+    prompt, _ = generator.encode(request, _image_embeds(generator, request))
+    kv, logits, positions = generator._prefill([prompt], len(tokens) + 1)
+    rows = [logits[0]]
+    decoder = "decoder" if generator.layout == "dynamic" else "decoder_decode"
+    for token in tokens[:-1]:
+        embeds = generator._embed_ids([token])[None]
+        logits = generator._step(decoder, kv, embeds, np.ones((1, 1), np.int64), positions[:, None])
+        positions = positions + 1
+        rows.append(logits[0])
+    return np.stack(rows).astype(np.float64)
+
+
 def teacher_forced(reference: Generator, candidate: Generator, request: Request, tokens: list[int]) -> dict:
-    prompt, _ = reference.encode(request, _image_embeds(reference, request))
-    sequence = np.concatenate([prompt, reference._embed_ids(tokens)]) if tokens else prompt
-    start = prompt.shape[0] - 1  # logits that predict the generated tokens
-    ref = _log_softmax(full_logits(reference, sequence))[start:start + len(tokens)]
-    cand_prompt, _ = candidate.encode(request, _image_embeds(candidate, request))
-    cand_seq = np.concatenate([cand_prompt, candidate._embed_ids(tokens)]) if tokens else cand_prompt
-    cand = _log_softmax(full_logits(candidate, cand_seq))[start:start + len(tokens)]
+    if not tokens:
+        return {"top1": 1.0, "kl": 0.0}
+    ref = _log_softmax(forced_logits(reference, request, tokens))
+    cand = _log_softmax(forced_logits(candidate, request, tokens))
     kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
     return {"top1": float((ref.argmax(-1) == cand.argmax(-1)).mean()), "kl": float(kl.mean())}
 
@@ -87,8 +99,9 @@ def agreement(reference: Generator, candidate: Generator, new_tokens: int = 16) 
         "identical_outputs": sum(r["identical"] for r in rows),
         "top1_agreement": float(np.mean([r["top1"] for r in rows])),
         "mean_kl": float(np.mean([r["kl"] for r in rows])),
-        "perplexity_reference": perplexity(reference, text),
-        "perplexity_candidate": perplexity(candidate, text),
+        # perplexity scores a whole text in one call: dynamic-layout graphs only
+        "perplexity_reference": perplexity(reference, text) if reference.layout == "dynamic" else None,
+        "perplexity_candidate": perplexity(candidate, text) if candidate.layout == "dynamic" else None,
     }
 
 

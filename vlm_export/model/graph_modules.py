@@ -52,7 +52,7 @@ def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype
     query_pos = torch.arange(seq_len, device=attention_mask.device)[:, None] + past
     allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
     zero = torch.zeros((), dtype=dtype)
-    return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+    return torch.where(allowed, zero, torch.tensor(-100.0, dtype=dtype))
 
 
 class DecoderBlock(nn.Module):
@@ -97,7 +97,7 @@ class DecoderBlock(nn.Module):
 class DecoderGraph(nn.Module):
     """inputs_embeds, attention_mask, position_ids, past K/V -> logits, present K/V."""
 
-    def __init__(self, model: MobileVLMForCausalLM, present_is_new_only: bool, last_logits_only: bool):
+    def __init__(self, model: MobileVLMForCausalLM, present_is_new_only: bool, last_logits_only: bool, positions: int = 0):
         super().__init__()
         llm = model.spec.llm
         self.blocks = nn.ModuleList(
@@ -105,14 +105,23 @@ class DecoderGraph(nn.Module):
             for layer in model.model.layers
         )
         self.norm = model.model.norm
-        self.rotary = model.model.rotary_emb
+        # RoPE as a table lookup: cos/sin of every position, computed once by the reference's own
+        # rotary module. A Gather by position is exact, and it is what NPUs take (HTP v68 rejects
+        # the positions x inv_freq MatMul once quantized, and quantizing angles up to 2k radians
+        # would wreck them anyway).
+        positions = torch.arange(max(positions, llm.max_context), device=model.lm_head.weight.device)[None]
+        probe = torch.zeros((), dtype=model.lm_head.weight.dtype, device=positions.device)
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(probe, positions)
+        self.register_buffer("cos_table", cos[0], persistent=False)  # (max_context, head_dim)
+        self.register_buffer("sin_table", sin[0], persistent=False)
         self.lm_head = model.lm_head
         self.last_logits_only = last_logits_only
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         hidden = inputs_embeds
         mask = additive_mask(attention_mask, hidden.shape[1], hidden.dtype)
-        cos, sin = self.rotary(hidden, position_ids)
+        cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]  # (B, S, head_dim)
         presents = []
         for index, block in enumerate(self.blocks):
             hidden, present = block(hidden, cos, sin, past[2 * index], past[2 * index + 1], mask)
@@ -132,4 +141,5 @@ def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Modu
         model,
         present_is_new_only=attrs["kv_update"].startswith("present_is_new"),
         last_logits_only=attrs["last_logits_only"],
+        positions=attrs.get("kv_buffer", 0) + attrs.get("sequence", 0),  # a static buffer may outgrow max_context
     ).eval()

@@ -66,3 +66,30 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
             samples.append({"inputs_embeds": step_embeds, "attention_mask": kv.step_mask(np.ones((1, 1), np.int64)),
                             "position_ids": np.array([[embeds.shape[0]]], np.int64), **past})
     return samples
+
+
+def calibration_requests(images: list[Path], prompts: list[str]) -> list:
+    """The recipe's pairing: prompt i with image i mod n for even i, text-only for odd i."""
+    from vlm_export.runtime.generation import Request
+
+    return [Request.ask(p, images[i % len(images)] if i % 2 == 0 else None) for i, p in enumerate(prompts)]
+
+
+def recorded_samples(graphs_dir: Path, requests: list, new_tokens: int = 3) -> dict[str, list[dict]]:
+    """Feeds of every graph, recorded while the generation loop answers the calibration requests on
+    the fp32 graphs: whatever the layout, each graph is calibrated on exactly what it will see (for
+    a static decoder: right-aligned prefill chunks from position 0, then decode steps)."""
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator
+    from vlm_export.runtime.sampling import SamplingParams
+
+    recorded: dict[str, list[dict]] = {}
+    with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
+        for name, runner in generator.runners.items():
+            def infer(feeds, _infer=runner.infer, _name=name, _runner=runner):
+                recorded.setdefault(_name, []).append({k: np.array(_runner.to_numpy(v)) for k, v in feeds.items()})
+                return _infer(feeds)
+            runner.infer = infer
+        for request in requests:
+            generator.generate([request], SamplingParams(max_new_tokens=new_tokens))
+    return recorded

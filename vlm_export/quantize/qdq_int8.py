@@ -54,7 +54,9 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_int8_qdq(source: Path, destination: Path, samples: list[dict]) -> dict:
+def quantize_int8_qdq(source: Path, destination: Path, samples: list[dict], uint8_activations: bool = False) -> dict:
+    """Symmetric int8 activations by default (TensorRT's form); `uint8_activations` gives the
+    asymmetric uint8-activation / int8-weight form XNNPACK's QLinear kernels take."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not samples:
@@ -66,13 +68,15 @@ def quantize_int8_qdq(source: Path, destination: Path, samples: list[dict]) -> d
         cleanup.callback(lambda: leftover.unlink(missing_ok=True))
         quantize_static(
             str(source), str(destination), _Samples(samples), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            activation_type=QuantType.QUInt8 if uint8_activations else QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=True,
             op_types_to_quantize=["MatMul", "Conv"], nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
             use_external_data_format=large,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+            extra_options={"ActivationSymmetric": not uint8_activations, "WeightSymmetric": True,
                            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}},
         )
     quantized = onnx.load(str(destination), load_external_data=False)
     counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     log.info("%s: %s, %d MatMuls kept in float", source.name, counts, len(exclude))
-    return {**counts, "float_matmuls": len(exclude), "calibration_samples": len(samples), "symmetric": True, "per_channel": True}
+    return {**counts, "float_matmuls": len(exclude), "calibration_samples": len(samples), "per_channel": True,
+            "activations": "uint8" if uint8_activations else "int8 symmetric", "weights": "int8 symmetric"}

@@ -9,7 +9,7 @@ import importlib
 
 from vlm_export.errors import VlmExportError
 
-TARGETS = {"cpu": "vlm_export.targets.cpu", "orin": "vlm_export.targets.orin"}
+TARGETS = {"cpu": "vlm_export.targets.cpu", "orin": "vlm_export.targets.orin", "sd888": "vlm_export.targets.sd888"}
 
 
 def target_module(name: str):

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, write_json_atomic, write_manifest
+from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
+from vlm_export.targets.assemble import assemble_variant
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 
@@ -36,17 +37,8 @@ class Profile:
 
 
 def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None, manifest: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    quantization = {}
-    for relative in manifest["files"]:
-        is_decoder = relative.startswith("decoder") and relative.endswith(".onnx")
-        if config is not None and is_decoder:
-            quantization[relative] = quantize_weights(graphs / relative, out / relative, config)
-        elif config is None or not relative.startswith("decoder"):
-            link_or_copy(graphs / relative, out / relative)
-    body = {k: v for k, v in manifest.items() if k != "files"}
-    return write_manifest(out, {**body, "kind": "vlm-export build", "target": "cpu", "variant": name,
-                                "quantization": quantization})
+    rewrites = {} if config is None else {"decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
+    return assemble_variant(graphs, out, manifest, rewrites, target="cpu", variant=name)
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:

@@ -32,11 +32,18 @@ class OrtRunner(Runner):
         self.path = Path(path)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
+        self.qnn = graph.get("qnn")  # built for a Snapdragon NPU: {"soc": ..., "context_binary": ...}
         self.session = None
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
+        if self.qnn:
+            from vlm_export.runtime.runners import qnn_ep
+
+            qnn_ep.check_binary(self.path.parent / self.qnn["context_binary"], self.qnn["soc"])
+            self.session = qnn_ep.create_session(self.path, self.qnn["soc"], self.threads)
+            return
         check_providers(self.providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -1,0 +1,86 @@
+"""QDQ quantization for the Qualcomm HTP with ONNX Runtime's QNN tooling.
+
+    fixed shapes -> qnn_preprocess_model (LayerNorm fusion...) -> get_qnn_qdq_config -> quantize
+
+What HTP v68 (Snapdragon 888) takes, measured in emulation with the CPU fallback disabled:
+float ops are rejected (they surface as QNN_COMMON_ERROR_MEM_ALLOC at graph finalize), so every
+tensor must be in Q/DQ form. ORT's QDQ quantizer leaves a `Where` whose value inputs are constants
+in float unless `ForceQuantizeNoInputCheck` is on; with it, the attention-mask `Where` is quantized
+and the whole decoder lands on the HTP. Activations are 16-bit (u8 activations cost the vision
+graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit; `overrides` names the weights that need
+16 bits, found with the diff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from vlm_export.errors import VlmExportError
+from vlm_export.quantize.qdq_int8 import _quiet_root_logger, _Samples
+
+
+def _has_external_data(path: Path) -> bool:
+    return (path.parent / (path.name + ".data")).exists()
+
+
+def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def fix_dims(source: Path, destination: Path, sizes: dict[str, int]) -> None:
+    """Named dynamic axes -> fixed sizes (the HTP compiles static shapes only)."""
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    model = onnx.load(str(source))
+    for name, size in sizes.items():
+        make_dim_param_fixed(model.graph, name, size)
+    left = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    if left:
+        raise VlmExportError(f"{source.name} keeps dynamic axes {sorted(left)} the HTP cannot compile", "export the static layout")
+    _save(model, destination, _has_external_data(source))
+
+
+def weight_overrides(model_path: Path, patterns: tuple[str, ...]) -> dict:
+    """Weight initializers of MatMul/Gemm/Conv nodes whose name matches a pattern -> 16-bit."""
+    from onnxruntime.quantization import QuantType
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    chosen = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+              and len(n.input) > 1 and n.input[1] in weights and any(p in n.name for p in patterns)}
+    return {name: [{"quant_type": QuantType.QUInt16}] for name in sorted(chosen)}
+
+
+def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overrides: tuple[str, ...] = ()) -> dict:
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    if not samples:
+        raise VlmExportError(f"no calibration samples for {source.name}", "check the calibration folder")
+    external = _has_external_data(source)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".qnn-") as work, _quiet_root_logger():
+        prepared = Path(work) / source.name
+        if not qnn_preprocess_model(str(source), str(prepared), fuse_layernorm=True, save_as_external_data=external,
+                                    all_tensors_to_one_file=True, external_data_location=source.name + ".data"):
+            prepared = source
+        sixteen = weight_overrides(prepared, overrides)
+        config = get_qnn_qdq_config(str(prepared), _Samples(samples), activation_type=QuantType.QUInt16,
+                                    weight_type=QuantType.QUInt8, init_overrides=sixteen or None)
+        config.extra_options["ForceQuantizeNoInputCheck"] = True  # see the module docstring
+        config.use_external_data_format = external
+        with contextlib.ExitStack() as cleanup:
+            leftover = prepared.with_name(prepared.stem + "-inferred.onnx")
+            cleanup.callback(lambda: leftover.unlink(missing_ok=True))
+            quantize(str(prepared), str(destination), config)
+    quantized = onnx.load(str(destination), load_external_data=False)
+    count = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return {**count, "activations": "uint16", "weights": "uint8", "weights_16bit": sorted(sixteen),
+            "calibration_samples": len(samples), "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))}

@@ -1,0 +1,30 @@
+"""One variant = the source artifact set with some graphs rewritten (quantized, compiled) and the
+rest hard-linked unchanged, then a manifest of its own. Every target assembles its variants so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from vlm_export.artifacts import link_or_copy, write_manifest
+
+# (graph record, source .onnx, destination folder) -> what was done (goes into the manifest);
+# it may change the record (a new file name, fixed shapes, the execution provider it needs).
+Rewrite = Callable[[dict, Path, Path], dict]
+
+
+def assemble_variant(source: Path, out: Path, manifest: dict, rewrites: dict[str, Rewrite], **facts) -> dict:
+    """`rewrites` maps a graph wrapper kind (vision | embed | decoder) to its rewrite."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = [dict(g) for g in manifest["graphs"]]
+    rewritten = {g["file"]: g for g in records if g["wrapper"] in rewrites}
+    done = {}
+    for graph in rewritten.values():
+        source_file = graph["file"]
+        done[source_file] = rewrites[graph["wrapper"]](graph, source / source_file, out)
+    skip = set(rewritten) | {f + ".data" for f in rewritten}
+    for relative in manifest["files"]:
+        if relative not in skip:
+            link_or_copy(source / relative, out / relative)
+    body = {k: v for k, v in manifest.items() if k not in ("files", "graphs")}
+    return write_manifest(out, {**body, "kind": "vlm-export build", **facts, "graphs": records, "rewrites": done})

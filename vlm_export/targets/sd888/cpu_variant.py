@@ -1,0 +1,59 @@
+"""The XNNPACK / CPU variants: what the phone's CPU runs when the NPU is not used.
+
+Vision: int8 QDQ with uint8 activations and per-channel int8 weights, the form of XNNPACK's
+QLinearConv (its only quantized matrix kernel in ONNX Runtime; the QDQ MatMuls run as the CPU EP's
+QLinearMatMul). Decoder: the dynamic layout with MatMulNBits 8- or 4-bit weights, as `--target cpu`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_export.artifacts import verify, write_json_atomic, write_manifest
+from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
+from vlm_export.targets.assemble import assemble_variant
+from vlm_export.targets.sd888.mobile_format import convert_to_ort
+from vlm_export.targets.sd888.xnnpack_partition import partition_report
+
+BITS = {"cpu-int8": 8, "cpu-int4": 4}
+
+
+def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) -> dict:
+    import onnxruntime as ort
+
+    from vlm_export.targets.sd888.qnn_variant import graph_accuracy
+
+    cpu = ["CPUExecutionProvider"]
+    return graph_accuracy(ort.InferenceSession(str(fp32 / file), providers=cpu),
+                          ort.InferenceSession(str(variant / file), providers=cpu), samples)
+
+
+def build_cpu_variant(graphs: Path, out: Path, name: str, profile, progress) -> dict:
+    from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
+    from vlm_export.quantize.calibration import calibration_set, vision_samples
+    from vlm_export.runtime.artifact_set import ArtifactSet
+
+    manifest = verify(graphs)
+    spec = ArtifactSet.open(graphs, check_hashes=False).spec
+    images, _ = calibration_set(profile.calibration)
+    samples = vision_samples(images, spec.vision, spec.image_aspect_ratio)
+    held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec.vision, spec.image_aspect_ratio)
+    config = WeightOnlyConfig(bits=BITS[name])
+    progress(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
+    rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
+                "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
+    built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
+    graph_files = [g["file"] for g in built["graphs"]]
+    progress(f"{name}: ORT format and reduced-operator config")
+    mobile = convert_to_ort(out, graph_files, out / "mobile")
+    partition = partition_report(out, graph_files)
+    write_json_atomic(out / "xnnpack_partition.json", partition)
+    body = {k: v for k, v in built.items() if k != "files"}
+    write_manifest(out, {**body, "mobile": mobile})
+    vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == "vision")
+    progress(f"{name}: measuring against fp32")
+    return {"graphs": built["rewrites"], "mobile": mobile,
+            "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},
+            "vision_accuracy_vs_fp32": _vision_accuracy(graphs, out, vision_file, held_out),
+            "accuracy_vs_fp32": accuracy_vs_fp32(graphs, out, profile.eval_tokens)}

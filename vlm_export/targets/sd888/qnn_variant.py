@@ -1,0 +1,120 @@
+"""The QNN (Hexagon HTP) variant: static fp32 graphs -> QDQ for the HTP -> context binaries.
+
+Context binaries use embed mode 0: the compiled graph lives in a `<graph>_ctx_qnn.bin` beside a
+small `<graph>_ctx.onnx` that points at it. The phone memory-maps the binary instead of parsing it
+out of a protobuf, and a decoder binary may exceed protobuf's 2 GB limit (mode 1 embeds it).
+
+Placement is proved, not estimated: each binary is compiled by an ONNX Runtime session with the
+CPU fallback disabled, which fails unless every node of the graph is on the HTP.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from vlm_export.artifacts import verify
+from vlm_export.runtime.runners import qnn_ep
+from vlm_export.targets.assemble import assemble_variant
+
+EMBED_MODE = 0
+CPU_BY_DESIGN = {
+    "embed": "embedding lookup of a prompt of any length: one Gather on a float table, which has no HTP v68 kernel "
+             "and needs no NPU (it reads one row per token)",
+    "decoder": "kept on the CPU by --qnn-graphs",
+    "vision": "kept on the CPU by --qnn-graphs",
+}
+
+
+def graph_accuracy(reference, candidate, samples: list[dict]) -> dict:
+    """Per output over held-out feeds: worst cosine, max |diff|, and top-1 agreement for logits."""
+    result = {}
+    names = [o.name for o in reference.get_outputs()]
+    for feeds in samples:
+        expected = dict(zip(names, reference.run(names, feeds)))
+        got = dict(zip(names, candidate.run(names, feeds)))
+        for name in names:
+            a, b = expected[name].astype(np.float64).ravel(), got[name].astype(np.float64).ravel()
+            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+            entry = result.setdefault(name, {"cosine_min": 1.0, "max_abs_diff": 0.0, "top1": []})
+            entry["cosine_min"] = min(entry["cosine_min"], cosine)
+            entry["max_abs_diff"] = max(entry["max_abs_diff"], float(np.abs(a - b).max()))
+            if name == "logits":
+                entry["top1"].append(float((expected[name].argmax(-1) == got[name].argmax(-1)).mean()))
+    for entry in result.values():
+        entry["top1"] = float(np.mean(entry["top1"])) if entry["top1"] else None
+    logits = result.get("logits")
+    summary = {"samples": len(samples), "outputs": len(result),
+               "cosine_min": min(e["cosine_min"] for e in result.values()) if result else None,
+               "max_abs_diff": max(e["max_abs_diff"] for e in result.values()) if result else None}
+    if logits:
+        summary["logits"] = {k: logits[k] for k in ("cosine_min", "max_abs_diff", "top1")}
+    return summary
+
+
+def _fixed_inputs(graph: dict) -> None:
+    for tensor in graph["inputs"] + graph["outputs"]:
+        tensor["shape"] = [1 if isinstance(d, str) else d for d in tensor["shape"]]  # batch 1 on the NPU
+
+
+def _qnn_rewrite(profile, samples: dict, held_out: dict, progress):
+    from vlm_export.quantize.qnn_qdq import fix_dims, quantize_for_qnn
+
+    def rewrite(graph: dict, source: Path, out: Path) -> dict:
+        import onnxruntime as ort
+
+        name = graph["name"]
+        work = out / f".work-{name}"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            fixed = work / f"{name}.fixed.onnx"
+            fix_dims(source, fixed, {"batch": 1})
+            qdq = work / f"{name}.qdq.onnx"
+            progress(f"qnn: quantizing {name} (QDQ u16/u8, {len(samples[name])} samples)")
+            info = quantize_for_qnn(fixed, qdq, samples[name], profile.qnn_16bit_weights)
+            nodes = len(onnx.load(str(qdq), load_external_data=False).graph.node)
+            context = out / f"{Path(graph['file']).stem}_ctx.onnx"
+            progress(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
+            qnn_ep.create_session(qdq, profile.soc, context_file=context, embed_mode=EMBED_MODE)
+            binary = next(p.name for p in out.glob(f"{context.stem}*.bin"))
+            qnn_ep.check_binary(out / binary, profile.soc)
+            progress(f"qnn: measuring {name} on the emulated HTP against fp32")
+            compiled = qnn_ep.create_session(context, profile.soc)
+            reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+            accuracy = graph_accuracy(reference, compiled, held_out[name])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        soc = qnn_ep.binary_soc(out / binary)
+        graph.update(file=context.name, qnn={"soc": profile.soc, "htp_arch": soc[1], "context_binary": binary,
+                                             "embed_mode": EMBED_MODE})
+        _fixed_inputs(graph)
+        return {**info, "placement": {"nodes": nodes, "on_qnn": nodes, "cpu_fallback": "disabled"},
+                "context_binary_bytes": (out / binary).stat().st_size, "accuracy_vs_fp32": accuracy}
+
+    return rewrite
+
+
+def build_qnn_variant(static: Path, out: Path, profile, progress) -> dict:
+    from vlm_export.diff.end_to_end import accuracy_vs_fp32, eval_requests
+    from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples, vision_samples
+    from vlm_export.runtime.artifact_set import ArtifactSet
+
+    qnn_ep.qnn_module()  # a clear error before any work when the extra is absent
+    manifest = verify(static)
+    spec = ArtifactSet.open(static, check_hashes=False).spec
+    images, prompts = calibration_set(profile.calibration)
+    progress("qnn: recording calibration feeds on the fp32 static graphs")
+    samples = recorded_samples(static, calibration_requests(images, prompts))
+    samples["vision"] = vision_samples(images, spec.vision, spec.image_aspect_ratio)
+    held_out = recorded_samples(static, eval_requests(), new_tokens=4)
+    held_out["vision"] = held_out.get("vision") or samples["vision"][:1]
+    rewrite = _qnn_rewrite(profile, samples, held_out, progress)
+    built = assemble_variant(static, out, manifest, {g: rewrite for g in profile.qnn_graphs},
+                             target="sd888", variant="qnn", soc=profile.soc)
+    on_cpu = {g["file"]: CPU_BY_DESIGN[g["wrapper"]] for g in built["graphs"] if not g.get("qnn")}
+    progress("qnn: end-to-end agreement with fp32 (generation loop on the emulated HTP)")
+    return {"graphs": built["rewrites"], "on_cpu": on_cpu, "soc": profile.soc,
+            "accuracy_vs_fp32": accuracy_vs_fp32(static, out, profile.eval_tokens)}

@@ -32,5 +32,7 @@ def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_o
         profile = module.Profile(**profile_options)  # each target validates its own typed profile
     except TypeError as exc:
         raise VlmExportError(f"an option given does not apply to --target {target} ({exc})", "drop it") from exc
+    if hasattr(module, "preflight"):  # a target's own input checks, before minutes of export
+        module.preflight(profile)
     ensure_graphs(spec, graphs, progress)
     return module.build(graphs, out, profile, force=force, progress=progress)

@@ -32,6 +32,16 @@ def calibration_set(directory: Path | None = None) -> tuple[list[Path], list[str
     return images, prompts
 
 
+def check_calibration(directory: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Fail before any work when the calibration set is missing or holds something that is not a photo."""
+    from vlm_export.model.preprocess import load_image
+
+    images, prompts = calibration_set(directory)
+    for path in images:
+        load_image(path)  # names the file that is not a readable image
+    return images, prompts
+
+
 def vision_samples(images: list[Path], vision_spec, aspect: str) -> list[dict]:
     from vlm_export.model.preprocess import load_image, preprocess_image
 

@@ -104,8 +104,20 @@ def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: P
     return record
 
 
+def qnn_available() -> bool:
+    return importlib.util.find_spec("onnxruntime_qnn") is not None
+
+
+def preflight(profile: Profile) -> None:
+    """Calibration photos and prompts are needed by every variant: check them before any export."""
+    from vlm_export.quantize.calibration import check_calibration
+
+    check_calibration(profile.calibration)
+
+
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
     progress = progress or (lambda text: None)
+    preflight(profile)
     manifest = verify(graphs)
     if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
         raise VlmExportError("the sd888 target builds from dynamic-layout graphs (it makes its own static ones)",
@@ -113,7 +125,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     context = manifest["model"]["llm"]["max_context"]
     if profile.max_context > context:
         profile = dataclasses.replace(profile, max_context=context, prefill_chunk=min(profile.prefill_chunk, context))
-    qnn_missing = "qnn" in profile.variants and importlib.util.find_spec("onnxruntime_qnn") is None
+    qnn_missing = "qnn" in profile.variants and not qnn_available()
     stages = (["fp32-static"] if "qnn" in profile.variants and not qnn_missing else []) + \
         [v for v in profile.variants if not (v == "qnn" and qnn_missing)]
     report = {"target": "sd888", "soc": profile.soc, **SOCS[profile.soc], "variants": {}}

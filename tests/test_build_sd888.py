@@ -1,0 +1,161 @@
+"""`vlm-export build --target sd888`: QNN context binaries run on the emulated Hexagon v68 with every
+node on the NPU, XNNPACK/CPU variants with ORT-format models, and the bad-input paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+qnn = pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_qnn") is None,
+                         reason="needs onnxruntime-qnn (pip install '.[qnn]')")
+
+
+def vlm(*args):
+    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd888")
+    result = vlm("build", "tiny", "--target", "sd888", "--graphs", root / "graphs", "--out", root / "sd888")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "sd888", result.stdout
+
+
+@qnn
+def test_every_qnn_node_is_on_the_htp_of_the_888(built):
+    from vlm_export.runtime.runners.qnn_ep import binary_soc
+
+    out, stdout = built
+    report = json.loads((out / "report.json").read_text())
+    qnn_record = report["variants"]["qnn"]
+    assert set(qnn_record["graphs"]) == {"vision.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"}
+    for graph in qnn_record["graphs"].values():
+        assert graph["placement"]["on_qnn"] == graph["placement"]["nodes"] > 100
+        assert graph["activations"] == "uint16" and graph["weights"] == "uint8"
+        assert graph["accuracy_vs_fp32"]["cosine_min"] > 0.95  # measured ~0.99 on tiny
+    assert list(qnn_record["on_cpu"]) == ["embed.onnx"]  # and the reason is given
+    manifest = json.loads((out / "qnn" / "manifest.json").read_text())
+    for graph in (g for g in manifest["graphs"] if g.get("qnn")):
+        assert binary_soc(out / "qnn" / graph["qnn"]["context_binary"]) == ("SM8350", "68")
+        assert graph["qnn"]["embed_mode"] == 0 and graph["inputs"][0]["shape"][0] == 1
+    assert "HTP v68" in stdout and "fits 8 GB phone" in stdout
+
+
+@qnn
+def test_qnn_variant_runs_through_the_generation_loop(built):
+    out, _ = built
+    result = vlm("run", out / "qnn", "--prompt", "Describe the image.", "--image", "calibration/eval/chelsea.jpg",
+                 "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "6 new" in result.stderr  # the timing line of a finished generation
+    assert vlm("verify", out / "qnn").returncode == 0
+
+
+def test_cpu_variants_ship_ort_models_and_a_partition_report(built):
+    out, _ = built
+    report = json.loads((out / "report.json").read_text())
+    for name, bits in (("cpu-int8", 8), ("cpu-int4", 4)):
+        variant = out / name
+        assert sorted(p.name for p in (variant / "mobile").glob("*.ort")) == ["decoder.ort", "embed.ort", "vision.ort"]
+        config = (variant / "mobile" / "required_operators_and_types.config").read_text()
+        assert "MatMulNBits" in config and "/tmp" not in config
+        partition = json.loads((variant / "xnnpack_partition.json").read_text())
+        vision = next(g for g in partition["graphs"] if g["graph"] == "vision.onnx")
+        assert vision["xnnpack_ops"].get("Conv", 0) > 0  # the QDQ convolutions become XNNPACK's QLinearConv
+        assert "MatMul" in vision["cpu_ops"]  # 3-D activations: XNNPACK's MatMul takes rank <= 2 only
+        record = report["variants"][name]
+        assert record["graphs"]["decoder.onnx"]["bits"] == bits
+        assert record["vision_accuracy_vs_fp32"]["cosine_min"] > 0.9
+        assert 0 <= record["accuracy_vs_fp32"]["top1_agreement"] <= 1
+        assert report["memory"]["variants"][name]["fits_app_budget"]
+        assert vlm("verify", variant).returncode == 0
+
+
+@qnn
+def test_a_binary_for_another_soc_is_refused(built, tmp_path):
+    from vlm_export.artifacts import read_manifest, verify, write_manifest
+    from vlm_export.errors import VlmExportError
+
+    copy = tmp_path / "qnn"
+    shutil.copytree(built[0] / "qnn", copy)
+    manifest = read_manifest(copy)
+    for graph in manifest["graphs"]:
+        if graph.get("qnn"):
+            graph["qnn"]["soc"] = "SM8650"  # the set now claims a Snapdragon 8 Gen 3
+    write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(VlmExportError, match="compiled for SM8350 .*not SM8650"):
+        verify(copy)
+
+
+@qnn
+def test_a_float_graph_the_htp_cannot_take_is_named(built):
+    from vlm_export.errors import VlmExportError
+    from vlm_export.runtime.runners.qnn_ep import create_session
+
+    with pytest.raises(VlmExportError, match="does not run entirely on the QNN HTP of SM8350"):
+        create_session(built[0] / "fp32-static" / "decoder_decode.onnx", "SM8350")
+
+
+def test_without_the_qnn_extra_the_cpu_variants_still_build(tmp_path, monkeypatch):
+    from vlm_export.errors import MissingExtraError
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+    from vlm_export.targets.sd888 import target
+    from tests.checkpoints import tiny_spec
+
+    export_model(tiny_spec("ldpnet"), tmp_path / "graphs", ExportOptions())
+    monkeypatch.setattr(target, "qnn_available", lambda: False)
+    with pytest.raises(MissingExtraError, match=r"pip install 'vlm-export\[qnn\]'"):
+        target.build(tmp_path / "graphs", tmp_path / "out", target.Profile(variants=("qnn", "cpu-int4"), eval_tokens=2))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["variants"]["qnn"]["built"] is False and "onnxruntime_qnn" in report["variants"]["qnn"]["reason"]
+    assert (tmp_path / "out" / "cpu-int4" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("problem", ["no images", "not an image"])
+def test_bad_calibration_data_fails_cleanly(tmp_path, problem):
+    calibration = tmp_path / "calibration"
+    (calibration / "images").mkdir(parents=True)
+    shutil.copy("calibration/recipe.json", calibration)
+    shutil.copy("calibration/prompts.txt", calibration)
+    if problem == "not an image":
+        (calibration / "images" / "photo.jpg").write_text("these are not pixels")
+    result = vlm("build", "tiny", "--target", "sd888", "--variants", "cpu-int4", "--graphs", tmp_path / "graphs",
+                 "--out", tmp_path / "out", "--calibration", calibration)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and ("photo.jpg is not an image" in error[0] or "0 images" in error[0]), error
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def _model(nodes, inputs, outputs, initializers):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_xnnpack_partition_follows_the_documented_rules(tmp_path):
+    from vlm_export.targets.sd888.xnnpack_partition import partition
+
+    weight = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    model = _model(
+        [helper.make_node("MatMul", ["a2", "w"], ["y2"], name="rank2"),
+         helper.make_node("MatMul", ["a3", "w"], ["y3"], name="rank3"),
+         helper.make_node("MatMul", ["a2", "b"], ["y4"], name="activation_b"),
+         helper.make_node("Softmax", ["y2"], ["s"], name="softmax", axis=-1)],
+        [helper.make_tensor_value_info("a2", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("a3", TensorProto.FLOAT, [1, 2, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [8, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y3", "y4", "s")], [weight])
+    onnx.save(model, tmp_path / "m.onnx")
+    result = partition(Path(tmp_path / "m.onnx"))
+    assert result["xnnpack_ops"] == {"MatMul": 1, "Softmax": 1}
+    assert result["cpu_ops"] == {"MatMul": 2}

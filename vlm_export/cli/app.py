@@ -7,6 +7,7 @@ import os
 
 import typer
 
+from vlm_export.cli.bench_cmd import bench
 from vlm_export.cli.build_cmd import build
 from vlm_export.cli.diff_cmd import diff
 from vlm_export.cli.errors import STATE
@@ -48,6 +49,7 @@ app.command()(generate)
 app.command()(export)
 app.command()(build)
 app.command()(run)
+app.command()(bench)
 app.command()(diff)
 app.command()(verify)
 

@@ -1,0 +1,89 @@
+"""The reference LLM's very weights as a llama.cpp GGUF (F32), then quantized by llama.cpp itself to
+the bit width being compared (Q8_0 with our int8, Q4_0 with our int4: both block 32).
+
+llama.cpp applies RoPE to interleaved pairs where Hugging Face LLaMA rotates halves, so q/k
+projection rows are permuted as llama.cpp's own converter does; the logits then agree with the
+reference (checked in tests on a tiny model). The vocabulary is synthetic (the random-weight
+presets have no trained tokenizer): `<unk> <s> </s>`, the 256 byte tokens, then placeholders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError, require_module
+
+QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype values (LLAMA_FTYPE_MOSTLY_*)
+
+
+def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _vocab(size: int) -> tuple[list[bytes], list[int]]:
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
+    tokens += [f"tok{i}".encode() for i in range(len(tokens), size)]
+    types += [1] * (size - len(types))  # normal
+    return tokens[:size], types[:size]
+
+
+def write_gguf(model, path: Path) -> Path:
+    """`model`: the MobileVLM reference (its LLM part is written)."""
+    gguf = require_module("gguf", "dev", "writing GGUF files")
+    llm = model.spec.llm
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(llm.max_context)
+    writer.add_embedding_length(llm.hidden_size)
+    writer.add_block_count(llm.num_layers)
+    writer.add_feed_forward_length(llm.intermediate_size)
+    writer.add_head_count(llm.num_heads)
+    writer.add_head_count_kv(llm.num_kv_heads)
+    writer.add_rope_dimension_count(llm.head_dim)
+    writer.add_rope_freq_base(float(llm.rope_theta))
+    writer.add_layer_norm_rms_eps(float(llm.rms_norm_eps))
+    writer.add_file_type(0)  # all F32
+    tokens, types = _vocab(llm.vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(llm.num_layers):
+        for hf, ours in names.items():
+            weight = state[f"model.layers.{i}.{hf}.weight"]
+            if ours == "attn_q":
+                weight = _permute_rotary(weight, llm.num_heads)
+            elif ours == "attn_k":
+                weight = _permute_rotary(weight, llm.num_kv_heads)
+            writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(weight))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not llm.tie_word_embeddings:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def quantize_gguf(source: Path, destination: Path, kind: str, threads: int) -> Path:
+    llama_cpp = require_module("llama_cpp", "bench", "llama.cpp comparisons")
+    if kind not in QUANT_TYPES:
+        raise VlmExportError(f"unknown llama.cpp quantization '{kind}'", f"use {', '.join(QUANT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), params)
+    if status != 0:
+        raise VlmExportError(f"llama.cpp could not quantize {source.name} to {kind} (status {status})", "check the GGUF file")
+    return destination

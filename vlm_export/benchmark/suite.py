@@ -1,0 +1,197 @@
+"""A benchmark suite (bench/suites/*.json): models x engines, measured side by side in one run.
+
+Engines, by name:
+    torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
+    ort:fp32|int8|int4    `--target cpu` variants (dynamic layout, MatMulNBits for int8/int4)
+    ort-static:fp32   the static layout (prefill chunks + fixed KV buffer) in fp32
+    llama.cpp:source  the model's own GGUF file (smol: the very file our graphs were made from)
+    llama.cpp:F32|Q8_0|Q4_0   the reference weights written to GGUF, quantized by llama.cpp
+Artifacts are built when missing (graphs/, engines/, bench/cache/ for GGUF files).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from vlm_export.benchmark.engines import Settings, measure
+from vlm_export.errors import VlmExportError
+
+
+
+ENGINE_VARIANTS = {"torch": ("",), "ort": ("fp32", "int8", "int4"), "ort-static": ("fp32",),
+                   "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
+
+
+def load_suite(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VlmExportError(f"benchmark suite {path} does not exist", "pass a file from bench/suites/")
+    try:
+        suite = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlmExportError(f"benchmark suite {path} is not valid JSON ({exc})", "fix the file") from exc
+    names = [n for m in suite.get("models", []) for n in m.get("engines", [])]
+    bad = [n for n in names if n.partition(":")[0] not in ENGINE_VARIANTS or n.partition(":")[2] not in ENGINE_VARIANTS[n.partition(":")[0]]]
+    if bad:
+        raise VlmExportError(f"unknown benchmark engine '{bad[0]}' in {path}",
+                             "use " + ", ".join(f"{k}:{'|'.join(v)}" if v != ("",) else k for k, v in ENGINE_VARIANTS.items()))
+    known = {f.name for f in fields(Settings)}
+    unknown = set(suite.get("settings", {})) - known
+    if unknown or not suite.get("models"):
+        raise VlmExportError(f"benchmark suite {path}: unknown settings {sorted(unknown)} or no models", f"settings are {sorted(known)}")
+    return suite
+
+
+def _decoder_bytes(directory: Path, manifest: dict) -> int:
+    files = [g["file"] for g in manifest["graphs"] if g["name"] in ("decoder", "decoder_decode")]
+    return sum((directory / f).stat().st_size + ((directory / (f + ".data")).stat().st_size if (directory / (f + ".data")).exists() else 0)
+               for f in files)
+
+
+class Workspace:
+    """Builds (once) what each engine name needs for one model, and says how big it is."""
+
+    def __init__(self, model: str, progress, root: Path = Path(".")):
+        from vlm_export.spec import resolve_spec
+
+        self.spec = resolve_spec(model)
+        self.progress = progress
+        self.root = Path(root)
+        self.graphs = self.root / "graphs" / self.spec.name
+        self.build_seconds: dict[str, float] = {}
+
+    def _graphs(self) -> Path:
+        from vlm_export.build import ensure_graphs
+
+        if not (self.graphs / "manifest.json").is_file():
+            started = time.perf_counter()
+            ensure_graphs(self.spec, self.graphs, self.progress)
+            self.build_seconds["export"] = round(time.perf_counter() - started, 1)
+        return self.graphs
+
+    def _cpu_variant(self, variant: str) -> Path:
+        from vlm_export.build import build_model
+
+        out = self.root / "engines" / "cpu" / self.spec.name
+        if not (out / variant / "manifest.json").is_file():
+            started = time.perf_counter()
+            build_model(self.spec, "cpu", out, self._graphs(), {}, True, self.progress)
+            self.build_seconds["build cpu"] = round(time.perf_counter() - started, 1)
+        return out / variant
+
+    def _static(self) -> Path:
+        from vlm_export.export.graph_specs import ExportOptions
+        from vlm_export.export.pipeline import export_model
+
+        out = self.root / "graphs" / f"{self.spec.name}-static"
+        if not (out / "manifest.json").is_file():
+            started = time.perf_counter()
+            options = ExportOptions(layout="static", kv_buffer=min(1024, self.spec.llm.max_context))
+            export_model(self.spec, out, options, force=True, progress=self.progress)
+            self.build_seconds["export static"] = round(time.perf_counter() - started, 1)
+        return out
+
+    def _gguf(self, kind: str, threads: int) -> Path:
+        from vlm_export.benchmark.gguf_export import quantize_gguf, write_gguf
+
+        if kind == "source":
+            if self.spec.weights.source != "gguf":
+                raise VlmExportError(f"{self.spec.name} has no GGUF of its own", "use llama.cpp:F32|Q8_0|Q4_0")
+            return Path(self.spec.weights.path)
+        folder = self.root / "bench" / "cache" / self.spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        f32 = folder / "F32.gguf"
+        if not f32.is_file():
+            from vlm_export.model.load import load_reference
+
+            self.progress(f"writing {f32}")
+            write_gguf(load_reference(self.spec), f32.with_suffix(".tmp"))
+            f32.with_suffix(".tmp").rename(f32)
+        if kind == "F32":
+            return f32
+        target = folder / f"{kind}.gguf"
+        if not target.is_file():
+            quantize_gguf(f32, target.with_suffix(".tmp"), kind, threads)
+            target.with_suffix(".tmp").rename(target)
+        return target
+
+    def engine(self, name: str, threads: int) -> tuple[str, Path, int, int]:
+        """name -> (backend kind, location, bytes on disk, bytes read per decoded token without the KV)."""
+        from vlm_export.artifacts import read_manifest
+
+        family, _, variant = name.partition(":")
+        if family == "llama.cpp":
+            path = self._gguf(variant, threads)
+            return "llama.cpp", path, path.stat().st_size, path.stat().st_size
+        directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
+                     "ort-static": lambda: self._static()}.get(family)
+        if directory is None:
+            raise VlmExportError(f"unknown benchmark engine '{name}'", "see vlm_export/benchmark/suite.py for the names")
+        directory = directory()
+        manifest = read_manifest(directory)
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        return ("torch" if family == "torch" else "ort"), directory, size, _decoder_bytes(directory, manifest)
+
+
+def _decoder_params(spec) -> int:
+    llm = spec.llm
+    head = llm.hidden_size // llm.num_heads
+    attention = llm.hidden_size * (llm.num_heads + 2 * llm.num_kv_heads) * head + llm.num_heads * head * llm.hidden_size
+    return llm.num_layers * (attention + 3 * llm.hidden_size * llm.intermediate_size) + llm.vocab_size * llm.hidden_size
+
+
+def _kv_bytes_per_token(spec, kind: str) -> int:
+    llm = spec.llm
+    return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * (2 if kind == "llama.cpp" else 4)
+
+
+def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
+    """`root`: where graphs/, engines/ and bench/cache/ are found or built."""
+    from vlm_export.benchmark.machine import describe, limits
+
+    settings = Settings(**{**suite.get("settings", {}), "contexts": tuple(suite.get("settings", {}).get("contexts", Settings.contexts))})
+    progress("measuring memory bandwidth and matmul throughput")
+    machine_limits = limits()
+    report = {"schema": "vlm-export-bench/1", "suite": suite["name"], "machine": describe(), "limits": machine_limits,
+              "settings": asdict(settings), "models": []}
+    spawn = multiprocessing.get_context("spawn")
+    for entry in suite["models"]:
+        workspace = Workspace(entry["model"], progress, root)
+        flops_per_token = 2 * _decoder_params(workspace.spec)
+        rows = []
+        for name in entry["engines"]:
+            try:
+                kind, location, size, weight_bytes = workspace.engine(name, settings.threads)
+            except VlmExportError as exc:  # e.g. llama-cpp-python absent: say so in the report, measure the rest
+                rows.append({"engine": name, "skipped": exc.one_line()})
+                continue
+            progress(f"{workspace.spec.name}: measuring {name}")
+            with spawn.Pool(1) as pool:
+                pending = pool.apply_async(measure, (kind, str(location), settings))
+                try:
+                    measured = pending.get(timeout=entry.get("timeout_s", 900))
+                except multiprocessing.TimeoutError:
+                    rows.append({"engine": name, "skipped": f"no result within {entry.get('timeout_s', 900)} s (killed)"})
+                    continue
+            kv = _kv_bytes_per_token(workspace.spec, kind)
+            roofline = {c: machine_limits["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
+            rows.append({"engine": name, "artifact": str(location), "bytes": size, "bytes_read_per_token": weight_bytes,
+                         **measured,
+                         "decode_roofline_fraction": {c: measured["decode_tok_s"][c]["median"] / roofline[c] for c in roofline},
+                         "prefill_matmul_fraction": measured["prefill_tok_s"]["median"] * flops_per_token
+                         / (machine_limits["fp32_matmul_gflops"] * 1e9)})
+        baseline = next((r for r in rows if r["engine"] == entry.get("baseline") and "skipped" not in r),
+                        next((r for r in rows if "skipped" not in r), None))
+        for row in rows:
+            if "skipped" not in row and baseline is not None:
+                row["decode_ratio_vs_baseline"] = {c: row["decode_tok_s"][c]["median"] / baseline["decode_tok_s"][c]["median"]
+                                                   for c in row["decode_tok_s"]}
+                row["prefill_ratio_vs_baseline"] = row["prefill_tok_s"]["median"] / baseline["prefill_tok_s"]["median"]
+        report["models"].append({"model": workspace.spec.name, "baseline": baseline and baseline["engine"],
+                                 "decoder_params": flops_per_token // 2, "build_seconds": workspace.build_seconds,
+                                 "results": rows})
+    return report

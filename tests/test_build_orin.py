@@ -28,7 +28,7 @@ def test_says_engines_were_not_built(built):
     assert "engines NOT built" in stdout and "build_engines.sh" in stdout
     assert not list((root / "orin").rglob("*.engine"))
     report = json.loads((root / "orin" / "report.json").read_text())
-    assert list(report["variants"]) == ["fp16", "int8"]
+    assert list(report["variants"]) == ["fp16", "int8", "int4"]
     for variant in report["variants"].values():
         assert variant["engines_built"] == [] and set(variant["static_check"].values()) == {"ok"}
     assert os.access(root / "orin" / "int8" / "build_engines.sh", os.X_OK)
@@ -101,3 +101,20 @@ def test_bad_orin_options(tmp_path):
     assert result.returncode == 2 and "has no DLA core" in result.stderr
     result = vlm("build", "tiny", "--target", "cpu", "--device", "agx-orin-64gb", "--out", tmp_path / "o")
     assert result.returncode == 2 and "does not apply to --target cpu" in result.stderr
+
+
+def test_int4_is_blocked_weight_only_dequantize_that_runs_in_ort(built):
+    import onnx
+
+    root, _ = built
+    decoder = onnx.load(str(root / "orin" / "int4" / "decoder.onnx"), load_external_data=False)
+    assert next(o.version for o in decoder.opset_import if o.domain == "") == 21
+    weights = {i.name: i.data_type for i in decoder.graph.initializer}
+    blocked = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear"]
+    assert blocked and all(weights[n.input[0]] == onnx.TensorProto.INT4 for n in blocked)
+    assert all(dict((a.name, a.i) for a in n.attribute)["block_size"] == 32 for n in blocked)
+    assert not any(n.op_type == "MatMulNBits" for n in decoder.graph.node)  # standard ONNX only, for TensorRT
+    report = json.loads((root / "orin" / "report.json").read_text())
+    int4 = report["variants"]["int4"]
+    assert set(int4["static_check"].values()) == {"ok"}
+    assert 0 < int4["accuracy_vs_fp32"]["top1_agreement"] <= 1  # measured in ONNX Runtime against fp32

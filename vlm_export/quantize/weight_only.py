@@ -56,3 +56,38 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig) 
         onnx.save_model(quantized, str(destination))
     log.info("%s: %d of %d MatMuls -> MatMulNBits (%d-bit)", source.name, nbits, matmuls, config.bits)
     return {"matmuls": matmuls, "matmul_nbits": nbits, **config.__dict__}
+
+
+def quantize_weights_int4_qdq(source: Path, destination: Path, block_size: int = 32, exclude: tuple[str, ...] = ("/lm_head/",)) -> dict:
+    """int4 weight-only in standard ONNX: blocked DequantizeLinear (opset 21, int4 weights, zero
+    zero points, one fp32 scale per `block_size` inputs) feeding a plain MatMul -- the form TensorRT
+    fuses into a weight-only int4 GEMM and ONNX Runtime runs as written, so it is checked here.
+
+    ORT's quantizer raises the opset to 21 without converting ops whose form changed since 17
+    (ReduceMean's axes become an input in 18, and ORT then rejects the graph), so the graph is
+    version-converted first. `lm_head` stays float, as NVIDIA's Model Optimizer int4 export does.
+    """
+    from onnx import version_converter
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = version_converter.convert_version(onnx.load(str(source), load_external_data=True), 21)
+    skip = {n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in exclude)}
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=None, bits=4,
+                                        quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_exclude=list(skip),
+                                     algo_config=algo)
+    quantizer.process()
+    quantized = quantizer.model.model
+    del model
+    blocked = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    if not blocked:
+        raise VlmExportError(f"no MatMul of {source.name} could be quantized to int4", "check the graph has constant MatMul weights")
+    if (source.parent / (source.name + ".data")).exists():
+        onnx.save_model(quantized, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=destination.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(quantized, str(destination))
+    return {"int4_blocked_dequantize": len(blocked), "float_matmuls": len(skip), "block_size": block_size, "opset": 21,
+            "symmetric": True}

@@ -35,12 +35,20 @@ def _nonzero_zero_points(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
+def _blocked_int4(model: onnx.ModelProto) -> bool:
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    return any(n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)
+               and weights.get(n.input[0]) == onnx.TensorProto.INT4 for n in model.graph.node)
+
+
 def check_graph(path: Path, support: dict | None = None) -> dict:
     support = support or load_support()
     model = onnx.load(str(path), load_external_data=False)
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     low, high = support["opset_range"]
+    if _blocked_int4(model) and "int4_weight_only" in support:  # int4 weight-only needs DequantizeLinear-21
+        high = max(high, support["int4_weight_only"]["opset"])
     if opset is None or not low <= opset <= high:
         problems.append(f"opset {opset} outside TensorRT {support['tensorrt']}'s {low}..{high}")
     supported, constants = set(support["supported"]), _initializer_names(model)

@@ -4,6 +4,8 @@ engines (if TensorRT is here) or a build script. Every variant is a complete art
     fp16/  fp16 graphs from the exporter (validated against the fp32 reference), TensorRT fp16 flag
     int8/  vision and decoder with explicit symmetric int8 Q/DQ (calibrated on calibration/),
            built with int8 + fp16 flags; its accuracy against fp32 is measured here in ONNX Runtime
+    int4/  decoder weights int4 weight-only (blocked DequantizeLinear-21, block 32, lm_head float),
+           activations fp16; measured against fp32 in ONNX Runtime like int8 (opt-in: --variants)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
 from vlm_export.targets.orin.static_check import check_graph
 
-PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"]}  # builder flags per variant
+PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"], "int4": ["fp16"]}  # builder flags per variant
 QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays float
 VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
 
@@ -30,7 +32,7 @@ VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant i
 @dataclass(frozen=True)
 class Profile:
     device: str = "agx-orin-64gb"
-    variants: tuple[str, ...] = ("fp16", "int8")
+    variants: tuple[str, ...] = ("fp16", "int8", "int4")
     max_batch: int = 1
     max_prompt: int = 512
     max_context: int = 1024
@@ -113,6 +115,13 @@ def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, pro
     """fp16: a fresh fp16 export. int8: the fp32 graphs, with vision and decoder replaced by calibrated Q/DQ graphs."""
     if precision == "fp16":
         return _fp16_graphs(out, manifest, progress)
+    if precision == "int4":
+        from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
+        from vlm_export.targets.assemble import assemble_variant
+
+        progress("int4 weight-only: decoder")
+        rewrites = {"decoder": lambda g, src, dst: quantize_weights_int4_qdq(src, dst / g["file"])}
+        return assemble_variant(graphs, out, manifest, rewrites)["rewrites"]
     quantization = {}
     records = {g["file"]: g for g in manifest["graphs"]}
     samples = None
@@ -168,10 +177,10 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
     record = {"seconds": round(time.perf_counter() - started, 1), "engines_built": sorted(engines),
               "static_check": {c["graph"]: "ok" for c in checks}, "plans": len(plans),
               "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
-        progress("measuring int8 Q/DQ against fp32 in ONNX Runtime")
+        progress(f"measuring {precision} against fp32 in ONNX Runtime")
         record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
     return record
 

@@ -13,7 +13,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from tests.checkpoints import tiny_spec, write_checkpoint  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def photo() -> Path:
     """A real photo bundled with scikit-image (chelsea the cat)."""

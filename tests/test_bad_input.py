@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.checkpoints import write_checkpoint
-
-
-def vlm(*args):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=300)
+from tests.cli import vlm
 
 
 def assert_one_line_error(result, *fragments):

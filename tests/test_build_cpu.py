@@ -7,9 +7,7 @@ import sys
 import onnx
 import pytest
 
-
-def vlm(*args):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=600)
+from tests.cli import vlm
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-
-def vlm(*args):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=600)
+from tests.cli import vlm
 
 
 @pytest.fixture(scope="module")

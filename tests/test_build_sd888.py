@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.cli import vlm
+
 qnn = pytest.mark.skipif(__import__("importlib").util.find_spec("onnxruntime_qnn") is None,
                          reason="needs onnxruntime-qnn (pip install '.[qnn]')")
 
 
-def vlm(*args):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +104,11 @@ def test_a_float_graph_the_htp_cannot_take_is_named(built):
 
 
 def test_without_the_qnn_extra_the_cpu_variants_still_build(tmp_path, monkeypatch):
+    from tests.checkpoints import tiny_spec
     from vlm_export.errors import MissingExtraError
     from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
     from vlm_export.targets.sd888 import target
-    from tests.checkpoints import tiny_spec
 
     export_model(tiny_spec("ldpnet"), tmp_path / "graphs", ExportOptions())
     monkeypatch.setattr(target, "qnn_available", lambda: False)

@@ -1,15 +1,13 @@
 """End-to-end through the real `vlm-export` entry point (subprocess: exit codes and stderr as users see them)."""
 
-import subprocess
-import sys
 
 import pytest
+
+from tests.cli import vlm
 
 COMMANDS = ["inspect", "generate", "export", "build", "run", "verify"]
 
 
-def vlm(*args, check=False):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *args], capture_output=True, text=True, check=check, timeout=600)
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

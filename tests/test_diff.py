@@ -13,13 +13,10 @@ import pytest
 from onnx import numpy_helper
 
 from tests.checkpoints import tiny_spec
+from tests.cli import vlm
 from vlm_export.artifacts import write_manifest
 from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
-
-
-def vlm(*args):
-    return subprocess.run([sys.executable, "-m", "vlm_export", *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,15 @@ class WeightOnlyConfig:
             raise VlmExportError(f"block size {self.block_size} must be a power of two >= 16", "use 32, 64 or 128")
 
 
+def _save_like(source: Path, destination: Path, model: onnx.ModelProto) -> None:
+    """Quantized weights are smaller: a source that fit in one file still does; a large one keeps a data file."""
+    if (source.parent / (source.name + ".data")).exists():
+        onnx.save_model(model, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=destination.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(destination))
+
+
 def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig) -> dict:
     """Quantize every MatMul with a constant weight in `source`; returns counts for the report."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -48,12 +57,7 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig) 
     nbits = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if nbits == 0:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
-    # Quantized weights are smaller: a source that fit in one file still does; a large one keeps a data file.
-    if (source.parent / (source.name + ".data")).exists():
-        onnx.save_model(quantized, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=destination.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(quantized, str(destination))
+    _save_like(source, destination, quantized)
     log.info("%s: %d of %d MatMuls -> MatMulNBits (%d-bit)", source.name, nbits, matmuls, config.bits)
     return {"matmuls": matmuls, "matmul_nbits": nbits, **config.__dict__}
 
@@ -84,10 +88,6 @@ def quantize_weights_int4_qdq(source: Path, destination: Path, block_size: int =
                and any(a.name == "block_size" for a in n.attribute)]
     if not blocked:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized to int4", "check the graph has constant MatMul weights")
-    if (source.parent / (source.name + ".data")).exists():
-        onnx.save_model(quantized, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=destination.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(quantized, str(destination))
+    _save_like(source, destination, quantized)
     return {"int4_blocked_dequantize": len(blocked), "float_matmuls": len(skip), "block_size": block_size, "opset": 21,
             "symmetric": True}

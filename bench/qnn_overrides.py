@@ -3,7 +3,9 @@ candidate override list, compile it for the SoC, and measure it against fp32 on 
 recorded from the generation loop (the per-graph half of the sd888 build report).
 
     python bench/qnn_overrides.py engines/sd888/smol/fp32-static --graph decoder_decode \
-        --candidates "" "/lm_head/" "/down_proj/" "/lm_head/,/down_proj/"
+        --candidates per-tensor per-channel "per-channel:/lm_head/"
+    (a candidate: per-tensor | per-channel, then optionally ":" and comma-separated name patterns of
+    weights kept 16-bit)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("static", type=Path, help="fp32 static-layout graphs (an sd888 build's fp32-static/)")
     parser.add_argument("--graph", default="decoder_decode")
-    parser.add_argument("--candidates", nargs="+", default=["", "/lm_head/"])
+    parser.add_argument("--candidates", nargs="+", default=["per-tensor", "per-channel", "per-channel:/lm_head/"])
     parser.add_argument("--soc", default="SM8350")
     parser.add_argument("--out", type=Path, default=Path("bench/reports/qnn-overrides.json"))
     args = parser.parse_args()
@@ -40,17 +42,18 @@ def main() -> None:
     reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     rows = []
     for candidate in args.candidates:
-        patterns = tuple(p for p in candidate.split(",") if p)
+        granularity, _, names = candidate.partition(":")
+        patterns = tuple(p for p in names.split(",") if p)
         with tempfile.TemporaryDirectory() as work:
             qdq = Path(work) / source.name
             started = time.perf_counter()
-            info = quantize_for_qnn(source, qdq, samples, patterns)
+            info = quantize_for_qnn(source, qdq, samples, patterns, per_channel=granularity == "per-channel")
             size = sum(p.stat().st_size for p in Path(work).iterdir())
             try:
                 accuracy = graph_accuracy(reference, qnn_ep.create_session(qdq, args.soc), held_out)
             except VlmExportError as exc:  # e.g. a 16-bit weight layout the HTP has no kernel for
                 accuracy = {"error": exc.one_line()}
-        rows.append({"weights_16bit": list(patterns), "matched_weights": len(info["weights_16bit"]), "qdq_bytes": size,
+        rows.append({"candidate": candidate, "weights": info["weights"], "weights_16bit": list(patterns), "matched_weights": len(info["weights_16bit"]), "qdq_bytes": size,
                      "seconds": round(time.perf_counter() - started, 1), **accuracy})
         print(json.dumps(rows[-1]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def test_every_qnn_node_is_on_the_htp_of_the_888(built):
     assert set(qnn_record["graphs"]) == {"vision.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"}
     for graph in qnn_record["graphs"].values():
         assert graph["placement"]["on_qnn"] == graph["placement"]["nodes"] > 100
-        assert graph["activations"] == "uint16" and graph["weights"] == "uint8"
+        assert graph["activations"] == "uint16" and graph["weights"] == "int8 per-channel"
         assert graph["accuracy_vs_fp32"]["cosine_min"] > 0.95  # measured ~0.99 on tiny
     assert list(qnn_record["on_cpu"]) == ["embed.onnx"]  # and the reason is given
     manifest = json.loads((out / "qnn" / "manifest.json").read_text())
@@ -157,3 +157,16 @@ def test_xnnpack_partition_follows_the_documented_rules(tmp_path):
     result = partition(Path(tmp_path / "m.onnx"))
     assert result["xnnpack_ops"] == {"MatMul": 1, "Softmax": 1}
     assert result["cpu_ops"] == {"MatMul": 2}
+
+
+@qnn
+def test_vision_only_on_the_npu_keeps_the_dynamic_decoder(tmp_path):
+    result = vlm("build", "tiny", "--target", "sd888", "--variants", "qnn", "--qnn-graphs", "vision",
+                 "--graphs", tmp_path / "graphs", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "fp32-static").exists()  # no static export when only vision goes onto the NPU
+    manifest = json.loads((tmp_path / "out" / "qnn" / "manifest.json").read_text())
+    placement = {g["name"]: bool(g.get("qnn")) for g in manifest["graphs"]}
+    assert placement == {"vision": True, "embed": False, "decoder": False}
+    run = vlm("run", tmp_path / "out" / "qnn", "--prompt", "Hi", "--image", "calibration/eval/chelsea.jpg", "--max-new-tokens", "3")
+    assert run.returncode == 0, run.stderr[-2000:]

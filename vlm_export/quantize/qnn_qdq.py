@@ -7,8 +7,9 @@ float ops are rejected (they surface as QNN_COMMON_ERROR_MEM_ALLOC at graph fina
 tensor must be in Q/DQ form. ORT's QDQ quantizer leaves a `Where` whose value inputs are constants
 in float unless `ForceQuantizeNoInputCheck` is on; with it, the attention-mask `Where` is quantized
 and the whole decoder lands on the HTP. Activations are 16-bit (u8 activations cost the vision
-graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit; `overrides` names the weights that need
-16 bits, found with the diff.
+graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit per output channel (v68 compiles per-axis
+weights; see bench/reports/qnn-overrides.json for per-tensor vs per-channel on smol); `overrides`
+names the weights that need 16 bits, found with bench/qnn_overrides.py.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def weight_overrides(model_path: Path, patterns: tuple[str, ...]) -> dict:
     return {name: [{"quant_type": QuantType.QUInt16}] for name in sorted(chosen)}
 
 
-def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overrides: tuple[str, ...] = ()) -> dict:
+def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overrides: tuple[str, ...] = (),
+                     per_channel: bool = True) -> dict:
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
@@ -73,7 +75,7 @@ def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overr
             prepared = source
         sixteen = weight_overrides(prepared, overrides)
         config = get_qnn_qdq_config(str(prepared), _Samples(samples), activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QUInt8, init_overrides=sixteen or None)
+                                    weight_type=QuantType.QUInt8, per_channel=per_channel, init_overrides=sixteen or None)
         config.extra_options["ForceQuantizeNoInputCheck"] = True  # see the module docstring
         config.use_external_data_format = external
         with contextlib.ExitStack() as cleanup:
@@ -82,5 +84,7 @@ def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overr
             quantize(str(prepared), str(destination), config)
     quantized = onnx.load(str(destination), load_external_data=False)
     count = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
-    return {**count, "activations": "uint16", "weights": "uint8", "weights_16bit": sorted(sixteen),
+    # per-channel weights come out symmetric int8 (the HTP's per-axis form); per-tensor ones uint8
+    return {**count, "activations": "uint16", "weights": "int8 per-channel" if per_channel else "uint8 per-tensor",
+            "weights_16bit": sorted(sixteen),
             "calibration_samples": len(samples), "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))}

@@ -21,8 +21,8 @@ EP_NAME = "QNNExecutionProvider"
 # soc_model ids of the QNN SDK; each checked here by compiling a graph and reading the SoC and
 # HTP arch back out of the context binary (soc_type=SM8350;arch=68 for id 30).
 SOCS = {
-    "SM8350": {"soc_model": "30", "htp_arch": "68", "phone": "Snapdragon 888"},
-    "SM8650": {"soc_model": "57", "htp_arch": "75", "phone": "Snapdragon 8 Gen 3"},
+    "SM8350": {"soc_model": "30", "htp_arch": "68", "device": "Snapdragon 888"},
+    "SM8650": {"soc_model": "57", "htp_arch": "75", "device": "Snapdragon 8 Gen 3"},
 }
 
 _registered = False

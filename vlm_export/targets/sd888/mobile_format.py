@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def convert_to_ort(directory: Path, files: list[str], out: Path) -> dict:
             if (directory / (name + ".data")).exists():
                 link_or_copy(directory / (name + ".data"), Path(work) / (name + ".data"))
         log = io.StringIO()
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it announces every config at INFO
         try:
             with contextlib.redirect_stdout(log):
                 convert_onnx_models_to_ort(Path(work), out, [OptimizationStyle.Fixed], target_platform="arm",

@@ -45,7 +45,7 @@ def _placement(name: str, record: dict) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"Snapdragon target {report['soc']} ({report['memory']}, HTP v{report['htp_arch']}); "
+    lines = [f"Snapdragon target {report['soc']} ({report['device']}, HTP v{report['htp_arch']}); "
              f"peak RSS while building {report['peak_rss_mb']} MB", "",
              "| variant | size MB | on the phone MB | fits 8 GB phone | build s | placement | greedy prefix agreement | top-1 | mean KL |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """`--target sd888`: a Snapdragon 888 phone (SoC SM8350: Hexagon v68 NPU, Kryo 680 CPU, 8 GB).
 
     fp32-static/  the static layout (batch 1, prefill chunk, KV buffer) in fp32: the QNN variant's
-                  source and its accuracy reference
+                  source and its accuracy reference (only when the decoder goes onto the NPU; with
+                  --qnn-graphs vision the QNN variant is the dynamic graphs with vision on the NPU)
     qnn/          vision and decoder graphs quantized for the HTP (QDQ: uint16 activations, uint8
                   weights) and compiled to QNN context binaries for the SoC; embedding lookup and
                   tokenizer on the CPU. Built and run here on the emulated HTP, CPU fallback off.
@@ -90,7 +91,8 @@ def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: P
     elif name == "qnn":
         from vlm_export.targets.sd888.qnn_variant import build_qnn_variant
 
-        record = build_qnn_variant(staging / "fp32-static", out, profile, progress)
+        source = staging / "fp32-static" if "decoder" in profile.qnn_graphs else graphs
+        record = build_qnn_variant(source, out, profile, progress)
     else:
         from vlm_export.targets.sd888.cpu_variant import build_cpu_variant
 
@@ -126,7 +128,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     if profile.max_context > context:
         profile = dataclasses.replace(profile, max_context=context, prefill_chunk=min(profile.prefill_chunk, context))
     qnn_missing = "qnn" in profile.variants and not qnn_available()
-    stages = (["fp32-static"] if "qnn" in profile.variants and not qnn_missing else []) + \
+    static_needed = "qnn" in profile.variants and not qnn_missing and "decoder" in profile.qnn_graphs
+    stages = (["fp32-static"] if static_needed else []) + \
         [v for v in profile.variants if not (v == "qnn" and qnn_missing)]
     report = {"target": "sd888", "soc": profile.soc, **SOCS[profile.soc], "variants": {}}
     with atomic_directory(out, force) as staging:

@@ -38,7 +38,7 @@ def test_every_qnn_node_is_on_the_htp_of_the_888(built):
     assert set(qnn_record["graphs"]) == {"vision.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"}
     for graph in qnn_record["graphs"].values():
         assert graph["placement"]["on_qnn"] == graph["placement"]["nodes"] > 100
-        assert graph["activations"] == "uint16" and graph["weights"] == "int8 per-channel"
+        assert graph["activations"] == "uint16" and graph["weights"].startswith("8-bit")
         assert graph["accuracy_vs_fp32"]["cosine_min"] > 0.95  # measured ~0.99 on tiny
     assert list(qnn_record["on_cpu"]) == ["embed.onnx"]  # and the reason is given
     manifest = json.loads((out / "qnn" / "manifest.json").read_text())

@@ -7,9 +7,10 @@ float ops are rejected (they surface as QNN_COMMON_ERROR_MEM_ALLOC at graph fina
 tensor must be in Q/DQ form. ORT's QDQ quantizer leaves a `Where` whose value inputs are constants
 in float unless `ForceQuantizeNoInputCheck` is on; with it, the attention-mask `Where` is quantized
 and the whole decoder lands on the HTP. Activations are 16-bit (u8 activations cost the vision
-graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit per output channel (v68 compiles per-axis
-weights; see bench/reports/qnn-overrides.json for per-tensor vs per-channel on smol); `overrides`
-names the weights that need 16 bits, found with bench/qnn_overrides.py.
+graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit: per output channel for Conv (v68 compiles
+it), per-tensor for MatMul (QNN has no per-channel MatMul; bench/reports/qnn-overrides-smol-decode.json).
+`overrides` names weights to keep 16-bit; measured on smol, a 16-bit lm_head has no HTP kernel
+(the node falls off the NPU), so none is kept by default.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def quantize_for_qnn(source: Path, destination: Path, samples: list[dict], overr
             quantize(str(prepared), str(destination), config)
     quantized = onnx.load(str(destination), load_external_data=False)
     count = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
-    # per-channel weights come out symmetric int8 (the HTP's per-axis form); per-tensor ones uint8
-    return {**count, "activations": "uint16", "weights": "int8 per-channel" if per_channel else "uint8 per-tensor",
+    # QNN has no per-channel MatMul: ORT's QNN config keeps MatMul weights per-tensor uint8 either way
+    # (measured on smol's decoder: identical graphs); per-channel reaches the Conv weights (vision).
+    weights = "8-bit: Conv per-channel, MatMul per-tensor" if per_channel else "8-bit per-tensor"
+    return {**count, "activations": "uint16", "weights": weights,
             "weights_16bit": sorted(sixteen),
             "calibration_samples": len(samples), "opset": next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))}

@@ -175,3 +175,18 @@ def peak_rss_mb() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vlm_export.benchmark.engines KIND LOCATION SETTINGS_JSON`: one engine, JSON on stdout."""
+    import json
+    import sys
+
+    kind, location, settings = (argv or sys.argv[1:])[:3]
+    values = json.loads(settings)
+    values["contexts"] = tuple(values["contexts"])
+    print(json.dumps(measure(kind, location, Settings(**values))))
+
+
+if __name__ == "__main__":
+    main()

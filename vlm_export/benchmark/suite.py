@@ -12,15 +12,14 @@ Artifacts are built when missing (graphs/, engines/, bench/cache/ for GGUF files
 from __future__ import annotations
 
 import json
-import multiprocessing
+import subprocess
+import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from vlm_export.benchmark.engines import Settings, measure
+from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
-
-
 
 ENGINE_VARIANTS = {"torch": ("",), "ort": ("fp32", "int8", "int4"), "ort-static": ("fp32",),
                    "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
@@ -149,6 +148,20 @@ def _kv_bytes_per_token(spec, kind: str) -> int:
     return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * (2 if kind == "llama.cpp" else 4)
 
 
+def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int) -> dict:
+    """A fresh interpreter per engine: its own peak RSS, no warm caches, and a crash (a native
+    library's segfault) or a hang becomes a reported row instead of a stuck run."""
+    command = [sys.executable, "-m", "vlm_export.benchmark.engines", kind, str(location), json.dumps(asdict(settings))]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"no result within {timeout} s (killed)"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"skipped": f"engine process failed (exit {done.returncode}): {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
     """`root`: where graphs/, engines/ and bench/cache/ are found or built."""
     from vlm_export.benchmark.machine import describe, limits
@@ -158,7 +171,6 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
     machine_limits = limits()
     report = {"schema": "vlm-export-bench/1", "suite": suite["name"], "machine": describe(), "limits": machine_limits,
               "settings": asdict(settings), "models": []}
-    spawn = multiprocessing.get_context("spawn")
     for entry in suite["models"]:
         workspace = Workspace(entry["model"], progress, root)
         flops_per_token = 2 * _decoder_params(workspace.spec)
@@ -170,13 +182,10 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
                 rows.append({"engine": name, "skipped": exc.one_line()})
                 continue
             progress(f"{workspace.spec.name}: measuring {name}")
-            with spawn.Pool(1) as pool:
-                pending = pool.apply_async(measure, (kind, str(location), settings))
-                try:
-                    measured = pending.get(timeout=entry.get("timeout_s", 900))
-                except multiprocessing.TimeoutError:
-                    rows.append({"engine": name, "skipped": f"no result within {entry.get('timeout_s', 900)} s (killed)"})
-                    continue
+            measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900))
+            if "skipped" in measured:
+                rows.append({"engine": name, **measured})
+                continue
             kv = _kv_bytes_per_token(workspace.spec, kind)
             roofline = {c: machine_limits["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
             rows.append({"engine": name, "artifact": str(location), "bytes": size, "bytes_read_per_token": weight_bytes,

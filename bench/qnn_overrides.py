@@ -23,7 +23,7 @@ def main() -> None:
     from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples
     from vlm_export.quantize.qnn_qdq import quantize_for_qnn
     from vlm_export.runtime.runners import qnn_ep
-    from vlm_export.targets.sd888.qnn_variant import graph_accuracy
+    from vlm_export.diff.output_agreement import graph_accuracy
 
     import onnxruntime as ort
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlm_export.artifacts import verify, write_json_atomic, write_manifest
+from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 from vlm_export.targets.assemble import assemble_variant
@@ -21,8 +22,6 @@ BITS = {"cpu-int8": 8, "cpu-int4": 4}
 
 def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) -> dict:
     import onnxruntime as ort
-
-    from vlm_export.targets.sd888.qnn_variant import graph_accuracy
 
     cpu = ["CPUExecutionProvider"]
     return graph_accuracy(ort.InferenceSession(str(fp32 / file), providers=cpu),

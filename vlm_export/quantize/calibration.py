@@ -51,7 +51,7 @@ def vision_samples(images: list[Path], vision_spec, aspect: str) -> list[dict]:
 def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) -> list[dict]:
     """Prefill and one decode step per calibration request, as feed dicts of the dynamic decoder."""
     from vlm_export.runtime.artifact_set import ArtifactSet
-    from vlm_export.runtime.generation import Generator, Request
+    from vlm_export.runtime.generation import Generator
     from vlm_export.runtime.kv_cache import DynamicKV
 
     samples = []
@@ -59,9 +59,8 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
         if generator.layout != "dynamic":
             raise VlmExportError("int8 calibration needs the dynamic-layout graphs", "build from `vlm-export export MODEL`")
         llm = generator.spec.llm
-        for index, prompt in enumerate(prompts):
-            image = images[index % len(images)] if index % 2 == 0 else None
-            request = Request.ask(prompt, image)
+        for request in calibration_requests(images, prompts):
+            image = request.image
             image_embeds = generator._image_embeds([image])[0] if image is not None else None
             embeds, ids = generator.encode(request, image_embeds)
             kv = DynamicKV(llm.num_layers, 1, llm.num_kv_heads, llm.head_dim, generator.float_dtype)

@@ -83,7 +83,7 @@ class LoopEngine:
     def decode_seconds(self, context: int, settings: Settings) -> list[float]:
         generator = self.generator
         kv, logits, positions = generator._prefill([self._prompt(context)], settings.decode_steps + 1)
-        name = "decoder" if generator.layout == "dynamic" else "decoder_decode"
+        name = generator.decode_graph
         keep = np.ones((1, 1), np.int64)
         times = []
         for _ in range(settings.decode_steps):

@@ -53,7 +53,7 @@ def forced_logits(generator: Generator, request: Request, tokens: list[int]) -> 
     prompt, _ = generator.encode(request, _image_embeds(generator, request))
     kv, logits, positions = generator._prefill([prompt], len(tokens) + 1)
     rows = [logits[0]]
-    decoder = "decoder" if generator.layout == "dynamic" else "decoder_decode"
+    decoder = generator.decode_graph
     for token in tokens[:-1]:
         embeds = generator._embed_ids([token])[None]
         logits = generator._step(decoder, kv, embeds, np.ones((1, 1), np.int64), positions[:, None])

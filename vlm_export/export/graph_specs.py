@@ -66,6 +66,9 @@ class GraphSpec:
         }
 
 
+LAYOUTS = ("dynamic", "static", "inplace")
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     dtype: str = "fp32"  # fp32 | fp16
@@ -79,8 +82,8 @@ class ExportOptions:
     def __post_init__(self):
         if self.dtype not in ("fp32", "fp16"):
             raise VlmExportError(f"unsupported dtype '{self.dtype}'", "use --dtype fp32 or fp16")
-        if self.layout not in ("dynamic", "static"):
-            raise VlmExportError(f"unsupported layout '{self.layout}'", "use --layout dynamic or static")
+        if self.layout not in LAYOUTS:
+            raise VlmExportError(f"unsupported layout '{self.layout}'", f"use --layout {' | '.join(LAYOUTS)}")
         if self.logits not in ("all", "last"):
             raise VlmExportError(f"unsupported logits mode '{self.logits}'", "use --logits all or last")
         if self.layout == "static" and not 0 < self.prefill_chunk <= self.kv_buffer:
@@ -145,7 +148,38 @@ def _decoder(spec, opts, name, file, batch, seq, past, total, cases, present_len
     )
 
 
+def inplace_decoder_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
+    """One graph for prefill and decode: GroupQueryAttention over K/V buffers the runtime binds as
+    both past and present (capacity `kv_capacity`, chosen per generation), right-padded rows."""
+    f = opts.float_dtype
+    # past: tokens already cached per row; new: valid rows of this step (== sequence unless past == 0).
+    cases = (
+        {"batch": 2, "sequence": 5, "kv_capacity": 12, "past": (0, 0), "new": (5, 3)},
+        {"batch": 1, "sequence": 4, "kv_capacity": 16, "past": (7,), "new": (4,)},
+        {"batch": 2, "sequence": 1, "kv_capacity": 12, "past": (9, 4), "new": (1, 1)},
+    )
+    return GraphSpec(
+        name="decoder", file="decoder_inplace.onnx", wrapper="decoder",
+        inputs=(
+            TensorSpec("inputs_embeds", f, ("batch", "sequence", spec.llm.hidden_size)),
+            TensorSpec("seqlens_k", "int32", ("batch",)),
+            TensorSpec("total_sequence_length", "int32", ()),
+            *_kv_tensors(spec, "past_key_values", "batch", "kv_capacity", f),
+        ),
+        outputs=(
+            TensorSpec("logits", f, ("batch", 1, spec.llm.vocab_size)),
+            *_kv_tensors(spec, "present", "batch", "kv_capacity", f),
+        ),
+        cases=cases,
+        atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
+        attrs={"layout": "inplace", "kv_update": "in_place_shared_buffer", "last_logits_only": True,
+               "max_capacity": spec.llm.max_context},
+    )
+
+
 def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
+    if opts.layout == "inplace":
+        return [inplace_decoder_graph(spec, opts)]
     if opts.layout == "dynamic":
         cases = (
             {"batch": 2, "sequence": 5, "past_sequence": 3, "left_pad": 2},
@@ -176,6 +210,8 @@ DIFF_CASES = {
     "dynamic": ({"batch": 1, "sequence": 12, "past_sequence": 0, "left_pad": 0},
                 {"batch": 1, "sequence": 1, "past_sequence": 12, "left_pad": 0}),
     "static": ({"past_valid": 0, "left_pad": 0}, {"past_valid": 12, "left_pad": 0}),
+    "inplace": ({"batch": 1, "sequence": 12, "kv_capacity": 16, "past": (0,), "new": (12,)},
+                {"batch": 1, "sequence": 1, "kv_capacity": 16, "past": (12,), "new": (1,)}),
 }
 
 
@@ -217,6 +253,8 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
     random tokens, and past K/V computed by the reference from a random prefix (random K/V would
     put attention far outside what a real run sees)."""
     size = _sizes(graph, case)
+    if graph.attrs.get("layout") == "inplace":
+        return _inplace_inputs(graph, case, rng, sampler)
     feeds = {}
     if graph.wrapper == "decoder":
         embeds = graph.inputs[0]
@@ -245,10 +283,36 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
     return feeds
 
 
+def _inplace_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler) -> dict:
+    """Right-padded rows; each buffer holds the reference's K/V of a random prefix in its first
+    `past` slots (and zeros after: slots past a row's length are never read)."""
+    batch, seq, capacity = case["batch"], case["sequence"], case["kv_capacity"]
+    past, new = np.asarray(case["past"]), np.asarray(case["new"])
+    total = past + new
+    embeds = graph.inputs[0]
+    feeds = {"inputs_embeds": sampler.embeds(rng, batch, seq).astype(embeds.dtype),
+             "seqlens_k": (total - 1).astype(np.int32), "total_sequence_length": np.array(total.max(), np.int32)}
+    longest = int(past.max())
+    prefix_mask = (np.arange(longest)[None, :] < past[:, None]).astype(np.int64)
+    prefix = sampler.past(rng, prefix_mask) if longest else []
+    for index, tensor in enumerate(graph.inputs[3:]):
+        buffer = np.zeros((batch, tensor.shape[1], capacity, tensor.shape[3]), dtype=tensor.dtype)
+        if longest:
+            buffer[:, :, :longest] = prefix[index]
+        feeds[tensor.name] = buffer
+    return feeds
+
+
 def valid_positions(graph: GraphSpec, output: TensorSpec, feeds: dict) -> np.ndarray | None:
     """Boolean mask over an output's sequence axis (fully masked rows are garbage by design)."""
     if graph.wrapper != "decoder":
         return None
+    if graph.attrs.get("layout") == "inplace":
+        batch = feeds["seqlens_k"].shape[0]
+        if output.name == "logits":
+            return np.ones((batch, 1), dtype=bool)
+        capacity = feeds[graph.inputs[3].name].shape[2]
+        return np.arange(capacity)[None, :] <= feeds["seqlens_k"][:, None]
     mask = feeds["attention_mask"] > 0  # (B, total)
     seq = feeds["inputs_embeds"].shape[1]
     if output.name == "logits":

@@ -9,8 +9,11 @@ that is what exports cleanly (no DynamicCache, no vmap mask builder) and what bo
     dynamic: keys = concat(past [P], new [S])  -> present = the whole concat   (P grows)
     static:  keys = concat(buffer [M], new [S]) -> present = the S new entries (M fixed;
              the runtime writes them into the buffer, so no ScatterND, which HTP v68 lacks)
+    inplace: GroupQueryAttention over a buffer [C] -> present = the same buffer, written at
+             the step's slots (bound to the past's memory by the runtime; see model/gqa.py)
 
-In both, key j is visible to query i when attention_mask[j] == 1 and j <= P + i.
+In the first two, key j is visible to query i when attention_mask[j] == 1 and j <= P + i;
+inplace rows are right-padded and described by seqlens_k instead of a mask.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from vlm_export.model.gqa import GroupQueryAttention
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
 
 
@@ -87,11 +91,62 @@ class DecoderBlock(nn.Module):
         out = attn.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
         return out, (k, v) if self.present_is_new_only else (keys, values)
 
-    def forward(self, hidden, cos, sin, past_k, past_v, mask):
-        attn_out, present = self._attention(self.input_layernorm(hidden), cos, sin, past_k, past_v, mask)
+    def forward(self, hidden, *attention_inputs):
+        attn_out, present = self._attention(self.input_layernorm(hidden), *attention_inputs)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, present
+
+
+class InPlaceDecoderBlock(DecoderBlock):
+    """The same layer with its attention as one GroupQueryAttention over the in-place buffer."""
+
+    def _attention(self, x, cos_half, sin_half, past_k, past_v, seqlens_k, total_sequence_length):
+        attn = self.self_attn
+        out, present_k, present_v = GroupQueryAttention.apply(
+            attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past_k, past_v, seqlens_k, total_sequence_length,
+            cos_half, sin_half, self.num_heads, self.num_kv_heads)
+        return attn.o_proj(out), (present_k, present_v)
+
+
+def rope_tables(model: MobileVLMForCausalLM, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position (positions, head_dim), from the reference's own rotary module."""
+    llm = model.spec.llm
+    index = torch.arange(max(positions, llm.max_context), device=model.lm_head.weight.device)[None]
+    probe = torch.zeros((), dtype=model.lm_head.weight.dtype, device=index.device)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(probe, index)
+    return cos[0], sin[0]
+
+
+class InPlaceDecoderGraph(nn.Module):
+    """inputs_embeds (right-padded), seqlens_k, total_sequence_length, K/V buffers -> last logits, buffers."""
+
+    def __init__(self, model: MobileVLMForCausalLM):
+        super().__init__()
+        llm = model.spec.llm
+        self.blocks = nn.ModuleList(
+            InPlaceDecoderBlock(layer, llm.num_heads, llm.num_kv_heads, llm.head_dim, present_is_new_only=False)
+            for layer in model.model.layers
+        )
+        cos, sin = rope_tables(model, 0)
+        half = llm.head_dim // 2  # LLaMA's tables repeat [freqs, freqs]; the op takes one half
+        self.register_buffer("cos_half", cos[:, :half].contiguous(), persistent=False)
+        self.register_buffer("sin_half", sin[:, :half].contiguous(), persistent=False)
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+
+    def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
+        hidden = inputs_embeds
+        presents = []
+        for index, block in enumerate(self.blocks):
+            hidden, present = block(hidden, self.cos_half, self.sin_half, past[2 * index], past[2 * index + 1],
+                                    seqlens_k, total_sequence_length)
+            presents.extend(present)
+        # Each row's last valid query row is min(S, T) - 1: the only logits generation needs.
+        last_row = torch.arange(hidden.shape[1], device=hidden.device)[-1]  # S - 1, kept symbolic when traced
+        last = torch.minimum(seqlens_k.long(), last_row)
+        hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[2]))
+        return (self.lm_head(self.norm(hidden)), *presents)
 
 
 class DecoderGraph(nn.Module):
@@ -109,12 +164,9 @@ class DecoderGraph(nn.Module):
         # rotary module. A Gather by position is exact, and it is what NPUs take (HTP v68 rejects
         # the positions x inv_freq MatMul once quantized, and quantizing angles up to 2k radians
         # would wreck them anyway).
-        positions = torch.arange(max(positions, llm.max_context), device=model.lm_head.weight.device)[None]
-        probe = torch.zeros((), dtype=model.lm_head.weight.dtype, device=positions.device)
-        with torch.no_grad():
-            cos, sin = model.model.rotary_emb(probe, positions)
-        self.register_buffer("cos_table", cos[0], persistent=False)  # (max_context, head_dim)
-        self.register_buffer("sin_table", sin[0], persistent=False)
+        cos, sin = rope_tables(model, positions)
+        self.register_buffer("cos_table", cos, persistent=False)  # (max_context, head_dim)
+        self.register_buffer("sin_table", sin, persistent=False)
         self.lm_head = model.lm_head
         self.last_logits_only = last_logits_only
 
@@ -137,6 +189,8 @@ def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Modu
         return VisionGraph(model).eval()
     if kind == "embed":
         return EmbedGraph(model).eval()
+    if attrs.get("layout") == "inplace":
+        return InPlaceDecoderGraph(model).eval()
     return DecoderGraph(
         model,
         present_is_new_only=attrs["kv_update"].startswith("present_is_new"),

@@ -44,7 +44,8 @@ class ArtifactSet:
 
     @property
     def layout(self) -> str:
-        return "static" if "decoder_decode" in self.graphs else "dynamic"
+        decoder = self.graphs.get("decoder") or self.graphs["decoder_decode"]
+        return decoder.get("attrs", {}).get("layout", "dynamic")
 
     def tokenizer(self) -> TextTokenizer:
         return load_tokenizer(tokenizer_spec_in(self.directory / TOKENIZER_DIR))

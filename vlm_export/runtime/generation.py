@@ -5,7 +5,8 @@
 
 Prefill: dynamic layout = one call over the left-padded batch; static layout = fixed chunks,
 right-aligned (padding in front of the first chunk) so the last prompt token is always the
-chunk's last position and its logits are the graph's only logits.
+chunk's last position and its logits are the graph's only logits; inplace layout = one call over
+the right-padded batch (the graph picks each row's last logits from its length).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vlm_export.model.preprocess import load_image, preprocess_image
 from vlm_export.model.prompt import Message, render_prompt, user_turn
 from vlm_export.results import GenerationResult, check_context
 from vlm_export.runtime.artifact_set import ArtifactSet
-from vlm_export.runtime.kv_cache import DynamicKV, StaticKV
+from vlm_export.runtime.kv_cache import DynamicKV, InPlaceKV, StaticKV
 from vlm_export.runtime.sampling import SamplingParams, sample_token
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
 
@@ -69,7 +70,8 @@ class Generator:
             runner.activate()
         graphs = artifacts.graphs
         self.layout = artifacts.layout
-        decoder = graphs["decoder"] if self.layout == "dynamic" else graphs["decoder_decode"]
+        self.decode_graph = "decoder_decode" if self.layout == "static" else "decoder"
+        decoder = graphs[self.decode_graph]
         self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
         self.kv_buffer = decoder["attrs"].get("kv_buffer")
         self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
@@ -122,23 +124,26 @@ class Generator:
     # -- decoder steps ---------------------------------------------------------------------
     def _step(self, name: str, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
         runner = self.runners[name]
-        feeds = {"inputs_embeds": embeds, "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values}
+        feeds = {"inputs_embeds": embeds, **kv.feeds(keep, positions)}
         started = time.perf_counter()
         outputs = runner.infer(feeds)
         self._decoder_seconds += time.perf_counter() - started
         kv.update(outputs, keep)
         return runner.to_numpy(outputs["logits"])[:, -1].astype(np.float32)  # (B, V)
 
-    def _new_kv(self, batch: int):
+    def _new_kv(self, batch: int, capacity: int):
         llm = self.spec.llm
+        shape = (llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype)
         if self.layout == "dynamic":
-            return DynamicKV(llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype)
-        to_numpy = self.runners["decoder_decode"].to_numpy
-        return StaticKV(llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype, self.kv_buffer, to_numpy)
+            return DynamicKV(*shape)
+        to_numpy = self.runners[self.decode_graph].to_numpy
+        if self.layout == "inplace":
+            return InPlaceKV(*shape, capacity, to_numpy)
+        return StaticKV(*shape, self.kv_buffer, to_numpy)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
         lengths = [p.shape[0] for p in prompts]
-        if self.layout == "dynamic":
+        if self.layout in ("dynamic", "inplace"):
             total = max(lengths)
             check_context(total, max_new_tokens, self.spec.llm.max_context)
             name, span = "decoder", total
@@ -149,12 +154,13 @@ class Generator:
         batch, width = len(prompts), prompts[0].shape[1]
         embeds = np.zeros((batch, span, width), dtype=self.float_dtype)
         keep = np.zeros((batch, span), dtype=np.int64)
-        for row, prompt in enumerate(prompts):  # left/front padding
-            embeds[row, span - prompt.shape[0]:] = prompt
-            keep[row, span - prompt.shape[0]:] = 1
+        for row, prompt in enumerate(prompts):  # left/front padding; right padding for inplace
+            rows = slice(0, prompt.shape[0]) if self.layout == "inplace" else slice(span - prompt.shape[0], span)
+            embeds[row, rows] = prompt
+            keep[row, rows] = 1
         positions = np.clip(np.cumsum(keep, axis=1) - 1, 0, None)
-        kv = self._new_kv(batch)
-        step = span if self.layout == "dynamic" else self.chunk
+        kv = self._new_kv(batch, span + max_new_tokens)
+        step = self.chunk if self.layout == "static" else span
         for start in range(0, span, step):
             sl = slice(start, start + step)
             logits = self._step(name, kv, embeds[:, sl], keep[:, sl], positions[:, sl])
@@ -184,7 +190,7 @@ class Generator:
                    for row in range(len(requests))]
         first_token_at, steps = None, 0
         self._decoder_seconds = 0.0
-        decoder = "decoder" if self.layout == "dynamic" else "decoder_decode"
+        decoder = self.decode_graph
         while True:
             tokens = np.zeros(len(requests), dtype=np.int64)
             for row, stream in enumerate(streams):

@@ -34,6 +34,10 @@ class OrtRunner(Runner):
         self.threads = threads
         self.qnn = graph.get("qnn")  # built for a Snapdragon NPU: {"soc": ..., "context_binary": ...}
         self.session = None
+        # inplace layout: present.N.* is written into the memory of past_key_values.N.* (bound to both)
+        in_place = graph.get("attrs", {}).get("kv_update") == "in_place_shared_buffer"
+        self.shared = {n: n.replace("present.", "past_key_values.", 1) for n in self.output_names
+                       if in_place and n.startswith("present.")}
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
@@ -62,15 +66,21 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         binding = self.session.io_binding()
+        shared = {past: ort.OrtValue.ortvalue_from_numpy(feeds[past]) for past in self.shared.values()}  # no copy
         for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
+            if name in shared:
+                binding.bind_ortvalue_input(name, shared[name])
+            elif isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
+        fresh = [n for n in self.output_names if n not in self.shared]
+        for name in fresh:
             binding.bind_output(name, "cpu")
+        for present, past in self.shared.items():
+            binding.bind_ortvalue_output(present, shared[past])
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.get_outputs()))
+        return dict(zip(fresh, binding.get_outputs()))  # the shared buffers were written where they are
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if hasattr(value, "numpy") else np.asarray(value)

@@ -21,15 +21,35 @@ def built(tmp_path_factory):
 def test_variants_and_report(built):
     root, stdout = built
     report = json.loads((root / "cpu" / "report.json").read_text())
-    assert list(report["variants"]) == ["fp32", "int8", "int4"]
-    for name in ("int8", "int4"):
+    assert list(report["variants"]) == ["fp32", "int8", "int4"] and report["layout"] == "inplace"
+    for name in ("fp32", "int8", "int4"):
+        decoder = onnx.load(str(root / "cpu" / name / "decoder_inplace.onnx"))
+        ops = [n.op_type for n in decoder.graph.node]
+        # in-place KV: one attention op per layer, and it alone reads the cache (no Concat of K/V)
+        assert ops.count("GroupQueryAttention") == 2
+        assert {n.op_type for n in decoder.graph.node for i in n.input if i.startswith("past_key_values")} == \
+            {"GroupQueryAttention"}
+        if name == "fp32":
+            continue
         accuracy = report["variants"][name]["accuracy_vs_fp32"]
         assert accuracy["prompts"] == 3 and 0.0 <= accuracy["greedy_prefix_agreement"] <= 1.0
         assert 0.0 <= accuracy["top1_agreement"] <= 1.0 and accuracy["mean_kl"] >= 0.0
-        decoder = onnx.load(str(root / "cpu" / name / "decoder.onnx"))
-        assert any(n.op_type == "MatMulNBits" for n in decoder.graph.node)
+        assert "MatMulNBits" in ops
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)
     assert "| int4 |" in stdout
+    # vision and embed are the exported graphs, linked, not exported a second time
+    fp32 = json.loads((root / "cpu" / "fp32" / "manifest.json").read_text())
+    assert {g["file"]: bool(g.get("reused_from")) for g in fp32["graphs"]} == \
+        {"vision.onnx": True, "embed.onnx": True, "decoder_inplace.onnx": False}
+
+
+def test_dynamic_layout_variant(built, tmp_path):
+    root, _ = built
+    result = vlm("build", "tiny", "--target", "cpu", "--layout", "dynamic", "--variants", "fp32,int4",
+                 "--graphs", root / "graphs", "--out", tmp_path / "cpu")
+    assert result.returncode == 0, result.stderr
+    decoder = onnx.load(str(tmp_path / "cpu" / "int4" / "decoder.onnx"))
+    assert "GroupQueryAttention" not in [n.op_type for n in decoder.graph.node]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int4"])

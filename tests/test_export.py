@@ -97,6 +97,26 @@ def test_dynamic_decoder_step_by_step_equals_one_pass(dynamic_graphs, reference,
         past = dict(zip(_kv_names(llm.num_layers), present))
 
 
+def test_inplace_decoder_in_one_buffer_equals_one_pass(dynamic_graphs, reference, spec, tmp_path):
+    """GroupQueryAttention over one buffer: prefill, single tokens, a two-token chunk, all written in place."""
+    llm = spec.llm
+    out = tmp_path / "inplace"
+    manifest = export_model(spec, out, ExportOptions(layout="inplace"), reuse=dynamic_graphs)
+    assert [g["file"] for g in manifest["graphs"] if not g.get("reused_from")] == ["decoder_inplace.onnx"]
+    session = ort_session(out / "decoder_inplace.onnx")
+    rng = np.random.default_rng(5)
+    embeds = (rng.standard_normal((1, 9, llm.hidden_size)) * 0.02).astype(np.float32)
+    with torch.no_grad():
+        full = reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    buffers = {n: np.zeros((1, llm.num_kv_heads, 12, llm.head_dim), np.float32) for n in _kv_names(llm.num_layers)}
+    for start, end in [(0, 5), (5, 6), (6, 8), (8, 9)]:
+        feeds = {"inputs_embeds": embeds[:, start:end], "seqlens_k": np.array([end - 1], np.int32),
+                 "total_sequence_length": np.array(end, np.int32), **buffers}
+        logits, *present = session.run(None, feeds)
+        np.testing.assert_allclose(logits[0, -1], full[0, end - 1], atol=1e-4)  # the step's last row only
+        buffers = dict(zip(_kv_names(llm.num_layers), present))
+
+
 def test_static_chunked_prefill_and_decode_equal_one_pass(static_graphs, reference, spec):
     """Right-aligned chunks (padding at the front), host-written KV slots, 1-token decode."""
     llm, m, chunk = spec.llm, 64, 16

@@ -30,6 +30,7 @@ def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rt")
     export_model(tiny_spec("ldpnet"), root / "dynamic", ExportOptions())
     export_model(tiny_spec("ldpnet"), root / "static", ExportOptions(layout="static", prefill_chunk=32, kv_buffer=320))
+    export_model(tiny_spec("ldpnet"), root / "inplace", ExportOptions(layout="inplace"), reuse=root / "dynamic")
     return root
 
 
@@ -41,7 +42,7 @@ def reference_ids(prompt: str, image) -> list[int]:
     return generate_reference(load_reference(spec), tokenizer, text, pixels, 32).token_ids
 
 
-@pytest.mark.parametrize("layout", ["dynamic", "static"])
+@pytest.mark.parametrize("layout", ["dynamic", "static", "inplace"])
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 @pytest.mark.parametrize("with_image", [True, False])
 def test_greedy_matches_reference(graphs, photo, layout, backend, with_image):
@@ -52,13 +53,29 @@ def test_greedy_matches_reference(graphs, photo, layout, backend, with_image):
     assert len(expected) >= 8 and result.token_ids == expected
 
 
-@pytest.mark.parametrize("layout", ["dynamic", "static"])
+@pytest.mark.parametrize("layout", ["dynamic", "static", "inplace"])
 def test_batch_equals_one_by_one(graphs, photo, layout):
     requests = [Request.ask("What is in the image?", photo), Request.ask("A much longer text-only question, about cats and dogs?")]
     with Generator(ArtifactSet.open(graphs / layout)) as generator:
         together = generator.generate(requests, GREEDY_32)
         alone = [generator.generate([r], GREEDY_32)[0] for r in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_inplace_buffers_are_written_where_they_are(graphs):
+    """ORT writes present K/V into the very arrays fed as past (no copy), only at the step's slots."""
+    with Generator(ArtifactSet.open(graphs / "inplace")) as generator:
+        prompt, _ = generator.encode(Request.ask("hello"), None)
+        kv, _, _ = generator._prefill([prompt], 4)
+        buffers = dict(kv.values)
+        before = {n: b.copy() for n, b in buffers.items()}
+        generator._step("decoder", kv, prompt[None, :1], np.ones((1, 1), np.int64), None)
+    length = prompt.shape[0]
+    for name, buffer in buffers.items():
+        assert kv.values[name] is buffer  # the same array: nothing was returned, it was written in place
+        assert not np.array_equal(buffer[:, :, length], before[name][:, :, length])
+        np.testing.assert_array_equal(buffer[:, :, :length], before[name][:, :, :length])
+    assert kv.length == length + 1
 
 
 def test_sampling_is_reproducible_with_a_seed(graphs):

@@ -2,7 +2,9 @@
 
 Engines, by name:
     torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
-    ort:fp32|int8|int4    `--target cpu` variants (dynamic layout, MatMulNBits for int8/int4)
+    ort:fp32|int8|int4    `--target cpu` variants (inplace layout: GroupQueryAttention over an in-place
+                      KV buffer; MatMulNBits for int8/int4)
+    ort-concat:fp32|int8|int4  the same with `--layout dynamic` (the KV cache is concatenated every step)
     ort-static:fp32   the static layout (prefill chunks + fixed KV buffer) in fp32
     llama.cpp:source  the model's own GGUF file (smol: the very file our graphs were made from)
     llama.cpp:F32|Q8_0|Q4_0   the reference weights written to GGUF, quantized by llama.cpp
@@ -21,7 +23,8 @@ from pathlib import Path
 from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
 
-ENGINE_VARIANTS = {"torch": ("",), "ort": ("fp32", "int8", "int4"), "ort-static": ("fp32",),
+ENGINE_VARIANTS = {"torch": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
+                   "ort-static": ("fp32",),
                    "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
 
 
@@ -72,25 +75,24 @@ class Workspace:
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
-    def _cpu_variant(self, variant: str) -> Path:
+    def _cpu_variant(self, variant: str, layout: str = "inplace") -> Path:
         from vlm_export.build import build_model
 
-        out = self.root / "engines" / "cpu" / self.spec.name
+        out = self.root / "engines" / ("cpu" if layout == "inplace" else f"cpu-{layout}") / self.spec.name
         if not (out / variant / "manifest.json").is_file():
             started = time.perf_counter()
-            build_model(self.spec, "cpu", out, self._graphs(), {}, True, self.progress)
-            self.build_seconds["build cpu"] = round(time.perf_counter() - started, 1)
+            build_model(self.spec, "cpu", out, self._graphs(), {"layout": layout}, True, self.progress)
+            self.build_seconds[f"build cpu ({layout})"] = round(time.perf_counter() - started, 1)
         return out / variant
 
     def _static(self) -> Path:
-        from vlm_export.export.graph_specs import ExportOptions
-        from vlm_export.export.pipeline import export_model
+        from vlm_export.targets.assemble import export_layout
 
         out = self.root / "graphs" / f"{self.spec.name}-static"
         if not (out / "manifest.json").is_file():
             started = time.perf_counter()
-            options = ExportOptions(layout="static", kv_buffer=min(1024, self.spec.llm.max_context))
-            export_model(self.spec, out, options, force=True, progress=self.progress)
+            export_layout(self._graphs(), out, self.progress, layout="static",
+                          kv_buffer=min(1024, self.spec.llm.max_context))
             self.build_seconds["export static"] = round(time.perf_counter() - started, 1)
         return out
 
@@ -127,6 +129,7 @@ class Workspace:
             path = self._gguf(variant, threads)
             return "llama.cpp", path, path.stat().st_size, path.stat().st_size
         directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
+                     "ort-concat": lambda: self._cpu_variant(variant, "dynamic"),
                      "ort-static": lambda: self._static()}.get(family)
         if directory is None:
             raise VlmExportError(f"unknown benchmark engine '{name}'", "see vlm_export/benchmark/suite.py for the names")

@@ -16,7 +16,7 @@ def export(
     model: ModelArg = "smol",
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default graphs/<model>[-static][-fp16]).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16")] = "fp32",
-    layout: Annotated[str, typer.Option("--layout", help="dynamic (ORT CPU, TensorRT) | static (NPUs)")] = "dynamic",
+    layout: Annotated[str, typer.Option("--layout", help="dynamic (TensorRT, the diff baseline) | static (NPUs) | inplace (ORT CPU: GroupQueryAttention, in-place KV)")] = "dynamic",
     logits: Annotated[str, typer.Option("--logits", help="all | last: logits of every position or only the last (dynamic layout)")] = "all",
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="static layout: tokens per prefill graph call")] = 128,
     kv_buffer: Annotated[Optional[int], typer.Option("--kv-buffer", help="static layout: KV buffer length (default min(1024, context))")] = None,
@@ -36,7 +36,7 @@ def export(
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling)
     kv_buffer = kv_buffer or min(1024, spec.llm.max_context)
     opts = ExportOptions(dtype=dtype, layout=layout, logits=logits, prefill_chunk=prefill_chunk, kv_buffer=kv_buffer)
-    suffix = ("-static" if layout == "static" else "") + ("-fp16" if dtype == "fp16" else "")
+    suffix = (f"-{layout}" if layout != "dynamic" else "") + ("-fp16" if dtype == "fp16" else "")
     out = out or Path("graphs") / f"{spec.name}{suffix}"
     console = Console(stderr=True)
     with console.status("exporting") as status:

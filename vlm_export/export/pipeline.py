@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_export.artifacts import atomic_directory, stage_key, write_manifest
+from vlm_export.artifacts import atomic_directory, link_or_copy, stage_key, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
 from vlm_export.export.onnx_export import export_graph
@@ -108,8 +108,37 @@ def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
     return record
 
 
-def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False, progress=None) -> dict:
-    """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run finished."""
+def reusable_graphs(source: Path | None, spec: ModelSpec, opts: ExportOptions, versions: dict) -> dict[str, dict]:
+    """Graphs of an earlier export that this one would export identically (same model, dtype,
+    opset and versions, same graph spec): e.g. vision and embed when only the decoder layout differs."""
+    if source is None:
+        return {}
+    import json
+
+    from vlm_export.artifacts import verify
+
+    manifest = verify(source)
+    same = (manifest["model"] == json.loads(json.dumps(spec.to_dict())) and manifest["versions"] == versions
+            and manifest["options"].get("dtype") == opts.dtype and manifest["opset"] == opts.opset)
+    return {g["file"]: {**g, "reused_from": str(source)} for g in manifest["graphs"]} if same else {}
+
+
+def _reuse(record: dict, graph: GraphSpec, source: Path, staging: Path) -> dict | None:
+    """The earlier record if its graph spec is this one's (JSON-normalised), with its files linked."""
+    import json
+
+    if record is None or {k: record.get(k) for k in graph.to_dict()} != json.loads(json.dumps(graph.to_dict())):
+        return None
+    for name in (graph.file, graph.file + ".data"):
+        if (source / name).is_file():
+            link_or_copy(source / name, staging / name)
+    return record
+
+
+def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False, progress=None,
+                 reuse: Path | None = None) -> dict:
+    """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run
+    finished; takes unchanged graphs from the export in `reuse` instead of exporting them again."""
     if opts.layout == "static" and opts.kv_buffer > spec.llm.max_context:
         raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
                              "lower --kv-buffer")
@@ -118,6 +147,7 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
     versions = _versions()
     base_key = (spec.to_dict(), opts.__dict__, versions, weights_fingerprint(spec))
     models = _LazyReference(spec, opts.dtype)
+    earlier = reusable_graphs(reuse, spec, opts, versions)
     records = []
     with atomic_directory(Path(out), force) as staging:
         for graph in graphs_for(spec, opts):
@@ -127,7 +157,11 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
                 progress(f"{graph.file}: unchanged inputs, reusing the finished stage")
                 records.append({**record, "cached": True})
                 continue
-            record = _export_one(models, graph, staging.path, opts, progress)
+            record = _reuse(earlier.get(graph.file), graph, Path(reuse or "."), staging.path)
+            if record is not None:
+                progress(f"{graph.file}: the same graph as in {reuse}, linked")
+            else:
+                record = _export_one(models, graph, staging.path, opts, progress)
             staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
             records.append(record)
         tokenizer_graph = _write_tokenizer(spec, staging.path)

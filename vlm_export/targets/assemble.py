@@ -28,3 +28,16 @@ def assemble_variant(source: Path, out: Path, manifest: dict, rewrites: dict[str
             link_or_copy(source / relative, out / relative)
     body = {k: v for k, v in manifest.items() if k not in ("files", "graphs")}
     return write_manifest(out, {**body, "kind": "vlm-export build", **facts, "graphs": records, "rewrites": done})
+
+
+def export_layout(graphs: Path, out: Path, progress, **overrides) -> dict:
+    """The model of `graphs` exported again with other options (a decoder layout a target needs);
+    graphs that come out the same (vision, embed) are linked from `graphs`, not exported twice."""
+    from vlm_export.artifacts import verify
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.model_spec import spec_from_dict
+
+    manifest = verify(graphs)
+    options = ExportOptions(**{**manifest["options"], **overrides})
+    return export_model(spec_from_dict(manifest["model"]), out, options, progress=progress, reuse=graphs)

@@ -1,8 +1,10 @@
 """`--target cpu`: ONNX Runtime on any CPU. Variants, each a complete artifact set `vlm-export run` takes:
 
-    fp32/  the exported graphs as they are
-    int8/  decoder MatMuls -> MatMulNBits 8-bit (block 32, accuracy level 4)
-    int4/  decoder MatMuls -> MatMulNBits 4-bit (block 32, accuracy level 4)
+    fp32/  the graphs with the decoder in the inplace layout (default: one GroupQueryAttention per
+           layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
+           exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
+    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (block 32, accuracy level 4)
+    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 32, accuracy level 4)
 
 Vision and embedding graphs stay fp32 here; each variant's accuracy against fp32 is measured
 end to end and written to the build report.
@@ -18,7 +20,7 @@ from pathlib import Path
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
-from vlm_export.targets.assemble import assemble_variant
+from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 
@@ -27,8 +29,11 @@ VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyCo
 class Profile:
     variants: tuple[str, ...] = ("fp32", "int8", "int4")
     eval_tokens: int = 16
+    layout: str = "inplace"  # decoder layout: inplace | dynamic
 
     def __post_init__(self):
+        if self.layout not in ("inplace", "dynamic"):
+            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", "use --layout inplace or dynamic")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
@@ -36,9 +41,16 @@ class Profile:
             raise VlmExportError("the fp32 variant is the accuracy baseline of the others", "keep fp32 in --variants")
 
 
-def _variant(graphs: Path, out: Path, name: str, config: WeightOnlyConfig | None, manifest: dict) -> dict:
+def _variant(graphs: Path, fp32: Path, out: Path, name: str, profile: Profile, progress) -> dict:
+    """fp32 from the exported graphs (relaid out, or linked as they are); the others from fp32."""
+    from vlm_export.artifacts import verify
+
+    config = VARIANTS[name]
+    if config is None and profile.layout != "dynamic":
+        return export_layout(graphs, out, progress, layout=profile.layout)
+    source = graphs if config is None else fp32
     rewrites = {} if config is None else {"decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
-    return assemble_variant(graphs, out, manifest, rewrites, target="cpu", variant=name)
+    return assemble_variant(source, out, verify(source), rewrites, target="cpu", variant=name, layout=profile.layout)
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
@@ -47,17 +59,17 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
-    report = {"target": "cpu", "graphs": str(graphs), "variants": {},
+    report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "variants": {},
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
-            key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__)
+            key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__, profile.layout)
             record = staging.cached(name, key)
             if record is None:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
                 progress(f"building {name}")
                 started = time.perf_counter()
-                built = _variant(graphs, staging.path / name, name, VARIANTS[name], manifest)
+                built = _variant(graphs, staging.path / "fp32", staging.path / name, name, profile, progress)
                 record = {"seconds": round(time.perf_counter() - started, 1),
                           "bytes": sum(f["bytes"] for f in built["files"].values())}
                 if name != "fp32":
@@ -78,7 +90,7 @@ def report_markdown(report: dict) -> str:
         acc = v.get("accuracy_vs_fp32")
         cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
                  f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}",
-                 f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
+                 "-" if acc["perplexity_candidate"] is None else f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -64,14 +64,10 @@ def _peak_rss_mb() -> int:
 
 
 def _static_graphs(graphs: Path, out: Path, profile: Profile, progress) -> dict:
-    from vlm_export.export.graph_specs import ExportOptions
-    from vlm_export.export.pipeline import export_model
-    from vlm_export.spec.model_spec import spec_from_dict
+    from vlm_export.targets.assemble import export_layout
 
-    manifest = verify(graphs)
-    options = ExportOptions(**{**manifest["options"], "layout": "static", "kv_buffer": profile.max_context,
-                               "prefill_chunk": profile.prefill_chunk, "static_batch": 1})
-    exported = export_model(spec_from_dict(manifest["model"]), out, options, progress=progress)
+    exported = export_layout(graphs, out, progress, layout="static", kv_buffer=profile.max_context,
+                             prefill_chunk=profile.prefill_chunk, static_batch=1)
     return {"graph_files": [g["file"] for g in exported["graphs"]], "kv_buffer": profile.max_context,
             "prefill_chunk": profile.prefill_chunk}
 

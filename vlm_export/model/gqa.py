@@ -29,8 +29,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
               num_heads: int, kv_num_heads: int):
-    batch, seq, _ = query.shape
+    """`key`/`value` None: `query` is packed [q | k | v] along its last axis (one fused projection)."""
     head_dim = past_key.shape[-1]
+    if key is None:
+        query, key, value = query.split([num_heads * head_dim, kv_num_heads * head_dim, kv_num_heads * head_dim], dim=-1)
+    batch, seq, _ = query.shape
     group = num_heads // kv_num_heads
     q = query.view(batch, seq, num_heads, head_dim).transpose(1, 2)
     k = key.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2)
@@ -64,9 +67,18 @@ class GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
                  num_heads: int, kv_num_heads: int):
+        if key is None:  # packed QKV: the op's key and value inputs are left empty
+            key, value = _omitted(g), _omitted(g)
         outputs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
                        total_sequence_length, cos_cache, sin_cache, num_heads_i=num_heads,
                        kv_num_heads_i=kv_num_heads, do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
-        for output, like in zip(outputs, (query, past_key, past_value)):  # the tracer has no shape rule for it
-            output.setType(like.type())
+        outputs[1].setType(past_key.type())  # the tracer has no shape rule for the op
+        outputs[2].setType(past_value.type())
         return outputs
+
+
+def _omitted(g):
+    """An empty optional input (what torch's own symbolics use for one)."""
+    placeholder = g.op("prim::Constant")
+    placeholder.setType(torch._C.OptionalType.ofTensor())
+    return placeholder

@@ -98,15 +98,42 @@ class DecoderBlock(nn.Module):
         return hidden, present
 
 
+def fused_linear(*layers: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the given ones' outputs side by side: one weight read, one kernel."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+class FusedSwiGLU(nn.Module):
+    """LLaMA's MLP with gate and up as one projection; down_proj is the reference's own module."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = fused_linear(mlp.gate_proj, mlp.up_proj), mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
 class InPlaceDecoderBlock(DecoderBlock):
-    """The same layer with its attention as one GroupQueryAttention over the in-place buffer."""
+    """The same layer with fused projections (q|k|v, gate|up) and its attention as one
+    GroupQueryAttention over the in-place buffer (packed QKV in, rotary inside)."""
+
+    def __init__(self, layer, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(layer, num_heads, num_kv_heads, head_dim, present_is_new_only=False)
+        attn = layer.self_attn
+        self.qkv_proj, self.o_proj = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
+        self.mlp = FusedSwiGLU(layer.mlp)
+        del self.self_attn  # node names: /blocks.N/qkv_proj, /blocks.N/o_proj, /blocks.N/mlp/...
 
     def _attention(self, x, cos_half, sin_half, past_k, past_v, seqlens_k, total_sequence_length):
-        attn = self.self_attn
         out, present_k, present_v = GroupQueryAttention.apply(
-            attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past_k, past_v, seqlens_k, total_sequence_length,
+            self.qkv_proj(x), None, None, past_k, past_v, seqlens_k, total_sequence_length,
             cos_half, sin_half, self.num_heads, self.num_kv_heads)
-        return attn.o_proj(out), (present_k, present_v)
+        return self.o_proj(out), (present_k, present_v)
 
 
 def rope_tables(model: MobileVLMForCausalLM, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +153,7 @@ class InPlaceDecoderGraph(nn.Module):
         super().__init__()
         llm = model.spec.llm
         self.blocks = nn.ModuleList(
-            InPlaceDecoderBlock(layer, llm.num_heads, llm.num_kv_heads, llm.head_dim, present_is_new_only=False)
+            InPlaceDecoderBlock(layer, llm.num_heads, llm.num_kv_heads, llm.head_dim)
             for layer in model.model.layers
         )
         cos, sin = rope_tables(model, 0)

@@ -3,11 +3,12 @@
     fp32/  the graphs with the decoder in the inplace layout (default: one GroupQueryAttention per
            layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
            exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
-    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (block 32, accuracy level 4)
-    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 32, accuracy level 4)
+    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (block 128, accuracy level 4)
+    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 128, accuracy level 4)
 
-Vision and embedding graphs stay fp32 here; each variant's accuracy against fp32 is measured
-end to end and written to the build report.
+int8/ and int4/ also carry the vision tower in dynamic int8 (MatMul weights per-channel int8,
+activations quantized per call; --vision fp32 keeps it float). Each variant's accuracy against
+fp32 is measured end to end, and its vision output against fp32's, in the build report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
+from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
@@ -30,10 +32,13 @@ class Profile:
     variants: tuple[str, ...] = ("fp32", "int8", "int4")
     eval_tokens: int = 16
     layout: str = "inplace"  # decoder layout: inplace | dynamic
+    vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
 
     def __post_init__(self):
         if self.layout not in ("inplace", "dynamic"):
             raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", "use --layout inplace or dynamic")
+        if self.vision not in ("int8", "fp32"):
+            raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", "use --vision int8 or fp32")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
@@ -50,7 +55,26 @@ def _variant(graphs: Path, fp32: Path, out: Path, name: str, profile: Profile, p
         return export_layout(graphs, out, progress, layout=profile.layout)
     source = graphs if config is None else fp32
     rewrites = {} if config is None else {"decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
+    if config is not None and profile.vision == "int8":
+        rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
     return assemble_variant(source, out, verify(source), rewrites, target="cpu", variant=name, layout=profile.layout)
+
+
+def vision_accuracy(fp32: Path, variant: Path) -> dict:
+    """The variant's image embeddings vs fp32's on the held-out eval image."""
+    import onnxruntime as ort
+
+    from vlm_export.diff.end_to_end import EVAL_DIR
+    from vlm_export.diff.output_agreement import graph_accuracy
+    from vlm_export.quantize.calibration import vision_samples
+    from vlm_export.runtime.artifact_set import ArtifactSet
+
+    artifacts = ArtifactSet.open(fp32, check_hashes=False)
+    samples = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1], artifacts.spec.vision, artifacts.spec.image_aspect_ratio)
+    file = artifacts.graphs["vision"]["file"]
+    cpu = ["CPUExecutionProvider"]
+    return graph_accuracy(ort.InferenceSession(str(fp32 / file), providers=cpu),
+                          ort.InferenceSession(str(variant / file), providers=cpu), samples)
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
@@ -63,7 +87,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
-            key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__, profile.layout)
+            key = stage_key(manifest["files"], name, VARIANTS[name] and VARIANTS[name].__dict__, profile.layout,
+                            VARIANTS[name] and profile.vision)
             record = staging.cached(name, key)
             if record is None:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
@@ -75,6 +100,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
                 if name != "fp32":
                     progress(f"measuring {name} against fp32")
                     record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
+                    record["vision_vs_fp32"] = vision_accuracy(staging.path / "fp32", staging.path / name)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         staging.finish()
@@ -84,13 +110,15 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["| variant | size MB | build s | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | size MB | build s | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
+             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
         cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
                  f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}",
                  "-" if acc["perplexity_candidate"] is None else f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
+        vision = v.get("vision_vs_fp32")
+        cells.append(f"{vision['cosine_min']:.5f}" if vision else "baseline")
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -51,8 +51,11 @@ class OrtRunner(Runner):
         check_providers(self.providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        # The embedding lookup is a Gather: a thread pool of its own would only spin beside the
+        # decoder's between steps (each session has its own pool).
+        threads = 1 if self.graph.get("wrapper") == "embed" else self.threads
+        if threads:
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

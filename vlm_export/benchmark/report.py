@@ -22,13 +22,15 @@ def markdown(report: dict) -> str:
              f"{limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul {limits['fp32_matmul_gflops']} GFLOP/s. "
              f"Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
              "Median (min-max) over repeats. Decode = one token after a prompt of the given context; roofline = "
-             "bandwidth / (weight bytes + KV bytes read per token); ratio = decode tok/s over the baseline's.", ""]
+             "bandwidth / (weight bytes + KV bytes read per token); ratios = tok/s over the baseline's; vision speed-up = "
+             "PyTorch eager's vision + LDP latency over the engine's.", ""]
     for model in report["models"]:
         lines += [f"## {model['model']} (decoder {model['decoder_params'] / 1e6:.0f} M parameters; baseline "
                   f"{model['baseline']})", ""]
         header = (["engine", "size MB", "peak RSS MB", "vision ms", "TTFT ms", f"prefill tok/s ({report['settings']['prefill_tokens']})"]
                   + [f"decode tok/s @{c}" for c in contexts] + [f"roofline @{c}" for c in contexts]
-                  + ["prefill % of matmul", "decode ratio @" + contexts[0]])
+                  + ["prefill % of matmul"] + [f"decode ratio @{c}" for c in contexts]
+                  + ["prefill ratio", "vision speed-up vs torch"])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in model["results"]:
             if "skipped" in row:
@@ -38,8 +40,10 @@ def markdown(report: dict) -> str:
                      _stat(row["ttft_ms"], 0), _stat(row["prefill_tok_s"])]
             cells += [_stat(row["decode_tok_s"][c]) for c in contexts]
             cells += [f"{100 * row['decode_roofline_fraction'][c]:.0f}%" for c in contexts]
-            cells += [f"{100 * row['prefill_matmul_fraction']:.0f}%",
-                      f"{row.get('decode_ratio_vs_baseline', {}).get(contexts[0], float('nan')):.2f}x"]
+            cells += [f"{100 * row['prefill_matmul_fraction']:.0f}%"]
+            cells += [f"{row.get('decode_ratio_vs_baseline', {}).get(c, float('nan')):.2f}x" for c in contexts]
+            cells += [f"{row.get('prefill_ratio_vs_baseline', float('nan')):.2f}x",
+                      f"{row['vision_speedup_vs_torch']:.2f}x" if row.get("vision_speedup_vs_torch") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         if model["build_seconds"]:
             lines += ["", "Built during this run: " + ", ".join(f"{k} {v} s" for k, v in model["build_seconds"].items())]

@@ -203,6 +203,10 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
                 row["decode_ratio_vs_baseline"] = {c: row["decode_tok_s"][c]["median"] / baseline["decode_tok_s"][c]["median"]
                                                    for c in row["decode_tok_s"]}
                 row["prefill_ratio_vs_baseline"] = row["prefill_tok_s"]["median"] / baseline["prefill_tok_s"]["median"]
+        torch_row = next((r for r in rows if r["engine"] == "torch" and "skipped" not in r), None)
+        for row in rows:  # the vision target is stated against PyTorch eager, whatever the suite's baseline
+            if torch_row and row.get("vision_ms") and torch_row.get("vision_ms"):
+                row["vision_speedup_vs_torch"] = torch_row["vision_ms"]["median"] / row["vision_ms"]["median"]
         report["models"].append({"model": workspace.spec.name, "baseline": baseline and baseline["engine"],
                                  "decoder_params": flops_per_token // 2, "build_seconds": workspace.build_seconds,
                                  "results": rows})

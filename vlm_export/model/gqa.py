@@ -72,7 +72,10 @@ class GroupQueryAttention(torch.autograd.Function):
         outputs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
                        total_sequence_length, cos_cache, sin_cache, num_heads_i=num_heads,
                        kv_num_heads_i=kv_num_heads, do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
-        outputs[1].setType(past_key.type())  # the tracer has no shape rule for the op
+        # The tracer has no shape rule for the op: give every output its type (output: query's
+        # batch and sequence, num_heads * head_dim wide -- unknown here, left symbolic).
+        outputs[0].setType(query.type().with_sizes([None, None, None]))
+        outputs[1].setType(past_key.type())
         outputs[2].setType(past_value.type())
         return outputs
 

@@ -21,10 +21,21 @@ pytestmark = [
 STORY = "Write a short story about a robot who learns to paint."
 
 
-@pytest.fixture(scope="module", params=["dynamic", "static"])
-def smol_graphs(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / request.param
-    export_model(resolve_spec("smol"), out, ExportOptions(layout=request.param, prefill_chunk=64, kv_buffer=512))
+@pytest.fixture(scope="module")
+def smol_dynamic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "dynamic"
+    export_model(resolve_spec("smol"), out, ExportOptions())
+    return out
+
+
+@pytest.fixture(scope="module", params=["dynamic", "static", "inplace"])
+def smol_graphs(request, smol_dynamic):
+    if request.param == "dynamic":
+        return smol_dynamic
+    out = smol_dynamic.parent / request.param  # vision and embed are linked from the dynamic export
+    if not out.exists():
+        export_model(resolve_spec("smol"), out, ExportOptions(layout=request.param, prefill_chunk=64, kv_buffer=512),
+                     reuse=smol_dynamic)
     return out
 
 

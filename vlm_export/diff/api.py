@@ -77,7 +77,7 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
                 if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
                     progress(f"localising {c.label} {graph.file}")
                     report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds)
-    if base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all":
+    if base.layout == "inplace" or (base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all"):
         from vlm_export.diff.end_to_end import agreement, open_generator
 
         with open_generator(graphs_dir, "torch") as ref_gen:
@@ -86,7 +86,8 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
                 with open_generator(c.directory, "ort") as cand_gen:
                     report["end_to_end"][c.label] = agreement(ref_gen, cand_gen, new_tokens)
     else:
-        report["end_to_end"] = {"skipped": "needs a dynamic decoder with all logits (export --layout dynamic --logits all)"}
+        report["end_to_end"] = {"skipped": "needs a dynamic decoder with all logits (export --layout dynamic --logits all) "
+                                           "or an inplace one"}
     report["passed"] = all(v["passed"] for g in report["graphs"].values() for v in g.values())
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "diff.json", report)

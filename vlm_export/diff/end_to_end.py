@@ -1,9 +1,10 @@
 """End-to-end agreement through the generation loop: greedy tokens, teacher-forced top-1
 agreement and KL divergence per step, and perplexity on a text sample.
 
-Teacher forcing: the reference's greedy continuation is fed to both sides in one full-sequence
-decoder call, so every position is compared on the same context (needs a dynamic decoder that
-returns all logits, as `export --logits all`, the default, writes).
+Teacher forcing: the reference's greedy continuation is fed to both sides through the loop's
+own prefill and decode steps, so every position is compared on the same context. Perplexity
+scores the text in one call on a dynamic decoder that returns all logits (`export --logits all`,
+the default), one token per call on the others.
 """
 
 from __future__ import annotations
@@ -75,9 +76,23 @@ def _image_embeds(generator: Generator, request: Request):
     return generator._image_embeds([request.image])[0] if request.image is not None else None
 
 
+def stepped_logits(generator: Generator, embeds: np.ndarray) -> np.ndarray:
+    """(T, C) -> (T, V) logits, one token per call through the loop's own steps: any layout
+    (the static and inplace decoders return only the last position's logits)."""
+    kv, logits, positions = generator._prefill([embeds[:1]], embeds.shape[0])
+    rows = [logits[0]]
+    for row in embeds[1:]:
+        logits = generator._step(generator.decode_graph, kv, row[None, None], np.ones((1, 1), np.int64), positions[:, None])
+        positions = positions + 1
+        rows.append(logits[0])
+    return np.stack(rows).astype(np.float64)
+
+
 def perplexity(generator: Generator, text: str) -> float:
     ids = generator.tokenizer.encode(text, add_bos=generator.spec.template.add_bos)
-    logp = _log_softmax(full_logits(generator, generator._embed_ids(ids)))
+    embeds = generator._embed_ids(ids)
+    logits = full_logits(generator, embeds) if generator.layout == "dynamic" else stepped_logits(generator, embeds)
+    logp = _log_softmax(logits)
     nll = -logp[np.arange(len(ids) - 1), ids[1:]]
     return float(np.exp(nll.mean()))
 
@@ -99,9 +114,8 @@ def agreement(reference: Generator, candidate: Generator, new_tokens: int = 16) 
         "identical_outputs": sum(r["identical"] for r in rows),
         "top1_agreement": float(np.mean([r["top1"] for r in rows])),
         "mean_kl": float(np.mean([r["kl"] for r in rows])),
-        # perplexity scores a whole text in one call: dynamic-layout graphs only
-        "perplexity_reference": perplexity(reference, text) if reference.layout == "dynamic" else None,
-        "perplexity_candidate": perplexity(candidate, text) if candidate.layout == "dynamic" else None,
+        "perplexity_reference": perplexity(reference, text),
+        "perplexity_candidate": perplexity(candidate, text),
     }
 
 

@@ -37,6 +37,10 @@ def test_variants_and_report(built):
         assert "MatMulNBits" in ops
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)
     assert "| int4 |" in stdout
+    for name in ("int8", "int4"):  # the quantized variants carry the vision tower in dynamic int8
+        vision = onnx.load(str(root / "cpu" / name / "vision.onnx"))
+        assert "MatMulInteger" in {n.op_type for n in vision.graph.node}
+        assert report["variants"][name]["vision_vs_fp32"]["cosine_min"] > 0.99
     # vision and embed are the exported graphs, linked, not exported a second time
     fp32 = json.loads((root / "cpu" / "fp32" / "manifest.json").read_text())
     assert {g["file"]: bool(g.get("reused_from")) for g in fp32["graphs"]} == \

@@ -80,13 +80,17 @@ def _kv_names(num_layers):
     return [f"{p}.{i}.{k}" for i in range(num_layers) for p in ("past_key_values",) for k in ("key", "value")]
 
 
+def _one_pass(reference, hidden_size: int, seed: int, length: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """Random embeddings and the reference's logits for all of them in one pass."""
+    embeds = (np.random.default_rng(seed).standard_normal((1, length, hidden_size)) * 0.02).astype(np.float32)
+    with torch.no_grad():
+        return embeds, reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+
+
 def test_dynamic_decoder_step_by_step_equals_one_pass(dynamic_graphs, reference, spec):
     llm = spec.llm
     session = ort_session(dynamic_graphs / "decoder.onnx")
-    rng = np.random.default_rng(3)
-    embeds = (rng.standard_normal((1, 9, llm.hidden_size)) * 0.02).astype(np.float32)
-    with torch.no_grad():
-        full = reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    embeds, full = _one_pass(reference, llm.hidden_size, seed=3)
     past = {n: np.zeros((1, llm.num_kv_heads, 0, llm.head_dim), np.float32) for n in _kv_names(llm.num_layers)}
     steps = [(0, 5), (5, 6), (6, 7), (7, 9)]  # a prefill, then single tokens, then two at once
     for start, end in steps:
@@ -104,10 +108,7 @@ def test_inplace_decoder_in_one_buffer_equals_one_pass(dynamic_graphs, reference
     manifest = export_model(spec, out, ExportOptions(layout="inplace"), reuse=dynamic_graphs)
     assert [g["file"] for g in manifest["graphs"] if not g.get("reused_from")] == ["decoder_inplace.onnx"]
     session = ort_session(out / "decoder_inplace.onnx")
-    rng = np.random.default_rng(5)
-    embeds = (rng.standard_normal((1, 9, llm.hidden_size)) * 0.02).astype(np.float32)
-    with torch.no_grad():
-        full = reference(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    embeds, full = _one_pass(reference, llm.hidden_size, seed=5)
     buffers = {n: np.zeros((1, llm.num_kv_heads, 12, llm.head_dim), np.float32) for n in _kv_names(llm.num_layers)}
     for start, end in [(0, 5), (5, 6), (6, 8), (8, 9)]:
         feeds = {"inputs_embeds": embeds[:, start:end], "seqlens_k": np.array([end - 1], np.int32),

@@ -79,3 +79,10 @@ def test_unknown_target_is_one_line(tmp_path):
 def test_unknown_variant(tmp_path):
     result = vlm("build", "tiny", "--variants", "int3", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
     assert result.returncode == 2 and "unknown CPU variant(s) int3" in result.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [("--layout", "ring", "unknown CPU decoder layout 'ring'"),
+                                                    ("--vision", "int2", "unknown CPU vision precision 'int2'")])
+def test_unknown_layout_or_vision_precision(tmp_path, option, value, message):
+    result = vlm("build", "tiny", option, value, "--graphs", tmp_path / "g", "--out", tmp_path / "x")
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "g").exists()

@@ -12,8 +12,9 @@ from pathlib import Path
 from vlm_export.artifacts import verify, write_json_atomic, write_manifest
 from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
-from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
+from vlm_export.quantize.weight_only import quantize_weights
 from vlm_export.targets.assemble import assemble_variant
+from vlm_export.targets.cpu import weight_config
 from vlm_export.targets.sd888.mobile_format import convert_to_ort
 from vlm_export.targets.sd888.xnnpack_partition import partition_report
 
@@ -38,7 +39,7 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile, progress) -> 
     images, _ = calibration_set(profile.calibration)
     samples = vision_samples(images, spec.vision, spec.image_aspect_ratio)
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec.vision, spec.image_aspect_ratio)
-    config = WeightOnlyConfig(bits=BITS[name])
+    config = weight_config(f"int{BITS[name]}", manifest["model"])  # the cpu target's block choice
     progress(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
                 "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}

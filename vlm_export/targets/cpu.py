@@ -58,18 +58,19 @@ def weight_config(name: str, model: dict) -> WeightOnlyConfig | None:
     return config
 
 
-def _variant(graphs: Path, fp32: Path, out: Path, name: str, profile: Profile, progress) -> dict:
-    """fp32 from the exported graphs (relaid out, or linked as they are); the others from fp32."""
-    from vlm_export.artifacts import verify
+def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, progress) -> dict:
+    """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
+    are); the others from fp32 (built and verified by this build just before)."""
+    from vlm_export.artifacts import read_manifest
 
-    config = weight_config(name, verify(graphs)["model"])
+    config = weight_config(name, manifest["model"])
     if config is None and profile.layout != "dynamic":
         return export_layout(graphs, out, progress, layout=profile.layout)
-    source = graphs if config is None else fp32
+    source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
     rewrites = {} if config is None else {"decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
     if config is not None and profile.vision == "int8":
         rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
-    return assemble_variant(source, out, verify(source), rewrites, target="cpu", variant=name, layout=profile.layout)
+    return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
 
 
 def vision_accuracy(fp32: Path, variant: Path) -> dict:
@@ -107,7 +108,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
                 progress(f"building {name}")
                 started = time.perf_counter()
-                built = _variant(graphs, staging.path / "fp32", staging.path / name, name, profile, progress)
+                built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, progress)
                 record = {"seconds": round(time.perf_counter() - started, 1),
                           "bytes": sum(f["bytes"] for f in built["files"].values())}
                 if name != "fp32":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import logging
 import platform
 import resource
@@ -113,8 +114,6 @@ def reusable_graphs(source: Path | None, spec: ModelSpec, opts: ExportOptions, v
     opset and versions, same graph spec): e.g. vision and embed when only the decoder layout differs."""
     if source is None:
         return {}
-    import json
-
     from vlm_export.artifacts import verify
 
     manifest = verify(source)
@@ -125,8 +124,6 @@ def reusable_graphs(source: Path | None, spec: ModelSpec, opts: ExportOptions, v
 
 def _reuse(record: dict, graph: GraphSpec, source: Path, staging: Path) -> dict | None:
     """The earlier record if its graph spec is this one's (JSON-normalised), with its files linked."""
-    import json
-
     if record is None or {k: record.get(k) for k in graph.to_dict()} != json.loads(json.dumps(graph.to_dict())):
         return None
     for name in (graph.file, graph.file + ".data"):

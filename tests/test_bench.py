@@ -18,7 +18,8 @@ def test_a_suite_runs_side_by_side_and_reports(tmp_path):
     suite.write_text(json.dumps({
         "name": "test", "settings": {"contexts": [16, 48], "decode_steps": 4, "prefill_tokens": 32, "repeats": 2,
                                      "image": "calibration/eval/chelsea.jpg"},
-        "models": [{"model": "tiny", "baseline": "torch", "engines": ["torch", "ort:int4", "llama.cpp:F32", "no-such:engine"]}]}))
+        "models": [{"model": "tiny", "baseline": "torch", "engines": ["torch", "ort:int4", "ort:int4/4k", "torch-cuda", "llama.cpp:F32",
+                                                                  "no-such:engine"]}]}))
     result = subprocess.run([sys.executable, "-m", "vlm_export", "bench", suite, "--out", tmp_path / "reports",
                              "--workdir", tmp_path], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "unknown benchmark engine 'no-such:engine'" in result.stderr  # bad names fail first
@@ -39,6 +40,13 @@ def test_a_suite_runs_side_by_side_and_reports(tmp_path):
         assert set(row["decode_tok_s"]) == {"16", "48"} and row["decode_tok_s"]["16"]["min"] <= row["decode_tok_s"]["16"]["median"]
         assert 0 < row["decode_roofline_fraction"]["16"] and row["peak_rss_mb"] > 0 and row["bytes"] > 0
     assert rows["torch"]["decode_ratio_vs_baseline"]["16"] == 1.0
+    assert rows["ort:int4/4k"]["decode_tok_s"]["48"]["median"] > 0  # the same artifact with huge pages off
+    assert "THP" in report["machine"]["pages"] or "unavailable" in report["machine"]["pages"]
+    import torch
+
+    assert ("gpu" in report["limits"]) == torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in rows["torch-cuda"]["skipped"]
     if importlib.util.find_spec("llama_cpp") is None:
         assert "vlm-export[bench]" in rows["llama.cpp:F32"]["skipped"]
     else:

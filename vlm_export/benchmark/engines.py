@@ -36,19 +36,31 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-class LoopEngine:
-    """An artifact set (exported graphs or a built variant) on the `torch` or `ort` backend."""
+SPEC_PREFIX = "spec:"  # a location that names a model: its reference, unexported (PyTorch backends)
 
-    def __init__(self, directory: Path, backend: str, threads: int):
-        from vlm_export.runtime.artifact_set import ArtifactSet
+
+def open_artifacts(location: str):
+    from vlm_export.runtime.artifact_set import ArtifactSet
+
+    if location.startswith(SPEC_PREFIX):
+        from vlm_export.spec import resolve_spec
+
+        return ArtifactSet.from_spec(resolve_spec(location[len(SPEC_PREFIX):]))
+    return ArtifactSet.open(location, check_hashes=False)
+
+
+class LoopEngine:
+    """An artifact set (exported graphs or a built variant) on the `torch`, `torch-cuda` or `ort` backend."""
+
+    def __init__(self, location: str, backend: str, threads: int):
         from vlm_export.runtime.generation import Generator
 
-        if backend == "torch":
+        if backend.startswith("torch"):
             import torch
 
             torch.set_num_threads(threads)
         options = {"threads": threads} if backend == "ort" else {}
-        self.generator = Generator(ArtifactSet.open(directory, check_hashes=False), backend, **options)
+        self.generator = Generator(open_artifacts(location), backend, **options)
         self.rng = np.random.default_rng(0)
 
     def _prompt(self, length: int) -> np.ndarray:
@@ -149,7 +161,7 @@ def measure(kind: str, location: str, settings: Settings) -> dict:
         engine = LlamaCppEngine(Path(location), settings.threads, max(settings.contexts + (settings.prefill_tokens,)) +
                                 settings.decode_steps + 8)
     else:
-        engine = LoopEngine(Path(location), kind, settings.threads)
+        engine = LoopEngine(location, kind, settings.threads)
     try:
         vision = engine.vision_seconds(settings)
         ttft = engine.ttft_seconds(settings)

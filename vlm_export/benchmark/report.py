@@ -16,11 +16,15 @@ def _stat(entry: dict | None, digits: int = 1) -> str:
 def markdown(report: dict) -> str:
     machine, limits = report["machine"], report["limits"]
     contexts = [str(c) for c in report["settings"]["contexts"]]
+    gpu = limits.get("gpu")
+    gpu_text = (f"GPU {gpu['device']}: memory bandwidth {gpu['memory_bandwidth_gbs']} GB/s (fp16 GEMV), fp16 matmul "
+                f"{gpu['fp16_matmul_gflops']} GFLOP/s (the limits of torch-cuda rows). " if gpu else "")
     lines = [f"# Benchmark `{report['suite']}`", "",
              f"{machine['cpu']}, {machine['physical_cores']} physical / {machine['logical_cores']} logical cores, "
-             f"{machine['memory_gb']} GB; threads {report['settings']['threads']}; measured memory bandwidth "
-             f"{limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul {limits['fp32_matmul_gflops']} GFLOP/s. "
-             f"Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
+             f"{machine['memory_gb']} GB ({machine.get('pages', 'pages not recorded')}); threads {report['settings']['threads']}; "
+             f"measured memory bandwidth {limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul "
+             f"{limits['fp32_matmul_gflops']} GFLOP/s. " + gpu_text +
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
              "Median (min-max) over repeats. Decode = one token after a prompt of the given context; roofline = "
              "bandwidth / (weight bytes + KV bytes read per token); ratios = tok/s over the baseline's; vision speed-up = "
              "PyTorch eager's vision + LDP latency over the engine's.", ""]

@@ -2,6 +2,7 @@
 
 Engines, by name:
     torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
+    torch-cuda        the same reference in fp16 on a CUDA GPU (no export needed)
     ort:fp32|int8|int4    `--target cpu` variants (inplace layout: GroupQueryAttention over an in-place
                       KV buffer; MatMulNBits for int8/int4)
     ort-concat:fp32|int8|int4  the same with `--layout dynamic` (the KV cache is concatenated every step)
@@ -22,10 +23,18 @@ from pathlib import Path
 
 from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
+from vlm_export.runtime import huge_pages
 
-ENGINE_VARIANTS = {"torch": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
+ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
                    "ort-static": ("fp32",),
                    "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
+# "ENGINE/4k": the same engine with 4 KiB pages only (huge pages off), to measure what they bring
+SMALL_PAGES = "/4k"
+
+
+def split_pages(name: str) -> tuple[str, bool]:
+    """'ort:int4/4k' -> ('ort:int4', False); 'ort:int4' -> ('ort:int4', True)."""
+    return (name[: -len(SMALL_PAGES)], False) if name.endswith(SMALL_PAGES) else (name, True)
 
 
 def load_suite(path: Path) -> dict:
@@ -36,7 +45,7 @@ def load_suite(path: Path) -> dict:
         suite = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise VlmExportError(f"benchmark suite {path} is not valid JSON ({exc})", "fix the file") from exc
-    names = [n for m in suite.get("models", []) for n in m.get("engines", [])]
+    names = [split_pages(n)[0] for m in suite.get("models", []) for n in m.get("engines", [])]
     bad = [n for n in names if n.partition(":")[0] not in ENGINE_VARIANTS or n.partition(":")[2] not in ENGINE_VARIANTS[n.partition(":")[0]]]
     if bad:
         raise VlmExportError(f"unknown benchmark engine '{bad[0]}' in {path}",
@@ -130,6 +139,14 @@ class Workspace:
         if family == "llama.cpp":
             path = self._gguf(variant, threads)
             return "llama.cpp", path, path.stat().st_size, path.stat().st_size
+        if family == "torch-cuda":  # fp16 weights on the GPU; bytes = the decoder's, 2 per parameter
+            from vlm_export.benchmark.engines import SPEC_PREFIX
+            from vlm_export.benchmark.machine import cuda_available
+
+            if not cuda_available():
+                raise VlmExportError("torch-cuda needs a CUDA GPU, and this PyTorch sees none", "run this suite where one is")
+
+            return "torch-cuda", SPEC_PREFIX + self.spec.name, 2 * _decoder_params(self.spec), 2 * _decoder_params(self.spec)
         directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
                      "ort-concat": lambda: self._cpu_variant(variant, "dynamic"),
                      "ort-static": lambda: self._static()}.get(family)
@@ -150,15 +167,16 @@ def _decoder_params(spec) -> int:
 
 def _kv_bytes_per_token(spec, kind: str) -> int:
     llm = spec.llm
-    return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * (2 if kind == "llama.cpp" else 4)
+    return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * (2 if kind in ("llama.cpp", "torch-cuda") else 4)
 
 
-def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int) -> dict:
+def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int, huge: bool = True) -> dict:
     """A fresh interpreter per engine: its own peak RSS, no warm caches, and a crash (a native
     library's segfault) or a hang becomes a reported row instead of a stuck run."""
     command = [sys.executable, "-m", "vlm_export.benchmark.engines", kind, str(location), json.dumps(asdict(settings))]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=huge_pages.environment(enabled=huge))
     except subprocess.TimeoutExpired:
         return {"skipped": f"no result within {timeout} s (killed)"}
     if done.returncode != 0:
@@ -169,11 +187,14 @@ def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: in
 
 def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
     """`root`: where graphs/, engines/ and bench/cache/ are found or built."""
-    from vlm_export.benchmark.machine import describe, limits
+    from vlm_export.benchmark.machine import cuda_available, describe, gpu_limits, limits_in_child
 
     settings = Settings(**{**suite.get("settings", {}), "contexts": tuple(suite.get("settings", {}).get("contexts", Settings.contexts))})
     progress("measuring memory bandwidth and matmul throughput")
-    machine_limits = limits()
+    machine_limits = limits_in_child()
+    if any(split_pages(n)[0] == "torch-cuda" for m in suite["models"] for n in m["engines"]) and cuda_available():
+        progress("measuring the GPU's memory bandwidth and fp16 matmul throughput")
+        machine_limits["gpu"] = gpu_limits()
     report = {"schema": "vlm-export-bench/1", "suite": suite["name"], "machine": describe(), "limits": machine_limits,
               "settings": asdict(settings), "models": []}
     for entry in suite["models"]:
@@ -181,23 +202,25 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
         flops_per_token = 2 * _decoder_params(workspace.spec)
         rows = []
         for name in entry["engines"]:
+            base, huge = split_pages(name)
             try:
-                kind, location, size, weight_bytes = workspace.engine(name, settings.threads)
+                kind, location, size, weight_bytes = workspace.engine(base, settings.threads)
             except VlmExportError as exc:  # e.g. llama-cpp-python absent: say so in the report, measure the rest
                 rows.append({"engine": name, "skipped": exc.one_line()})
                 continue
             progress(f"{workspace.spec.name}: measuring {name}")
-            measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900))
+            measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge)
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue
             kv = _kv_bytes_per_token(workspace.spec, kind)
-            roofline = {c: machine_limits["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
+            limit = machine_limits["gpu"] if kind == "torch-cuda" else machine_limits
+            roofline = {c: limit["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
             rows.append({"engine": name, "artifact": str(location), "bytes": size, "bytes_read_per_token": weight_bytes,
                          **measured,
                          "decode_roofline_fraction": {c: measured["decode_tok_s"][c]["median"] / roofline[c] for c in roofline},
                          "prefill_matmul_fraction": measured["prefill_tok_s"]["median"] * flops_per_token
-                         / (machine_limits["fp32_matmul_gflops"] * 1e9)})
+                         / (limit["fp16_matmul_gflops" if kind == "torch-cuda" else "fp32_matmul_gflops"] * 1e9)})
         baseline = next((r for r in rows if r["engine"] == entry.get("baseline") and "skipped" not in r),
                         next((r for r in rows if "skipped" not in r), None))
         for row in rows:

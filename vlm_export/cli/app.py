@@ -55,4 +55,7 @@ app.command()(verify)
 
 
 def main() -> None:
+    from vlm_export.runtime.huge_pages import reexec_if_wanted
+
+    reexec_if_wanted()  # weights on huge pages: see runtime/huge_pages.py
     app()

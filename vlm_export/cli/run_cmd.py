@@ -15,7 +15,7 @@ def run(
     artifacts: Annotated[Path, typer.Argument(help="Directory written by `vlm-export export` (has manifest.json).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="User message; repeat for a batch.")] = ["Describe the image."],  # noqa: B006
     image: Annotated[Optional[str], typer.Option("--image", help="Image for every prompt (omit for text-only).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch | ort | trt")] = "ort",
+    backend: Annotated[str, typer.Option("--backend", help="torch | torch-cuda | ort | trt")] = "ort",
     providers: Annotated[Optional[str], typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,

@@ -24,7 +24,7 @@ def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
 
 @dataclass
 class ArtifactSet:
-    directory: Path
+    directory: Path | None  # None: the reference's graphs, not exported (from_spec)
     manifest: dict
     spec: ModelSpec
 
@@ -38,6 +38,15 @@ class ArtifactSet:
             raise VlmExportError(f"{directory}/manifest.json is not a vlm-export graph manifest", "point at an export directory")
         return cls(directory, manifest, spec_from_dict(manifest["model"]))
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "ArtifactSet":
+        """The dynamic-layout graphs of `spec` without their files: enough for the PyTorch backends,
+        which run the reference's graph-shaped modules and read no graph file."""
+        from vlm_export.export.graph_specs import ExportOptions, graphs_for
+
+        graphs = [g.to_dict() for g in graphs_for(spec, ExportOptions())]
+        return cls(None, {"model": spec.to_dict(), "graphs": graphs}, spec)
+
     @property
     def graphs(self) -> dict[str, dict]:
         return {g["name"]: g for g in self.manifest["graphs"]}
@@ -48,10 +57,15 @@ class ArtifactSet:
         return decoder.get("attrs", {}).get("layout", "dynamic")
 
     def tokenizer(self) -> TextTokenizer:
+        if self.directory is None:
+            return load_tokenizer(self.spec.tokenizer)
         return load_tokenizer(tokenizer_spec_in(self.directory / TOKENIZER_DIR))
 
     def runners(self, backend: str, **options) -> dict:
         module = backend_module(backend)
+        if self.directory is None and not backend.startswith("torch"):
+            raise VlmExportError(f"backend {backend} runs exported graphs, and {self.spec.name} has none here",
+                                 f"run `vlm-export export {self.spec.name}` first, or use --backend torch")
         options.setdefault("spec", self.spec)
         options.setdefault("engines", self.manifest.get("engines", {}))  # what built engines were built with
         return {name: module.make_runner(graph, self.directory, options) for name, graph in self.graphs.items()}

@@ -6,7 +6,8 @@ import importlib
 
 from vlm_export.errors import VlmExportError
 
-BACKENDS = {"torch": "vlm_export.runtime.runners.torch_runner", "ort": "vlm_export.runtime.runners.ort_runner",
+BACKENDS = {"torch": "vlm_export.runtime.runners.torch_runner", "torch-cuda": "vlm_export.runtime.runners.torch_cuda_runner",
+            "ort": "vlm_export.runtime.runners.ort_runner",
             "trt": "vlm_export.runtime.runners.trt_runner"}
 
 

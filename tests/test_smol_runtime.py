@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -39,16 +40,22 @@ def smol_graphs(request, smol_dynamic):
     return out
 
 
+@functools.cache
+def reference_answer(image: str | None):
+    """The PyTorch reference's greedy answer: the same for every layout, so computed once per image."""
+    return answer("smol", STORY, image=image, max_new_tokens=32)
+
+
 @pytest.mark.parametrize("with_image", [False, True])
 def test_smol_greedy_matches_reference(smol_graphs, photo, with_image):
     image = photo if with_image else None
-    expected = answer("smol", STORY, image=image, max_new_tokens=32)
-    with Generator(ArtifactSet.open(smol_graphs), "ort") as generator:
+    expected = reference_answer(str(image) if image else None)
+    with Generator(ArtifactSet.open(smol_graphs, check_hashes=False), "ort") as generator:
         result = generator.generate([Request.ask(STORY, image)], SamplingParams(max_new_tokens=32))[0]
     assert len(expected.token_ids) == 32 and result.token_ids == expected.token_ids
 
 
 def test_smol_text_answer_is_real(smol_graphs):
-    with Generator(ArtifactSet.open(smol_graphs), "ort") as generator:
+    with Generator(ArtifactSet.open(smol_graphs, check_hashes=False), "ort") as generator:
         result = generator.generate([Request.ask("What is the capital of France?")], SamplingParams(24))[0]
     assert "Paris" in result.text and result.stop_reason == "eos"

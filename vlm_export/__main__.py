@@ -1,3 +1,3 @@
-from vlm_export.cli.app import main
+from vlm_export.cli.entry import main
 
 main()

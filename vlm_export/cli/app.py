@@ -55,7 +55,6 @@ app.command()(verify)
 
 
 def main() -> None:
-    from vlm_export.runtime.huge_pages import reexec_if_wanted
+    from vlm_export.cli.entry import main as entry
 
-    reexec_if_wanted()  # weights on huge pages: see runtime/huge_pages.py
-    app()
+    entry()

@@ -8,7 +8,6 @@ import typer
 
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, VisionTowerOpt
-from vlm_export.describe import describe_model
 
 
 @handles_errors
@@ -26,5 +25,7 @@ def inspect(
     if list_presets:
         typer.echo("\n".join(preset_names()))
         return
+    from vlm_export.describe import describe_model  # PyTorch + transformers: only when asked
+
     report = describe_model(model, vision_tower=vision_tower, lora=lora, rope_scaling_factor=rope_scaling)
     typer.echo(json.dumps(report, indent=2) if as_json else report["text"])

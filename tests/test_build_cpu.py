@@ -41,6 +41,16 @@ def test_variants_and_report(built):
         vision = onnx.load(str(root / "cpu" / name / "vision.onnx"))
         assert "MatMulInteger" in {n.op_type for n in vision.graph.node}
         assert report["variants"][name]["vision_vs_fp32"]["cosine_min"] > 0.99
+    for name in ("fp32", "int8", "int4"):  # the quantized variants keep an int8 KV cache, calibrated per head and channel
+        manifest = json.loads((root / "cpu" / name / "manifest.json").read_text())
+        decoder = next(g for g in manifest["graphs"] if g["wrapper"] == "decoder")
+        kv_types = {t["dtype"] for t in decoder["inputs"] + decoder["outputs"] if t["name"].startswith(("past_", "present."))}
+        assert kv_types == ({"float32"} if name == "fp32" else {"int8"})
+        assert report["variants"][name]["kv_cache"] == ("fp32" if name == "fp32" else "int8")
+        graph = onnx.load(str(root / "cpu" / name / "decoder_inplace.onnx"))
+        attention = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+        modes = {a.s.decode() for n in attention for a in n.attribute if a.name == "k_quant_type"}
+        assert modes == (set() if name == "fp32" else {"PER_CHANNEL"})
     # vision and embed are the exported graphs, linked, not exported a second time
     fp32 = json.loads((root / "cpu" / "fp32" / "manifest.json").read_text())
     assert {g["file"]: bool(g.get("reused_from")) for g in fp32["graphs"]} == \
@@ -54,6 +64,15 @@ def test_dynamic_layout_variant(built, tmp_path):
     assert result.returncode == 0, result.stderr
     decoder = onnx.load(str(tmp_path / "cpu" / "int4" / "decoder.onnx"))
     assert "GroupQueryAttention" not in [n.op_type for n in decoder.graph.node]
+
+
+def test_fp32_kv_cache_variant(built, tmp_path):
+    root, _ = built
+    result = vlm("build", "tiny", "--target", "cpu", "--kv", "fp32", "--variants", "fp32,int4",
+                 "--graphs", root / "graphs", "--out", tmp_path / "cpu")
+    assert result.returncode == 0, result.stderr
+    decoder = onnx.load(str(tmp_path / "cpu" / "int4" / "decoder_inplace.onnx"))
+    assert {i.type.tensor_type.elem_type for i in decoder.graph.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int4"])
@@ -82,7 +101,54 @@ def test_unknown_variant(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, message", [("--layout", "ring", "unknown CPU decoder layout 'ring'"),
-                                                    ("--vision", "int2", "unknown CPU vision precision 'int2'")])
+                                                    ("--vision", "int2", "unknown CPU vision precision 'int2'"),
+                                                    ("--kv", "int3", "unknown CPU KV cache precision 'int3'")])
 def test_unknown_layout_or_vision_precision(tmp_path, option, value, message):
     result = vlm("build", "tiny", option, value, "--graphs", tmp_path / "g", "--out", tmp_path / "x")
     assert result.returncode == 2 and message in result.stderr and not (tmp_path / "g").exists()
+
+
+def test_int8_kv_cache_tracks_fp32(built, tmp_path):
+    """The fp32 variant with only its KV cache made int8: prefill logits and greedy tokens stay with fp32's."""
+    import shutil
+
+    import numpy as np
+
+    from vlm_export.artifacts import read_manifest
+    from vlm_export.quantize.calibration import calibration_set
+    from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator, Request
+    from vlm_export.runtime.sampling import SamplingParams
+    from vlm_export.targets.assemble import assemble_variant
+
+    fp32 = built[0] / "cpu" / "fp32"
+    scales = calibrate_kv_scales(fp32, *calibration_set())
+    assert len(scales) == 4 and all(s.shape == (2, 16) and (s > 0).all() for s in scales.values())  # tiny: 2 layers, 2 kv heads of 16
+
+    def kv_only(graph, source, out):
+        for suffix in ("", ".data"):
+            if source.with_name(source.name + suffix).exists():
+                shutil.copy(source.with_name(source.name + suffix), out / (graph["file"] + suffix))
+        return quantize_kv_cache(out / graph["file"], scales, graph)
+
+    assemble_variant(fp32, tmp_path / "kv8", read_manifest(fp32), {"decoder": kv_only}, target="cpu", variant="kv8")
+    request = Request.ask("Describe the image.", "calibration/eval/chelsea.jpg")
+    runs = {}
+    for name, directory in (("fp32", fp32), ("kv8", tmp_path / "kv8")):
+        with Generator(ArtifactSet.open(directory), "ort") as generator:
+            embeds, _ = generator.encode(request, generator._image_embeds([request.image])[0])
+            kv, logits, _ = generator._prefill([embeds], 8)
+            assert kv.values["past_key_values.0.key"].dtype == (np.float32 if name == "fp32" else np.int8)
+            runs[name] = (logits[0], generator.generate([request], SamplingParams(max_new_tokens=8))[0].token_ids)
+    (ref_logits, ref_ids), (kv_logits, kv_ids) = runs["fp32"], runs["kv8"]
+    cosine = float(ref_logits @ kv_logits / np.linalg.norm(ref_logits) / np.linalg.norm(kv_logits))
+    assert cosine > 0.999 and kv_ids[:4] == ref_ids[:4]
+
+
+def test_diff_compares_an_int8_kv_variant_end_to_end(built, tmp_path):
+    root, _ = built
+    result = vlm("diff", root / "cpu" / "fp32", root / "cpu" / "int4", "--out", tmp_path / "diff", "--new-tokens", "4")
+    report = json.loads((tmp_path / "diff" / "diff.json").read_text())
+    assert [(s["graph"], "int8" in s["reason"]) for s in report["not_compared"]] == [("decoder", True)]
+    assert set(report["end_to_end"]) == {"graphs", "int4:int4"} and "not compared" in result.stdout

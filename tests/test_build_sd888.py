@@ -63,15 +63,15 @@ def test_cpu_variants_ship_ort_models_and_a_partition_report(built):
     report = json.loads((out / "report.json").read_text())
     for name, bits in (("cpu-int8", 8), ("cpu-int4", 4)):
         variant = out / name
-        assert sorted(p.name for p in (variant / "mobile").glob("*.ort")) == ["decoder.ort", "embed.ort", "vision.ort"]
+        assert sorted(p.name for p in (variant / "mobile").glob("*.ort")) == ["decoder_inplace.ort", "embed.ort", "vision.ort"]
         config = (variant / "mobile" / "required_operators_and_types.config").read_text()
-        assert "MatMulNBits" in config and "/tmp" not in config
+        assert "MatMulNBits" in config and "GroupQueryAttention" in config and "/tmp" not in config
         partition = json.loads((variant / "xnnpack_partition.json").read_text())
         vision = next(g for g in partition["graphs"] if g["graph"] == "vision.onnx")
         assert vision["xnnpack_ops"].get("Conv", 0) > 0  # the QDQ convolutions become XNNPACK's QLinearConv
         assert "MatMul" in vision["cpu_ops"]  # 3-D activations: XNNPACK's MatMul takes rank <= 2 only
         record = report["variants"][name]
-        assert record["graphs"]["decoder.onnx"]["bits"] == bits
+        assert record["graphs"]["decoder_inplace.onnx"]["bits"] == bits
         assert record["vision_accuracy_vs_fp32"]["cosine_min"] > 0.9
         assert 0 <= record["accuracy_vs_fp32"]["top1_agreement"] <= 1
         assert report["memory"]["variants"][name]["fits_app_budget"]

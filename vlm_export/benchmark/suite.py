@@ -4,8 +4,9 @@ Engines, by name:
     torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
     torch-cuda        the same reference in fp16 on a CUDA GPU (no export needed)
     ort:fp32|int8|int4    `--target cpu` variants (inplace layout: GroupQueryAttention over an in-place
-                      KV buffer; MatMulNBits for int8/int4)
+                      KV buffer; MatMulNBits weights and an int8 KV cache for int8/int4)
     ort-concat:fp32|int8|int4  the same with `--layout dynamic` (the KV cache is concatenated every step)
+    ort-fp32kv:int8|int4  the inplace variants with `--kv fp32` (the KV cache kept in fp32, not int8)
     ort-static:fp32   the static layout (prefill chunks + fixed KV buffer) in fp32
     llama.cpp:source  the model's own GGUF file (smol: the very file our graphs were made from)
     llama.cpp:F32|Q8_0|Q4_0   the reference weights written to GGUF, quantized by llama.cpp
@@ -26,6 +27,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.runtime import huge_pages
 
 ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
+                   "ort-fp32kv": ("int8", "int4"),
                    "ort-static": ("fp32",),
                    "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
 # "ENGINE/4k": the same engine with 4 KiB pages only (huge pages off), to measure what they bring
@@ -84,16 +86,17 @@ class Workspace:
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
-    def _cpu_variant(self, variant: str, layout: str = "inplace") -> Path:
+    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "int8") -> Path:
         from vlm_export.build import build_model
 
-        out = self.root / "engines" / ("cpu" if layout == "inplace" else f"cpu-{layout}") / self.spec.name
+        folder = "cpu" if (layout, kv) == ("inplace", "int8") else f"cpu-{layout}" if layout != "inplace" else f"cpu-{kv}kv"
+        out = self.root / "engines" / folder / self.spec.name
         if not (out / variant / "manifest.json").is_file():
             started = time.perf_counter()
-            # the Concat-KV set is a comparison point: only the variant asked for, beside its fp32 baseline
-            options = {"layout": layout} if layout == "inplace" else {"layout": layout, "variants": ("fp32", variant)}
+            # the comparison sets (Concat KV, fp32 KV): only the variant asked for, beside its fp32 baseline
+            options = {"layout": layout} if folder == "cpu" else {"layout": layout, "kv": kv, "variants": ("fp32", variant)}
             build_model(self.spec, "cpu", out, self._graphs(), options, True, self.progress)
-            self.build_seconds[f"build cpu ({layout})"] = round(time.perf_counter() - started, 1)
+            self.build_seconds[f"build {folder}"] = round(time.perf_counter() - started, 1)
         return out / variant
 
     def _static(self) -> Path:
@@ -149,6 +152,7 @@ class Workspace:
             return "torch-cuda", SPEC_PREFIX + self.spec.name, 2 * _decoder_params(self.spec), 2 * _decoder_params(self.spec)
         directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
                      "ort-concat": lambda: self._cpu_variant(variant, "dynamic"),
+                     "ort-fp32kv": lambda: self._cpu_variant(variant, kv="fp32"),
                      "ort-static": lambda: self._static()}.get(family)
         if directory is None:
             raise VlmExportError(f"unknown benchmark engine '{name}'", "see vlm_export/benchmark/suite.py for the names")
@@ -165,9 +169,21 @@ def _decoder_params(spec) -> int:
     return llm.num_layers * (attention + 3 * llm.hidden_size * llm.intermediate_size) + llm.vocab_size * llm.hidden_size
 
 
-def _kv_bytes_per_token(spec, kind: str) -> int:
+def _kv_bytes_per_token(spec, kind: str, location) -> int:
+    """K and V of every layer for one token, at the width the engine stores them: fp16 for llama.cpp
+    and torch-cuda, the decoder's own past_key_values type for our artifact sets (int8 or fp32)."""
     llm = spec.llm
-    return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * (2 if kind in ("llama.cpp", "torch-cuda") else 4)
+    width = 2 if kind in ("llama.cpp", "torch-cuda") else _kv_itemsize(Path(location))
+    return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * width
+
+
+def _kv_itemsize(directory: Path) -> int:
+    import numpy as np
+
+    from vlm_export.artifacts import read_manifest
+
+    decoder = next(g for g in read_manifest(directory)["graphs"] if g["name"] in ("decoder", "decoder_decode"))
+    return np.dtype(next(t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values."))).itemsize
 
 
 def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int, huge: bool = True) -> dict:
@@ -213,7 +229,7 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue
-            kv = _kv_bytes_per_token(workspace.spec, kind)
+            kv = _kv_bytes_per_token(workspace.spec, kind, location)
             limit = machine_limits["gpu"] if kind == "torch-cuda" else machine_limits
             roofline = {c: limit["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
             rows.append({"engine": name, "artifact": str(location), "bytes": size, "bytes_read_per_token": weight_bytes,

@@ -20,6 +20,7 @@ def build(
     variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: subset of fp32,int8,int4; orin: subset of fp16,int8; sd888: subset of qnn,cpu-int8,cpu-int4 (comma-separated).")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="cpu: decoder layout, inplace (GroupQueryAttention, in-place KV; default) | dynamic (Concat KV).")] = None,
     vision: Annotated[Optional[str], typer.Option("--vision", help="cpu: vision tower of the int8/int4 variants, int8 (dynamic; default) | fp32.")] = None,
+    kv: Annotated[Optional[str], typer.Option("--kv", help="cpu: KV cache of the int8/int4 variants (inplace layout), int8 (calibrated scale per head and channel; default) | fp32.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
     dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
     max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,
@@ -27,7 +28,7 @@ def build(
     prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", help="sd888: prompt tokens per static prefill call.")] = None,
     soc: Annotated[Optional[str], typer.Option("--soc", help="sd888: Snapdragon SoC the QNN context binaries are compiled for (SM8350 = Snapdragon 888).")] = None,
     qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs", help="sd888: graphs put on the NPU, subset of vision,decoder (the others run on the CPU).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="orin/sd888: calibration folder with recipe.json (default: the repository's calibration/).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="cpu (int8 KV)/orin/sd888: calibration folder with recipe.json (default: the repository's calibration/).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
@@ -44,7 +45,7 @@ def build(
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed)
     graphs = graphs or Path("graphs") / spec.name
     out = out or Path("engines") / target / spec.name
-    given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "device": device, "vision_on_dla": dla,
+    given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "kv": kv, "device": device, "vision_on_dla": dla,
              "max_prompt": max_prompt, "max_context": max_context, "prefill_chunk": prefill_chunk, "soc": soc,
              "qnn_graphs": tuple(qnn_graphs.split(",")) if qnn_graphs else None,
              "calibration": str(calibration) if calibration else None}

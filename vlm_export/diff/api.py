@@ -42,6 +42,19 @@ def _candidate(directory: Path, label: str | None = None) -> Candidate:
     return Candidate(label or f"{kind}:{directory.name}", directory, kind, manifest)
 
 
+def _io_mismatch(base: dict, candidate: Candidate) -> str | None:
+    """Why the candidate's graph cannot take the base graph's feeds (an int8 KV cache), or None."""
+    record = next((g for g in candidate.manifest["graphs"] if g["file"] == base["file"]), None)
+    if record is None:
+        return None
+    theirs = {t["name"]: t["dtype"] for t in record["inputs"]}
+    changed = sorted(t["name"] for t in base["inputs"] if theirs.get(t["name"], t["dtype"]) != t["dtype"])
+    if not changed:
+        return None
+    return (f"{len(changed)} inputs have another type ({changed[0]}: {theirs[changed[0]]}; an int8 KV cache), so the "
+            f"graph cannot take the reference's feeds: compared end to end only")
+
+
 def _graph_feeds(record: dict, sampler: InputSampler) -> tuple[GraphSpec, list[dict]]:
     graph = GraphSpec.from_dict(record)
     graph = dataclasses.replace(graph, cases=diff_cases(graph))
@@ -57,15 +70,21 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
     sampler = InputSampler(reference)
     report = {"schema": SCHEMA_VERSION, "model": base.spec.name, "reference": "pytorch", "graphs_dir": str(graphs_dir),
               "candidates": {c.label: {"dir": str(c.directory), "kind": c.kind} for c in candidates},
-              "graphs": {}, "localisation": {}, "end_to_end": {}, "golden": {}}
+              "graphs": {}, "localisation": {}, "end_to_end": {}, "golden": {}, "not_compared": []}
     for name, record in base.graphs.items():
         progress(f"diffing {record['file']}")
         graph, feeds = _graph_feeds(record, sampler)
         seen_digests, runners, kinds = set(), {}, {}
+        comparable = []
         for c in candidates:
             digest = c.manifest["files"].get(graph.file, {}).get("sha256")
             if digest is None or digest in seen_digests:
                 continue  # absent, or the very same file as a candidate already compared
+            reason = _io_mismatch(record, c)
+            if reason:
+                report["not_compared"].append({"graph": name, "candidate": c.label, "reason": reason})
+                continue
+            comparable.append(c)
             seen_digests.add(digest)
             runners[c.label], kinds[c.label] = ort_runner(c.directory / graph.file, c.label), c.kind
         golden = out / "golden" / name
@@ -73,7 +92,7 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
         report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
         report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
         if graph.wrapper == "decoder":
-            for c in candidates[1:]:
+            for c in [c for c in candidates[1:] if c in comparable]:
                 if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
                     progress(f"localising {c.label} {graph.file}")
                     report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds)

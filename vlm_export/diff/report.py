@@ -13,6 +13,8 @@ def markdown(report: dict) -> str:
                 verdict = "FAIL" if output in result["failed_outputs"] else "ok"
                 lines.append(f"| {graph} | {label} | {output} | {s['max_abs_diff']:.3g} | {s['mean_abs_diff']:.3g} | "
                              f"{s['median_abs_diff']:.3g} | {s['cosine']:.6f} | {verdict} |")
+    for skipped in report.get("not_compared", []):
+        lines.append(f"| {skipped['graph']} | {skipped['candidate']} | - | - | - | - | - | not compared: {skipped['reason']} |")
     if report["localisation"]:
         lines += ["", "## Per layer (residual stream, relative error vs the fp32 graph)", ""]
         for label, graphs in report["localisation"].items():

@@ -73,6 +73,9 @@ class Generator:
         self.decode_graph = "decoder_decode" if self.layout == "static" else "decoder"
         decoder = graphs[self.decode_graph]
         self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
+        # the K/V buffers' own type: int8 where the graph keeps an int8 cache (cpu int8/int4 variants)
+        self.kv_dtype = np.dtype(next((t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values.")),
+                                      self.float_dtype))
         self.kv_buffer = decoder["attrs"].get("kv_buffer")
         self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
         self.timings: dict[str, float] = {}
@@ -133,7 +136,7 @@ class Generator:
 
     def _new_kv(self, batch: int, capacity: int):
         llm = self.spec.llm
-        shape = (llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.float_dtype)
+        shape = (llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.kv_dtype)
         if self.layout == "dynamic":
             return DynamicKV(*shape)
         to_numpy = self.runners[self.decode_graph].to_numpy

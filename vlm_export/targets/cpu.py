@@ -7,8 +7,10 @@
     int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 128, accuracy level 4)
 
 int8/ and int4/ also carry the vision tower in dynamic int8 (MatMul weights per-channel int8,
-activations quantized per call; --vision fp32 keeps it float). Each variant's accuracy against
-fp32 is measured end to end, and its vision output against fp32's, in the build report.
+activations quantized per call; --vision fp32 keeps it float) and, in the inplace layout, an int8
+KV cache (a scale per head and channel, calibrated on fp32's K/V; --kv fp32 keeps it float). Each
+variant's accuracy against fp32 is measured end to end, and its vision output against fp32's, in
+the build report.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
+from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
+KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,16 @@ class Profile:
     eval_tokens: int = 16
     layout: str = "inplace"  # decoder layout: inplace | dynamic
     vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
+    kv: str = "int8"  # the int8/int4 variants' KV cache (inplace layout): int8 | fp32
+    calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
 
     def __post_init__(self):
         if self.layout not in ("inplace", "dynamic"):
             raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", "use --layout inplace or dynamic")
         if self.vision not in ("int8", "fp32"):
             raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", "use --vision int8 or fp32")
+        if self.kv not in ("int8", "fp32"):
+            raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", "use --kv int8 or fp32")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
@@ -58,7 +66,21 @@ def weight_config(name: str, model: dict) -> WeightOnlyConfig | None:
     return config
 
 
-def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, progress) -> dict:
+def int8_kv(profile: Profile, name: str) -> bool:
+    """Whether the variant's KV cache is int8: quantized variants of the inplace layout, unless --kv fp32."""
+    return VARIANTS[name] is not None and profile.layout == "inplace" and profile.kv == "int8"
+
+
+def _decoder_rewrite(config: WeightOnlyConfig, kv_scales):
+    def rewrite(graph: dict, source: Path, out: Path) -> dict:
+        done = quantize_weights(source, out / graph["file"], config)
+        if kv_scales is not None:
+            done.update(quantize_kv_cache(out / graph["file"], kv_scales(), graph))
+        return done
+    return rewrite
+
+
+def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, progress, kv_scales) -> dict:
     """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
     are); the others from fp32 (built and verified by this build just before)."""
     from vlm_export.artifacts import read_manifest
@@ -67,7 +89,7 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     if config is None and profile.layout != "dynamic":
         return export_layout(graphs, out, progress, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
-    rewrites = {} if config is None else {"decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
+    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None)}
     if config is not None and profile.vision == "int8":
         rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
     return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
@@ -96,21 +118,32 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
+    scales = {}
+
+    def kv_scales() -> dict:  # calibrated once per build, on the fp32 variant built first
+        if not scales:
+            from vlm_export.quantize.calibration import calibration_set
+
+            progress("calibrating the int8 KV cache on fp32's K/V")
+            scales.update(calibrate_kv_scales(staging.path / "fp32", *calibration_set(profile.calibration)))
+        return scales
+
     report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "variants": {},
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
             config = weight_config(name, manifest["model"])
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
-                            VARIANTS[name] and profile.vision)
+                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE)
             record = staging.cached(name, key)
             if record is None:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
                 progress(f"building {name}")
                 started = time.perf_counter()
-                built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, progress)
+                built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, progress, kv_scales)
                 record = {"seconds": round(time.perf_counter() - started, 1),
-                          "bytes": sum(f["bytes"] for f in built["files"].values())}
+                          "bytes": sum(f["bytes"] for f in built["files"].values()),
+                          "kv_cache": "int8" if int8_kv(profile, name) else "fp32"}
                 if name != "fp32":
                     progress(f"measuring {name} against fp32")
                     record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
@@ -124,8 +157,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["| variant | size MB | build s | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
-             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | size MB | build s | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
+             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
         cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
@@ -133,6 +166,6 @@ def report_markdown(report: dict) -> str:
                  "-" if acc["perplexity_candidate"] is None else f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
         vision = v.get("vision_vs_fp32")
         cells.append(f"{vision['cosine_min']:.5f}" if vision else "baseline")
-        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | {v.get('kv_cache', 'fp32')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,8 @@
 
 Vision: int8 QDQ with uint8 activations and per-channel int8 weights, the form of XNNPACK's
 QLinearConv (its only quantized matrix kernel in ONNX Runtime; the QDQ MatMuls run as the CPU EP's
-QLinearMatMul). Decoder: the dynamic layout with MatMulNBits 8- or 4-bit weights, as `--target cpu`.
+QLinearMatMul). Decoder: the inplace layout (GroupQueryAttention writing K/V into the buffer the
+runtime binds as past and present) with MatMulNBits 8- or 4-bit weights, as `--target cpu`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) 
 
 
 def build_cpu_variant(graphs: Path, out: Path, name: str, profile, progress) -> dict:
+    """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
     from vlm_export.quantize.calibration import calibration_set, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet

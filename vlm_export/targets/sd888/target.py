@@ -6,10 +6,12 @@
     qnn/          vision and decoder graphs quantized for the HTP (QDQ: uint16 activations, uint8
                   weights) and compiled to QNN context binaries for the SoC; embedding lookup and
                   tokenizer on the CPU. Built and run here on the emulated HTP, CPU fallback off.
+    fp32-inplace/ the inplace layout in fp32 (GroupQueryAttention over a K/V buffer written in
+                  place, as `--target cpu`): the CPU variants' source and accuracy reference
     cpu-int8/     XNNPACK / CPU: vision int8 QDQ (uint8 activations, per-channel int8 weights, the
-    cpu-int4/     form of XNNPACK's QLinear kernels), decoder weights in 8 / 4 bits (MatMulNBits),
-                  mobile/ with `.ort` models and the reduced-operator config, and a static
-                  XNNPACK partition report.
+    cpu-int4/     form of XNNPACK's QLinear kernels), fp32-inplace's decoder with weights in 8 / 4
+                  bits (MatMulNBits), mobile/ with `.ort` models and the reduced-operator config,
+                  and a static XNNPACK partition report.
 
 Every variant is a complete artifact set that `vlm-export run` takes.
 """
@@ -30,8 +32,9 @@ from vlm_export.runtime.runners.qnn_ep import SOCS
 from vlm_export.targets.sd888.report import phone_fit, report_markdown
 
 VARIANTS = ("qnn", "cpu-int8", "cpu-int4")
-RECIPE_VERSION = 1  # part of the build-cache key: bump when a variant is made differently
+RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
 QNN_GRAPHS = ("vision", "decoder")
+SOURCES = ("fp32-static", "fp32-inplace")  # fp32 stages the variants are made from (not shipped)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,13 @@ def _static_graphs(graphs: Path, out: Path, profile: Profile, progress) -> dict:
             "prefill_chunk": profile.prefill_chunk}
 
 
+def _inplace_graphs(graphs: Path, out: Path, progress) -> dict:
+    from vlm_export.targets.assemble import export_layout
+
+    exported = export_layout(graphs, out, progress, layout="inplace")
+    return {"graph_files": [g["file"] for g in exported["graphs"]]}
+
+
 def _shipped(relative: Path, variant: str) -> bool:
     """What goes onto the phone: the CPU variants ship their `.ort` models (mobile/) in place of the
     `.onnx` graphs (kept for diffs here); the tokenizer graph stays `.onnx` everywhere."""
@@ -84,6 +94,8 @@ def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: P
     started = time.perf_counter()
     if name == "fp32-static":
         record = _static_graphs(graphs, out, profile, progress)
+    elif name == "fp32-inplace":
+        record = _inplace_graphs(graphs, out, progress)
     elif name == "qnn":
         from vlm_export.targets.sd888.qnn_variant import build_qnn_variant
 
@@ -92,11 +104,11 @@ def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: P
     else:
         from vlm_export.targets.sd888.cpu_variant import build_cpu_variant
 
-        record = build_cpu_variant(graphs, out, name, profile, progress)
+        record = build_cpu_variant(staging / "fp32-inplace", out, name, profile, progress)
     record["seconds"] = round(time.perf_counter() - started, 1)
     files = [f for f in out.rglob("*") if f.is_file()]
     record["bytes"] = sum(f.stat().st_size for f in files)
-    if name != "fp32-static":
+    if name not in SOURCES:  # the fp32 sources stay here
         record["phone_bytes"] = sum(f.stat().st_size for f in files if _shipped(f.relative_to(out), name))
     record["peak_rss_mb_so_far"] = _peak_rss_mb()
     return record
@@ -125,7 +137,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
         profile = dataclasses.replace(profile, max_context=context, prefill_chunk=min(profile.prefill_chunk, context))
     qnn_missing = "qnn" in profile.variants and not qnn_available()
     static_needed = "qnn" in profile.variants and not qnn_missing and "decoder" in profile.qnn_graphs
-    stages = (["fp32-static"] if static_needed else []) + \
+    inplace_needed = any(v.startswith("cpu-") for v in profile.variants)
+    stages = (["fp32-static"] if static_needed else []) + (["fp32-inplace"] if inplace_needed else []) + \
         [v for v in profile.variants if not (v == "qnn" and qnn_missing)]
     report = {"target": "sd888", "soc": profile.soc, **SOCS[profile.soc], "variants": {}}
     with atomic_directory(out, force) as staging:

@@ -57,21 +57,16 @@ def test_variants_and_report(built):
         {"vision.onnx": True, "embed.onnx": True, "decoder_inplace.onnx": False}
 
 
-def test_dynamic_layout_variant(built, tmp_path):
+@pytest.mark.parametrize("option, value, decoder_file", [("--layout", "dynamic", "decoder.onnx"),
+                                                         ("--kv", "fp32", "decoder_inplace.onnx")])
+def test_comparison_variants(built, tmp_path, option, value, decoder_file):
+    """--layout dynamic: the Concat-KV decoder; --kv fp32: the inplace decoder with a float cache."""
     root, _ = built
-    result = vlm("build", "tiny", "--target", "cpu", "--layout", "dynamic", "--variants", "fp32,int4",
+    result = vlm("build", "tiny", "--target", "cpu", option, value, "--variants", "fp32,int4",
                  "--graphs", root / "graphs", "--out", tmp_path / "cpu")
     assert result.returncode == 0, result.stderr
-    decoder = onnx.load(str(tmp_path / "cpu" / "int4" / "decoder.onnx"))
-    assert "GroupQueryAttention" not in [n.op_type for n in decoder.graph.node]
-
-
-def test_fp32_kv_cache_variant(built, tmp_path):
-    root, _ = built
-    result = vlm("build", "tiny", "--target", "cpu", "--kv", "fp32", "--variants", "fp32,int4",
-                 "--graphs", root / "graphs", "--out", tmp_path / "cpu")
-    assert result.returncode == 0, result.stderr
-    decoder = onnx.load(str(tmp_path / "cpu" / "int4" / "decoder_inplace.onnx"))
+    decoder = onnx.load(str(tmp_path / "cpu" / "int4" / decoder_file))
+    assert ("GroupQueryAttention" in [n.op_type for n in decoder.graph.node]) == (option == "--kv")
     assert {i.type.tensor_type.elem_type for i in decoder.graph.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
 
 

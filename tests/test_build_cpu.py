@@ -147,3 +147,9 @@ def test_diff_compares_an_int8_kv_variant_end_to_end(built, tmp_path):
     report = json.loads((tmp_path / "diff" / "diff.json").read_text())
     assert [(s["graph"], "int8" in s["reason"]) for s in report["not_compared"]] == [("decoder", True)]
     assert set(report["end_to_end"]) == {"graphs", "int4:int4"} and "not compared" in result.stdout
+
+
+def test_int8_kv_without_calibration_data_fails_first(tmp_path):
+    result = vlm("build", "tiny", "--calibration", tmp_path / "nothing", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
+    assert result.returncode == 2 and "int8 KV cache needs calibration data" in result.stderr and "--kv fp32" in result.stderr
+    assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()  # nothing exported, nothing built

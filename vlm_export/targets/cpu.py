@@ -112,12 +112,26 @@ def vision_accuracy(fp32: Path, variant: Path) -> dict:
                           ort.InferenceSession(str(variant / file), providers=cpu), samples)
 
 
+def preflight(profile: Profile) -> None:
+    """The int8 KV scales need the calibration set: checked before any export or variant."""
+    from vlm_export.quantize.calibration import check_calibration
+
+    if not any(int8_kv(profile, name) for name in profile.variants):
+        return
+    try:
+        check_calibration(profile.calibration)
+    except VlmExportError as exc:
+        raise VlmExportError(f"the int8 KV cache needs calibration data: {exc.problem}",
+                             "pass --calibration DIR (recipe.json, images/, prompts.txt), or --kv fp32") from exc
+
+
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
     from vlm_export.artifacts import verify
     from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
     progress = progress or (lambda text: None)
     manifest = verify(graphs)
+    preflight(profile)
     scales = {}
 
     def kv_scales() -> dict:  # calibrated once per build, on the fp32 variant built first

@@ -178,12 +178,11 @@ def _kv_bytes_per_token(spec, kind: str, location) -> int:
 
 
 def _kv_itemsize(directory: Path) -> int:
-    import numpy as np
-
     from vlm_export.artifacts import read_manifest
+    from vlm_export.runtime.artifact_set import kv_dtype
 
     decoder = next(g for g in read_manifest(directory)["graphs"] if g["name"] in ("decoder", "decoder_decode"))
-    return np.dtype(next(t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values."))).itemsize
+    return kv_dtype(decoder).itemsize
 
 
 def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int, huge: bool = True) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from vlm_export.artifacts import verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
@@ -12,6 +14,12 @@ from vlm_export.runtime.runners import backend_module
 from vlm_export.spec.model_spec import ModelSpec, TokenizerSpec, spec_from_dict
 
 TOKENIZER_DIR = "tokenizer"
+
+
+def kv_dtype(decoder: dict) -> np.dtype:
+    """The type a decoder record's K/V cache is kept in (int8 for an int8 cache), else its float type."""
+    return np.dtype(next((t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values.")),
+                         decoder["inputs"][0]["dtype"]))
 
 
 def tokenizer_spec_in(directory: Path) -> TokenizerSpec:

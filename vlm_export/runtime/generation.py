@@ -23,7 +23,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.model.preprocess import load_image, preprocess_image
 from vlm_export.model.prompt import Message, render_prompt, user_turn
 from vlm_export.results import GenerationResult, check_context
-from vlm_export.runtime.artifact_set import ArtifactSet
+from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
 from vlm_export.runtime.kv_cache import DynamicKV, InPlaceKV, StaticKV
 from vlm_export.runtime.sampling import SamplingParams, sample_token
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
@@ -74,8 +74,7 @@ class Generator:
         decoder = graphs[self.decode_graph]
         self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
         # the K/V buffers' own type: int8 where the graph keeps an int8 cache (cpu int8/int4 variants)
-        self.kv_dtype = np.dtype(next((t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values.")),
-                                      self.float_dtype))
+        self.kv_dtype = kv_dtype(decoder)
         self.kv_buffer = decoder["attrs"].get("kv_buffer")
         self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
         self.timings: dict[str, float] = {}

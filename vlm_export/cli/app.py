@@ -52,9 +52,3 @@ app.command()(run)
 app.command()(bench)
 app.command()(diff)
 app.command()(verify)
-
-
-def main() -> None:
-    from vlm_export.cli.entry import main as entry
-
-    entry()

@@ -48,7 +48,7 @@ def quantize_kv_cache(path: Path, scales: dict[str, np.ndarray], record: dict) -
     K/V buffers are int8, and the manifest record's K/V tensors with it."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    int8 = {name for name in scales} | {name.replace("past_key_values.", "present.", 1) for name in scales}
+    int8 = set(scales) | {name.replace("past_key_values.", "present.", 1) for name in scales}
     for value in list(graph.input) + list(graph.output):
         if value.name in int8:
             value.type.tensor_type.elem_type = TensorProto.INT8

@@ -26,6 +26,21 @@ def check_providers(providers: list[str]) -> None:
         )
 
 
+def register_kernels(options, library: Path, threads: int | None) -> None:
+    """The variant's own kernels (vlm_export/kernels) in this session; they split each matmul
+    across the session's thread pool."""
+    from vlm_export.kernels.library import set_threads
+
+    if not library.is_file():
+        raise VlmExportError(f"{library} is missing (the variant's kernel library)", "rebuild the variant with vlm-export build")
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # ORT's own error types; the library says why (CPU, ORT version)
+        raise VlmExportError(f"cannot load the kernel library {library.name}: {str(exc).splitlines()[0][:200]}",
+                             "rebuild the variant on this kind of machine, or with --kernels ort") from exc
+    set_threads(library, threads)
+
+
 class OrtRunner(Runner):
     def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None):
         super().__init__(graph)
@@ -56,6 +71,8 @@ class OrtRunner(Runner):
         threads = 1 if self.graph.get("wrapper") == "embed" else self.threads
         if threads:
             options.intra_op_num_threads = threads
+        if self.graph.get("custom_op_library"):
+            register_kernels(options, self.path.parent / self.graph["custom_op_library"], threads)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from tests.cli import vlm
+from vlm_export.kernels.library import LIBRARY, unavailable_reason
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,10 @@ def test_variants_and_report(built):
         accuracy = report["variants"][name]["accuracy_vs_fp32"]
         assert accuracy["prompts"] == 3 and 0.0 <= accuracy["greedy_prefix_agreement"] <= 1.0
         assert 0.0 <= accuracy["top1_agreement"] <= 1.0 and accuracy["mean_kl"] >= 0.0
-        assert "MatMulNBits" in ops
+        native = name == "int4" and unavailable_reason() is None  # --kernels auto
+        assert ("Int4MatMul" in ops, "MatMulNBits" in ops) == (native, not native)
+        assert report["variants"][name]["matmuls"].startswith(f"int{name[-1]} " + ("vlm-export kernel" if native else "MatMulNBits"))
+        assert (LIBRARY in json.loads((root / "cpu" / name / "manifest.json").read_text())["files"]) == native
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)
     assert "| int4 |" in stdout
     for name in ("int8", "int4"):  # the quantized variants carry the vision tower in dynamic int8
@@ -147,6 +151,23 @@ def test_diff_compares_an_int8_kv_variant_end_to_end(built, tmp_path):
     report = json.loads((tmp_path / "diff" / "diff.json").read_text())
     assert [(s["graph"], "int8" in s["reason"]) for s in report["not_compared"]] == [("decoder", True)]
     assert set(report["end_to_end"]) == {"graphs", "int4:int4"} and "not compared" in result.stdout
+
+
+def test_kernels_ort_and_native_without_a_compiler(built, tmp_path, monkeypatch):
+    """--kernels ort: ONNX Runtime's MatMulNBits; --kernels native where the kernel cannot be built:
+    one line naming why and --kernels ort, before anything is exported."""
+    root, _ = built
+    result = vlm("build", "tiny", "--kernels", "ort", "--kv", "fp32", "--variants", "fp32,int4",
+                 "--graphs", root / "graphs", "--out", tmp_path / "ort")
+    assert result.returncode == 0, result.stderr
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "int4" / "decoder_inplace.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "Int4MatMul" not in ops
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    result = vlm("build", "tiny", "--kernels", "native", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
+    assert result.returncode == 2 and "--kernels native" in result.stderr and "--kernels ort" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g").exists() and not (tmp_path / "x").exists()
+    result = vlm("build", "tiny", "--kernels", "fast", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
+    assert result.returncode == 2 and "unknown CPU kernels 'fast'" in result.stderr
 
 
 def test_int8_kv_without_calibration_data_fails_first(tmp_path):

@@ -21,6 +21,7 @@ def build(
     layout: Annotated[Optional[str], typer.Option("--layout", help="cpu: decoder layout, inplace (GroupQueryAttention, in-place KV; default) | dynamic (Concat KV).")] = None,
     vision: Annotated[Optional[str], typer.Option("--vision", help="cpu: vision tower of the int8/int4 variants, int8 (dynamic; default) | fp32.")] = None,
     kv: Annotated[Optional[str], typer.Option("--kv", help="cpu: KV cache of the int8/int4 variants (inplace layout), int8 (calibrated scale per head and channel; default) | fp32.")] = None,
+    kernels: Annotated[Optional[str], typer.Option("--kernels", help="cpu: matmuls of the int4 variant, auto (native where the CPU has AVX-512 VNNI and a C compiler is present; default) | native (vlm-export's int4 kernel) | ort (ONNX Runtime's MatMulNBits).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
     dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
     max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,
@@ -45,7 +46,7 @@ def build(
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed)
     graphs = graphs or Path("graphs") / spec.name
     out = out or Path("engines") / target / spec.name
-    given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "kv": kv, "device": device, "vision_on_dla": dla,
+    given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "kv": kv, "kernels": kernels, "device": device, "vision_on_dla": dla,
              "max_prompt": max_prompt, "max_context": max_context, "prefill_chunk": prefill_chunk, "soc": soc,
              "qnn_graphs": tuple(qnn_graphs.split(",")) if qnn_graphs else None,
              "calibration": str(calibration) if calibration else None}

@@ -55,6 +55,12 @@ def _io_mismatch(base: dict, candidate: Candidate) -> str | None:
             f"graph cannot take the reference's feeds: compared end to end only")
 
 
+def _kernel_library(candidate: Candidate, file: str) -> Path | None:
+    """The candidate's kernel library when its graph `file` uses vlm-export's own ops."""
+    record = next((g for g in candidate.manifest["graphs"] if g["file"] == file), {})
+    return candidate.directory / record["custom_op_library"] if record.get("custom_op_library") else None
+
+
 def _graph_feeds(record: dict, sampler: InputSampler) -> tuple[GraphSpec, list[dict]]:
     graph = GraphSpec.from_dict(record)
     graph = dataclasses.replace(graph, cases=diff_cases(graph))
@@ -86,7 +92,8 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
                 continue
             comparable.append(c)
             seen_digests.add(digest)
-            runners[c.label], kinds[c.label] = ort_runner(c.directory / graph.file, c.label), c.kind
+            runners[c.label] = ort_runner(c.directory / graph.file, c.label, library=_kernel_library(c, graph.file))
+            kinds[c.label] = c.kind
         golden = out / "golden" / name
         torch_runner = TorchGraphRunner(graph_module(reference, graph.wrapper, graph.attrs), graph)
         report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
@@ -95,7 +102,8 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
             for c in [c for c in candidates[1:] if c in comparable]:
                 if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
                     progress(f"localising {c.label} {graph.file}")
-                    report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds)
+                    report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds,
+                                                                                           _kernel_library(c, graph.file))
     if base.layout == "inplace" or (base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all"):
         from vlm_export.diff.end_to_end import agreement, open_generator
 

@@ -41,7 +41,7 @@ def block_tensors(model: onnx.ModelProto) -> dict[int, dict[str, str]]:
     return dict(sorted(points.items()))
 
 
-def _session_with_outputs(path: Path, names: list[str]):
+def _session_with_outputs(path: Path, names: list[str], library: Path | None = None):
     import onnxruntime as ort
 
     model = onnx.load(str(path), load_external_data=False)
@@ -51,6 +51,10 @@ def _session_with_outputs(path: Path, names: list[str]):
     options.log_severity_level = 3
     # The proto is loaded without its weights; ORT reads them from the original folder.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    if library is not None:  # the variant's own kernels (custom ops)
+        from vlm_export.runtime.runners.ort_runner import register_kernels
+
+        register_kernels(options, library, None)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -59,10 +63,10 @@ def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.abs(reference.astype(np.float64) - candidate).max() / scale)
 
 
-def localize(reference_path: Path, candidate_path: Path, feeds: list[dict]) -> dict:
+def localize(reference_path: Path, candidate_path: Path, feeds: list[dict], library: Path | None = None) -> dict:
     points = block_tensors(onnx.load(str(reference_path), load_external_data=False))
     names = [n for block in points.values() for n in block.values() if n]
-    reference, candidate = _session_with_outputs(reference_path, names), _session_with_outputs(candidate_path, names)
+    reference, candidate = _session_with_outputs(reference_path, names), _session_with_outputs(candidate_path, names, library)
     errors = {block: {k: 0.0 for k in tensors} for block, tensors in points.items()}
     for feed in feeds:
         ref_out = dict(zip(names, reference.run(names, feed)))

@@ -50,5 +50,18 @@ class TorchGraphRunner(BaseRunner):
         pass
 
 
-def ort_runner(path: Path, name: str, providers: list[str] | None = None) -> OnnxrtRunner:
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["CPUExecutionProvider"]), name=name)
+def ort_runner(path: Path, name: str, providers: list[str] | None = None, library: Path | None = None) -> OnnxrtRunner:
+    """`library`: the variant's kernel library (custom ops), registered in the session."""
+    providers = providers or ["CPUExecutionProvider"]
+    if library is None:
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=name)
+
+    def session():
+        import onnxruntime as ort
+
+        from vlm_export.runtime.runners.ort_runner import register_kernels
+
+        options = ort.SessionOptions()
+        register_kernels(options, library, None)
+        return ort.InferenceSession(str(path), options, providers=providers)
+    return OnnxrtRunner(session, name=name)

@@ -21,7 +21,10 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 
 
 def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    """$CC when set (and only it), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def unavailable_reason() -> str | None:
@@ -37,7 +40,8 @@ def unavailable_reason() -> str | None:
     if missing:
         return f"this CPU lacks {', '.join(missing)}, which the int4 kernel needs"
     if compiler() is None:
-        return "no C compiler (cc, gcc or clang) to build the int4 kernel"
+        named = f"$CC={os.environ['CC']}" if os.environ.get("CC") else "cc, gcc or clang"
+        return f"no C compiler ({named}) to build the int4 kernel"
     return None
 
 

@@ -2,12 +2,16 @@
 
 The values are not re-quantized: each weight keeps MatMulNBits' int4 code and fp32 block scale,
 only their order changes to the one kernels/int4_matmul.c streams (16 outputs per 64-byte line).
-A node the kernel cannot take (zero points, g_idx, bias, a block not a multiple of 32) stays
-MatMulNBits.
+A node the kernel cannot take (zero points, g_idx, bias, K not a multiple of 32) stays MatMulNBits.
+
+When K is not a multiple of the block (a width below 128, in small models), MatMulNBits pads the
+last block with zeros; the kernel instead takes blocks of gcd(block, K) inputs, each carrying its
+parent block's scale, which is the same matrix.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -21,12 +25,19 @@ TILE = 16  # outputs per 64-byte line
 
 
 def unpack_matmul_nbits(packed: np.ndarray, n: int, k: int, block: int) -> np.ndarray:
-    """MatMulNBits' B (N, K/block, block/2) uint8, two codes per byte (low nibble first) -> (N, K) codes 0..15."""
-    packed = packed.reshape(n, k // 2)
-    codes = np.empty((n, k), np.uint8)
+    """MatMulNBits' B (N, ceil(K/block), block/2) uint8, two codes per byte (low nibble first) -> (N, K) codes 0..15."""
+    packed = packed.reshape(n, -1)
+    codes = np.empty((n, packed.shape[1] * 2), np.uint8)
     codes[:, 0::2] = packed & 0x0F
     codes[:, 1::2] = packed >> 4
-    return codes
+    return codes[:, :k]
+
+
+def kernel_blocks(scales: np.ndarray, n: int, k: int, block: int) -> tuple[np.ndarray, int]:
+    """MatMulNBits' (N, ceil(K/block)) scales -> the kernel's (N, K/sub) scales and its block `sub`."""
+    sub = math.gcd(block, k)
+    per_block = np.repeat(scales.reshape(n, -1), block // sub, axis=1)
+    return per_block[:, : k // sub], sub
 
 
 def repack(codes: np.ndarray, scales: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +67,7 @@ def kernel_takes(node: onnx.NodeProto) -> bool:
     attrs = _attributes(node)
     extra_inputs = [name for name in node.input[3:] if name]
     return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and not extra_inputs
-            and attrs["block_size"] % 32 == 0 and attrs["K"] % attrs["block_size"] == 0)
+            and math.gcd(attrs["block_size"], attrs["K"]) % 32 == 0)
 
 
 def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
@@ -70,9 +81,10 @@ def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
             kept += node.op_type == "MatMulNBits"
             continue
         attrs = _attributes(node)
-        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+        n, k = attrs["N"], attrs["K"]
         packed, scales = (numpy_helper.to_array(initializers.pop(name)) for name in node.input[1:3])
-        weights, tile_scales = repack(unpack_matmul_nbits(packed, n, k, block), scales, block)
+        scales, block = kernel_blocks(scales, n, k, attrs["block_size"])
+        weights, tile_scales = repack(unpack_matmul_nbits(packed, n, k, attrs["block_size"]), scales, block)
         names = [f"{node.input[1]}.int4_tiles", f"{node.input[2]}.int4_tiles"]
         initializers[names[0]] = numpy_helper.from_array(weights, names[0])
         initializers[names[1]] = numpy_helper.from_array(tile_scales, names[1])

@@ -4,7 +4,10 @@
            layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
            exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
     int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (block 128, accuracy level 4)
-    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 128, accuracy level 4)
+    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 128, accuracy level 4), then, on x86-64
+           CPUs with AVX-512 VNNI, the same codes and scales repacked for vlm-export's own int4
+           kernel (kernels/, shipped in the variant as an ORT custom-op library; --kernels ort keeps
+           MatMulNBits: the variant then runs on any ORT)
 
 int8/ and int4/ also carry the vision tower in dynamic int8 (MatMul weights per-channel int8,
 activations quantized per call; --vision fp32 keeps it float) and, in the inplace layout, an int8
@@ -24,12 +27,22 @@ from pathlib import Path
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
+from vlm_export.quantize.int4_kernel import use_int4_kernel
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
+
+
+def kernel_recipe() -> str:
+    """The native kernel's sources, by hash: a kernel change rebuilds the variants that ship it."""
+    import hashlib
+
+    from vlm_export.kernels.library import SOURCE_DIR, SOURCES
+
+    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in sorted(SOURCES))).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class Profile:
     vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
     kv: str = "int8"  # the int8/int4 variants' KV cache (inplace layout): int8 | fp32
     calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
+    kernels: str = "auto"  # the int4 variant's matmuls: auto | native (kernels/) | ort (MatMulNBits)
 
     def __post_init__(self):
         if self.layout not in ("inplace", "dynamic"):
@@ -48,6 +62,8 @@ class Profile:
             raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", "use --vision int8 or fp32")
         if self.kv not in ("int8", "fp32"):
             raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", "use --kv int8 or fp32")
+        if self.kernels not in ("auto", "native", "ort"):
+            raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", "use --kernels auto, native or ort")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
@@ -71,11 +87,26 @@ def int8_kv(profile: Profile, name: str) -> bool:
     return VARIANTS[name] is not None and profile.layout == "inplace" and profile.kv == "int8"
 
 
-def _decoder_rewrite(config: WeightOnlyConfig, kv_scales):
+def native_kernels(profile: Profile, name: str) -> bool:
+    """Whether the variant's int4 matmuls run on vlm-export's kernel: `auto` takes it where it can be
+    built and run (`preflight` has already refused `native` where it cannot)."""
+    from vlm_export.kernels.library import unavailable_reason
+
+    config = VARIANTS[name]
+    if config is None or config.bits != 4 or profile.kernels == "ort":
+        return False
+    return profile.kernels == "native" or unavailable_reason() is None
+
+
+def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool):
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
+        from vlm_export.kernels.library import compile_library
+
         done = quantize_weights(source, out / graph["file"], config)
         if kv_scales is not None:
             done.update(quantize_kv_cache(out / graph["file"], kv_scales(), graph))
+        if native:
+            done.update(use_int4_kernel(out / graph["file"], graph, compile_library(out)))
         return done
     return rewrite
 
@@ -89,7 +120,8 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     if config is None and profile.layout != "dynamic":
         return export_layout(graphs, out, progress, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
-    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None)}
+    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None,
+                                                                        native_kernels(profile, name))}
     if config is not None and profile.vision == "int8":
         rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
     return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
@@ -113,9 +145,14 @@ def vision_accuracy(fp32: Path, variant: Path) -> dict:
 
 
 def preflight(profile: Profile) -> None:
-    """The int8 KV scales need the calibration set: checked before any export or variant."""
+    """The int8 KV scales need the calibration set, `--kernels native` a machine that can build and
+    run the kernel: both checked before any export or variant."""
+    from vlm_export.kernels.library import unavailable_reason
     from vlm_export.quantize.calibration import check_calibration
 
+    reason = unavailable_reason() if profile.kernels == "native" and "int4" in profile.variants else None
+    if reason:
+        raise VlmExportError(f"--kernels native: {reason}", "use --kernels ort (or auto)")
     if not any(int8_kv(profile, name) for name in profile.variants):
         return
     try:
@@ -147,8 +184,9 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
             config = weight_config(name, manifest["model"])
+            native = native_kernels(profile, name)
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
-                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE)
+                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE, native and kernel_recipe())
             record = staging.cached(name, key)
             if record is None:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
@@ -157,7 +195,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
                 built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, progress, kv_scales)
                 record = {"seconds": round(time.perf_counter() - started, 1),
                           "bytes": sum(f["bytes"] for f in built["files"].values()),
-                          "kv_cache": "int8" if int8_kv(profile, name) else "fp32"}
+                          "kv_cache": "int8" if int8_kv(profile, name) else "fp32",
+                          "matmuls": matmul_kind(config, native)}
                 if name != "fp32":
                     progress(f"measuring {name} against fp32")
                     record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
@@ -170,9 +209,15 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
     return report
 
 
+def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
+    if config is None:
+        return "fp32 MatMul"
+    return f"int{config.bits} {'vlm-export kernel' if native else 'MatMulNBits'} (block {config.block_size})"
+
+
 def report_markdown(report: dict) -> str:
-    lines = ["| variant | size MB | build s | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
-             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | size MB | build s | matmuls | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
+             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
         cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
@@ -180,6 +225,7 @@ def report_markdown(report: dict) -> str:
                  "-" if acc["perplexity_candidate"] is None else f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
         vision = v.get("vision_vs_fp32")
         cells.append(f"{vision['cosine_min']:.5f}" if vision else "baseline")
-        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | {v.get('kv_cache', 'fp32')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | {v.get('matmuls', '-')} | {v.get('kv_cache', 'fp32')} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,105 @@
+"""vlm-export's int4 kernel (vlm_export/kernels): the repack is exact, and the op computes what
+ONNX Runtime's MatMulNBits computes from the same codes and scales."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vlm_export.errors import VlmExportError
+from vlm_export.kernels.library import LIBRARY, compile_library, unavailable_reason
+from vlm_export.quantize.int4_kernel import TILE, repack, unpack_matmul_nbits, use_int4_kernel
+from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
+
+needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"int4 kernel: {unavailable_reason()}")
+
+
+def _unrepack(weights: np.ndarray, tile_scales: np.ndarray, n: int, k: int, block: int):
+    """The layout int4_matmul.c documents, read back element by element's rule."""
+    tiles, blocks = tile_scales.shape[:2]
+    lines = weights.reshape(tiles, blocks, block // 8, TILE, 4)
+    codes = np.empty((tiles * TILE, k), np.uint8)
+    for half, nibble in ((0, lines & 0x0F), (1, lines >> 4)):
+        # (t, b, v, c, i) -> code[16t + c][b*block + 8v + 4*half + i]
+        codes.reshape(tiles, TILE, blocks, block // 8, 2, 4)[:, :, :, :, half, :] = nibble.transpose(0, 3, 1, 2, 4)
+    return codes[:n], tile_scales.transpose(0, 2, 1).reshape(tiles * TILE, blocks)[:n]
+
+
+@pytest.mark.parametrize("n, k, block", [(16, 128, 128), (100, 64, 32), (48, 256, 64)])
+def test_repack_is_a_permutation(n, k, block):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    scales = rng.random((n, k // block), dtype=np.float32)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)  # MatMulNBits' order
+    assert (unpack_matmul_nbits(packed, n, k, block) == codes).all()
+    weights, tile_scales = repack(codes, scales, block)
+    assert weights.size == -(-n // TILE) * k * 8 and tile_scales.shape == (-(-n // TILE), k // block, TILE)
+    back_codes, back_scales = _unrepack(weights, tile_scales, n, k, block)
+    assert (back_codes == codes).all() and (back_scales == scales).all()
+
+
+def _matmul_model(directory, k: int, n: int, block: int):
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/mlp/down_proj/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), directory / "fp32.onnx")
+    quantize_weights(directory / "fp32.onnx", directory / "nbits.onnx", WeightOnlyConfig(bits=4, block_size=block))
+    onnx.save(onnx.load(str(directory / "nbits.onnx")), str(directory / "kernel.onnx"))
+    record = {}
+    done = use_int4_kernel(directory / "kernel.onnx", record, compile_library(directory))
+    assert done["int4_kernel_matmuls"] == 1 and record["custom_op_library"] == LIBRARY
+    return weight
+
+
+def _sessions(directory, threads: int):
+    import onnxruntime as ort
+
+    from vlm_export.runtime.runners.ort_runner import register_kernels
+
+    plain, native = ort.SessionOptions(), ort.SessionOptions()
+    plain.intra_op_num_threads = native.intra_op_num_threads = threads
+    register_kernels(native, directory / LIBRARY, threads)
+    return (ort.InferenceSession(str(directory / "nbits.onnx"), plain),
+            ort.InferenceSession(str(directory / "kernel.onnx"), native))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n, block", [(256, 4096, 128), (64, 100, 128), (96, 40, 32)])
+def test_kernel_matches_matmul_nbits(tmp_path, k, n, block):
+    """Same codes, same scales, activations quantized per block the same way: equal to float rounding.
+    K=64 with block 128 is a partial block (the kernel's block becomes 64); N=100 ends in a partial tile;
+    4096 outputs are split across two threads."""
+    _matmul_model(tmp_path, k, n, block)
+    nbits, native = _sessions(tmp_path, threads=2)
+    graph = onnx.load(str(tmp_path / "kernel.onnx"))
+    assert [(node.domain, node.op_type) for node in graph.graph.node] == [("vlm_export.cpu", "Int4MatMul")]
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1, k), (1, 7, k), (2, 3, k)]:  # decode, prefill, batch
+        x = rng.standard_normal(shape).astype(np.float32)
+        expected, got = nbits.run(None, {"x": x})[0], native.run(None, {"x": x})[0]
+        assert got.shape == shape[:-1] + (n,)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@needs_kernel
+def test_kernel_refuses_a_wrong_width(tmp_path):
+    _matmul_model(tmp_path, 128, 32, 128)
+    _, native = _sessions(tmp_path, threads=1)
+    graph = onnx.load(str(tmp_path / "kernel.onnx"))
+    graph.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "k"  # let a wrong width reach the kernel
+    onnx.save(graph, str(tmp_path / "kernel.onnx"))
+    _, native = _sessions(tmp_path, threads=1)
+    with pytest.raises(Exception, match="Int4MatMul: the last dimension of A is not the node's K"):
+        native.run(None, {"x": np.zeros((1, 1, 64), np.float32)})
+
+
+def test_unavailable_kernel_is_one_line(monkeypatch, tmp_path):
+    import vlm_export.kernels.library as library
+
+    monkeypatch.setattr(library, "unavailable_reason", lambda: "this CPU lacks avx512_vnni, which the int4 kernel needs")
+    with pytest.raises(VlmExportError, match="--kernels ort"):
+        library.compile_library(tmp_path)
+    assert not (tmp_path / LIBRARY).exists()

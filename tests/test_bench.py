@@ -18,8 +18,8 @@ def test_a_suite_runs_side_by_side_and_reports(tmp_path):
     suite.write_text(json.dumps({
         "name": "test", "settings": {"contexts": [16, 48], "decode_steps": 4, "prefill_tokens": 32, "repeats": 2,
                                      "image": "calibration/eval/chelsea.jpg"},
-        "models": [{"model": "tiny", "baseline": "torch", "engines": ["torch", "ort:int4", "ort:int4/4k", "torch-cuda", "llama.cpp:F32",
-                                                                  "no-such:engine"]}]}))
+        "models": [{"model": "tiny", "baseline": "torch", "engines": ["torch", "ort:int4", "ort:int4/4k", "ort-mlas:int4", "torch-cuda",
+                                                                  "llama.cpp:F32", "no-such:engine"]}]}))
     result = subprocess.run([sys.executable, "-m", "vlm_export", "bench", suite, "--out", tmp_path / "reports",
                              "--workdir", tmp_path], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "unknown benchmark engine 'no-such:engine'" in result.stderr  # bad names fail first
@@ -34,13 +34,17 @@ def test_a_suite_runs_side_by_side_and_reports(tmp_path):
     assert report["schema"] == "vlm-export-bench/1" and report["limits"]["memory_bandwidth_gbs"] > 0
     assert report["machine"]["physical_cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
     rows = {r["engine"]: r for r in report["models"][0]["results"]}
-    for name in ("torch", "ort:int4"):
+    for name in ("torch", "ort:int4", "ort-mlas:int4"):
         row = rows[name]
         assert row["vision_ms"]["n"] == 2 and row["ttft_ms"]["median"] > 0
         assert set(row["decode_tok_s"]) == {"16", "48"} and row["decode_tok_s"]["16"]["min"] <= row["decode_tok_s"]["16"]["median"]
         assert 0 < row["decode_roofline_fraction"]["16"] and row["peak_rss_mb"] > 0 and row["bytes"] > 0
     assert rows["torch"]["decode_ratio_vs_baseline"]["16"] == 1.0
     assert rows["ort:int4/4k"]["decode_tok_s"]["48"]["median"] > 0  # the same artifact with huge pages off
+    import onnx
+
+    mlas = onnx.load(str(tmp_path / "engines" / "cpu-mlas" / "tiny" / "int4" / "decoder_inplace.onnx"), load_external_data=False)
+    assert "MatMulNBits" in {n.op_type for n in mlas.graph.node}  # --kernels ort
     assert "THP" in report["machine"]["pages"] or "unavailable" in report["machine"]["pages"]
     import torch
 

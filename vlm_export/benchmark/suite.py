@@ -4,7 +4,9 @@ Engines, by name:
     torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
     torch-cuda        the same reference in fp16 on a CUDA GPU (no export needed)
     ort:fp32|int8|int4    `--target cpu` variants (inplace layout: GroupQueryAttention over an in-place
-                      KV buffer; MatMulNBits weights and an int8 KV cache for int8/int4)
+                      KV buffer; an int8 KV cache for int8/int4; MatMulNBits weights for int8, and
+                      for int4 vlm-export's int4 kernel where the CPU has it)
+    ort-mlas:int4     the int4 variant with `--kernels ort` (ONNX Runtime's MatMulNBits / MLAS)
     ort-concat:fp32|int8|int4  the same with `--layout dynamic` (the KV cache is concatenated every step)
     ort-fp32kv:int8|int4  the inplace variants with `--kv fp32` (the KV cache kept in fp32, not int8)
     ort-static:fp32   the static layout (prefill chunks + fixed KV buffer) in fp32
@@ -27,7 +29,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.runtime import huge_pages
 
 ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
-                   "ort-fp32kv": ("int8", "int4"),
+                   "ort-fp32kv": ("int8", "int4"), "ort-mlas": ("int4",),
                    "ort-static": ("fp32",),
                    "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
 # "ENGINE/4k": the same engine with 4 KiB pages only (huge pages off), to measure what they bring
@@ -86,15 +88,17 @@ class Workspace:
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
-    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "int8") -> Path:
+    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "int8", kernels: str = "auto") -> Path:
         from vlm_export.build import build_model
 
-        folder = "cpu" if (layout, kv) == ("inplace", "int8") else f"cpu-{layout}" if layout != "inplace" else f"cpu-{kv}kv"
+        differences = [layout] * (layout != "inplace") + [f"{kv}kv"] * (kv != "int8") + ["mlas"] * (kernels == "ort")
+        folder = "-".join(["cpu", *differences])
         out = self.root / "engines" / folder / self.spec.name
         if not (out / variant / "manifest.json").is_file():
             started = time.perf_counter()
-            # the comparison sets (Concat KV, fp32 KV): only the variant asked for, beside its fp32 baseline
-            options = {"layout": layout} if folder == "cpu" else {"layout": layout, "kv": kv, "variants": ("fp32", variant)}
+            # the comparison sets (Concat KV, fp32 KV, MLAS): only the variant asked for, beside its fp32 baseline
+            options = {"layout": layout} if folder == "cpu" else {"layout": layout, "kv": kv, "kernels": kernels,
+                                                                   "variants": ("fp32", variant)}
             build_model(self.spec, "cpu", out, self._graphs(), options, True, self.progress)
             self.build_seconds[f"build {folder}"] = round(time.perf_counter() - started, 1)
         return out / variant
@@ -153,6 +157,7 @@ class Workspace:
         directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
                      "ort-concat": lambda: self._cpu_variant(variant, "dynamic"),
                      "ort-fp32kv": lambda: self._cpu_variant(variant, kv="fp32"),
+                     "ort-mlas": lambda: self._cpu_variant(variant, kernels="ort"),
                      "ort-static": lambda: self._static()}.get(family)
         if directory is None:
             raise VlmExportError(f"unknown benchmark engine '{name}'", "see vlm_export/benchmark/suite.py for the names")

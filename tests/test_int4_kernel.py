@@ -97,7 +97,7 @@ def test_kernel_refuses_a_wrong_width(tmp_path):
 
 
 def test_unavailable_kernel_is_one_line(monkeypatch, tmp_path):
-    import vlm_export.kernels.library as library
+    from vlm_export.kernels import library
 
     monkeypatch.setattr(library, "unavailable_reason", lambda: "this CPU lacks avx512_vnni, which the int4 kernel needs")
     with pytest.raises(VlmExportError, match="--kernels ort"):

@@ -216,8 +216,8 @@ def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    lines = ["| variant | size MB | build s | matmuls | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl "
-             "| vision cosine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| variant | size MB | build s | matmuls | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL "
+              "| ppl | vision cosine |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         acc = v.get("accuracy_vs_fp32")
         cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",

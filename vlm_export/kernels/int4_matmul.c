@@ -56,40 +56,61 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, i
   }
 }
 
-/* One tile of 16 outputs for one row: 16 fp32 lanes, one per output. */
-static __m512 tile_dot(const MatMulJob *job, const uint8_t *wt, const float *st, int64_t row) {
+#define MAX_ROWS 4 /* rows sharing each weight load (prefill): 4 x 2 accumulators fit the 32 registers */
+
+/* One tile of 16 outputs for `rows` consecutive rows (a constant at each call, so the loops over r
+ * unroll): each 64-byte line is loaded and unpacked once for all of them. Two accumulators per row
+ * (low and high nibbles) keep two VPDPBUSD chains in flight even for a single row (decode). */
+static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job, const uint8_t *wt, const float *st,
+                                                            int64_t row, const int rows, __m512 *acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int64_t nb = job->K / job->block, lines = job->block / 8;
-  const int32_t *xq = (const int32_t *)(job->xq + row * job->K);
-  const float *xscale = job->xscale + row * nb;
-  const int32_t *xsum8 = job->xsum8 + row * nb;
-  __m512 acc = _mm512_setzero_ps();
+  const int32_t *xq[MAX_ROWS];
+  for (int r = 0; r < rows; r++) {
+    xq[r] = (const int32_t *)(job->xq + (row + r) * job->K);
+    acc[r] = _mm512_setzero_ps();
+  }
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t *wb = wt + b * lines * 64;
-    const int32_t *xb = xq + b * (job->block / 4);
-    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    __m512i lo[MAX_ROWS], hi[MAX_ROWS];
+    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm512_setzero_si512();
     for (int64_t v = 0; v < lines; v++) {
       _mm_prefetch((const char *)(wb + v * 64 + PREFETCH_BYTES), _MM_HINT_T0);
       __m512i packed = _mm512_loadu_si512(wb + v * 64);
-      lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(packed, low4), _mm512_set1_epi32(xb[2 * v]));
-      hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4), _mm512_set1_epi32(xb[2 * v + 1]));
+      __m512i low = _mm512_and_si512(packed, low4), high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      int64_t at = b * (job->block / 4) + 2 * v;
+      for (int r = 0; r < rows; r++) {
+        lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_set1_epi32(xq[r][at]));
+        hi[r] = _mm512_dpbusd_epi32(hi[r], high, _mm512_set1_epi32(xq[r][at + 1]));
+      }
     }
-    __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(xsum8[b]));
-    __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(st + b * 16), _mm512_set1_ps(xscale[b]));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+    __m512 wscale = _mm512_loadu_ps(st + b * 16);
+    for (int r = 0; r < rows; r++) {
+      int64_t at = (row + r) * nb + b;
+      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(lo[r], hi[r]), _mm512_set1_epi32(job->xsum8[at]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, _mm512_set1_ps(job->xscale[at])), acc[r]);
+    }
   }
-  return acc;
 }
 
 static void run_tiles(void *arg, int64_t first, int64_t last) {
   const MatMulJob *job = (const MatMulJob *)arg;
   const int64_t nb = job->K / job->block;
+  __m512 acc[MAX_ROWS];
   for (int64_t t = first; t < last; t++) {
     const uint8_t *wt = job->w + t * nb * (job->block / 8) * 64;
     const float *st = job->scales + t * nb * 16;
     int64_t n0 = t * 16, valid = job->N - n0 < 16 ? job->N - n0 : 16;
     __mmask16 mask = (__mmask16)((1u << valid) - 1u);
-    for (int64_t m = 0; m < job->M; m++) _mm512_mask_storeu_ps(job->y + m * job->N + n0, mask, tile_dot(job, wt, st, m));
+    int64_t m = 0;
+    for (; m + MAX_ROWS <= job->M; m += MAX_ROWS) {
+      tile_rows(job, wt, st, m, MAX_ROWS, acc);
+      for (int r = 0; r < MAX_ROWS; r++) _mm512_mask_storeu_ps(job->y + (m + r) * job->N + n0, mask, acc[r]);
+    }
+    for (; m < job->M; m++) {
+      tile_rows(job, wt, st, m, 1, acc);
+      _mm512_mask_storeu_ps(job->y + m * job->N + n0, mask, acc[0]);
+    }
   }
 }
 

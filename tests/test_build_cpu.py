@@ -154,8 +154,8 @@ def test_diff_compares_an_int8_kv_variant_end_to_end(built, tmp_path):
 
 
 def test_kernels_ort_and_native_without_a_compiler(built, tmp_path, monkeypatch):
-    """--kernels ort: ONNX Runtime's MatMulNBits; --kernels native where the kernel cannot be built:
-    one line naming why and --kernels ort, before anything is exported."""
+    """--kernels ort: ONNX Runtime's MatMulNBits; auto where the kernel cannot be built: the same;
+    native there: one line naming why and --kernels ort, before anything is exported."""
     root, _ = built
     result = vlm("build", "tiny", "--kernels", "ort", "--kv", "fp32", "--variants", "fp32,int4",
                  "--graphs", root / "graphs", "--out", tmp_path / "ort")
@@ -163,6 +163,10 @@ def test_kernels_ort_and_native_without_a_compiler(built, tmp_path, monkeypatch)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "int4" / "decoder_inplace.onnx")).graph.node}
     assert "MatMulNBits" in ops and "Int4MatMul" not in ops
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    result = vlm("build", "tiny", "--kv", "fp32", "--variants", "fp32,int4", "--graphs", root / "graphs", "--out", tmp_path / "auto")
+    assert result.returncode == 0, result.stderr  # --kernels auto without a compiler: MatMulNBits, and the report says so
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["variants"]["int4"]["matmuls"] == "int4 MatMulNBits (block 128)"
     result = vlm("build", "tiny", "--kernels", "native", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
     assert result.returncode == 2 and "--kernels native" in result.stderr and "--kernels ort" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g").exists() and not (tmp_path / "x").exists()

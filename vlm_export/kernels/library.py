@@ -72,9 +72,6 @@ def _run(command: list[str]) -> None:
 def load(path: Path) -> ctypes.CDLL:
     """The library as ctypes sees it: the same loaded copy ONNX Runtime registers (same path)."""
     library = ctypes.CDLL(str(Path(path).resolve()))
-    library.vx_int4_matmul.restype = ctypes.c_int
-    library.vx_int4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.vx_threads.argtypes = [ctypes.c_int]
     return library
 

@@ -34,7 +34,7 @@ def register_kernels(options, library: Path, threads: int | None) -> None:
     if not library.is_file():
         raise VlmExportError(f"{library} is missing (the variant's kernel library)", "rebuild the variant with vlm-export build")
     try:
-        options.register_custom_ops_library(str(library))
+        options.register_custom_ops_library(str(library.resolve()))  # the copy set_threads reaches
     except Exception as exc:  # ORT's own error types; the library says why (CPU, ORT version)
         raise VlmExportError(f"cannot load the kernel library {library.name}: {str(exc).splitlines()[0][:200]}",
                              "rebuild the variant on this kind of machine, or with --kernels ort") from exc

@@ -31,7 +31,7 @@ def test_repack_is_a_permutation(n, k, block):
     codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
     scales = rng.random((n, k // block), dtype=np.float32)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)  # MatMulNBits' order
-    assert (unpack_matmul_nbits(packed, n, k, block) == codes).all()
+    assert (unpack_matmul_nbits(packed, n, k) == codes).all()
     weights, tile_scales = repack(codes, scales, block)
     assert weights.size == -(-n // TILE) * k * 8 and tile_scales.shape == (-(-n // TILE), k // block, TILE)
     back_codes, back_scales = _unrepack(weights, tile_scales, n, k, block)

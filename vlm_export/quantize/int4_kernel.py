@@ -24,7 +24,7 @@ from vlm_export.kernels.library import DOMAIN, LIBRARY
 TILE = 16  # outputs per 64-byte line
 
 
-def unpack_matmul_nbits(packed: np.ndarray, n: int, k: int, block: int) -> np.ndarray:
+def unpack_matmul_nbits(packed: np.ndarray, n: int, k: int) -> np.ndarray:
     """MatMulNBits' B (N, ceil(K/block), block/2) uint8, two codes per byte (low nibble first) -> (N, K) codes 0..15."""
     packed = packed.reshape(n, -1)
     codes = np.empty((n, packed.shape[1] * 2), np.uint8)
@@ -84,7 +84,7 @@ def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
         n, k = attrs["N"], attrs["K"]
         packed, scales = (numpy_helper.to_array(initializers.pop(name)) for name in node.input[1:3])
         scales, block = kernel_blocks(scales, n, k, attrs["block_size"])
-        weights, tile_scales = repack(unpack_matmul_nbits(packed, n, k, attrs["block_size"]), scales, block)
+        weights, tile_scales = repack(unpack_matmul_nbits(packed, n, k), scales, block)
         names = [f"{node.input[1]}.int4_tiles", f"{node.input[2]}.int4_tiles"]
         initializers[names[0]] = numpy_helper.from_array(weights, names[0])
         initializers[names[1]] = numpy_helper.from_array(tile_scales, names[1])

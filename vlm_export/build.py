@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError
+from vlm_export.progress import stage, step
 from vlm_export.spec import ModelSpec
 from vlm_export.targets import target_module
 
 
-def ensure_graphs(spec: ModelSpec, graphs: Path, progress) -> Path:
+def ensure_graphs(spec: ModelSpec, graphs: Path) -> Path:
     """Reuse `graphs` if it is a verified export of this model; export it otherwise."""
     from vlm_export.artifacts import MANIFEST, verify
     from vlm_export.export.graph_specs import ExportOptions
@@ -20,13 +21,13 @@ def ensure_graphs(spec: ModelSpec, graphs: Path, progress) -> Path:
         manifest = verify(graphs)
         if manifest.get("model") != json.loads(json.dumps(spec.to_dict())):  # as stored: tuples become lists
             raise VlmExportError(f"{graphs} holds graphs of another model or version", "pass another --graphs DIR or delete that one")
-        progress(f"reusing verified graphs in {graphs}")
+        step(f"reusing verified graphs in {graphs}")
         return graphs
-    export_model(spec, graphs, ExportOptions(), force=graphs.exists(), progress=progress)
+    export_model(spec, graphs, ExportOptions(), force=graphs.exists())
     return graphs
 
 
-def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool, progress) -> dict:
+def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool) -> dict:
     module = target_module(target)
     try:
         profile = module.Profile(**profile_options)  # each target validates its own typed profile
@@ -34,5 +35,6 @@ def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_o
         raise VlmExportError(f"an option given does not apply to --target {target} ({exc})", "drop it") from exc
     if hasattr(module, "preflight"):  # a target's own input checks, before minutes of export
         module.preflight(profile)
-    ensure_graphs(spec, graphs, progress)
-    return module.build(graphs, out, profile, force=force, progress=progress)
+    with stage(f"building {spec.name} for --target {target} in {out}"):
+        ensure_graphs(spec, graphs)
+        return module.build(graphs, out, profile, force=force)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
+from vlm_export.progress import stage, step
 from vlm_export.runtime import huge_pages
 
 ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
@@ -70,11 +71,10 @@ def _decoder_bytes(directory: Path, manifest: dict) -> int:
 class Workspace:
     """Builds (once) what each engine name needs for one model, and says how big it is."""
 
-    def __init__(self, model: str, progress, root: Path = Path(".")):
+    def __init__(self, model: str, root: Path = Path(".")):
         from vlm_export.spec import resolve_spec
 
         self.spec = resolve_spec(model)
-        self.progress = progress
         self.root = Path(root)
         self.graphs = self.root / "graphs" / self.spec.name
         self.build_seconds: dict[str, float] = {}
@@ -84,7 +84,7 @@ class Workspace:
 
         if not (self.graphs / "manifest.json").is_file():
             started = time.perf_counter()
-            ensure_graphs(self.spec, self.graphs, self.progress)
+            ensure_graphs(self.spec, self.graphs)
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
@@ -99,7 +99,7 @@ class Workspace:
             # the comparison sets (Concat KV, fp32 KV, MLAS): only the variant asked for, beside its fp32 baseline
             options = {"layout": layout} if folder == "cpu" else {"layout": layout, "kv": kv, "kernels": kernels,
                                                                    "variants": ("fp32", variant)}
-            build_model(self.spec, "cpu", out, self._graphs(), options, True, self.progress)
+            build_model(self.spec, "cpu", out, self._graphs(), options, True)
             self.build_seconds[f"build {folder}"] = round(time.perf_counter() - started, 1)
         return out / variant
 
@@ -109,7 +109,7 @@ class Workspace:
         out = self.root / "graphs" / f"{self.spec.name}-static"
         if not (out / "manifest.json").is_file():
             started = time.perf_counter()
-            export_layout(self._graphs(), out, self.progress, layout="static",
+            export_layout(self._graphs(), out, layout="static",
                           kv_buffer=min(1024, self.spec.llm.max_context))
             self.build_seconds["export static"] = round(time.perf_counter() - started, 1)
         return out
@@ -127,7 +127,7 @@ class Workspace:
         if not f32.is_file():
             from vlm_export.model.load import load_reference
 
-            self.progress(f"writing {f32}")
+            step(f"writing {f32}")
             write_gguf(load_reference(self.spec), f32.with_suffix(".tmp"))
             f32.with_suffix(".tmp").rename(f32)
         if kind == "F32":
@@ -205,20 +205,26 @@ def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
-    """`root`: where graphs/, engines/ and bench/cache/ are found or built."""
+def run_suite(suite: dict, root: Path = Path(".")) -> dict:
+    """Every engine of `suite` measured side by side; `root`: where graphs/, engines/ and
+    bench/cache/ are found or built."""
+    with stage(f"benchmark suite {suite['name']}"):
+        return _run_suite(suite, root)
+
+
+def _run_suite(suite: dict, root: Path) -> dict:
     from vlm_export.benchmark.machine import cuda_available, describe, gpu_limits, limits_in_child
 
     settings = Settings(**{**suite.get("settings", {}), "contexts": tuple(suite.get("settings", {}).get("contexts", Settings.contexts))})
-    progress("measuring memory bandwidth and matmul throughput")
-    machine_limits = limits_in_child()
-    if any(split_pages(n)[0] == "torch-cuda" for m in suite["models"] for n in m["engines"]) and cuda_available():
-        progress("measuring the GPU's memory bandwidth and fp16 matmul throughput")
-        machine_limits["gpu"] = gpu_limits()
+    with stage("measuring this machine's memory bandwidth and matmul throughput"):
+        machine_limits = limits_in_child()
+        if any(split_pages(n)[0] == "torch-cuda" for m in suite["models"] for n in m["engines"]) and cuda_available():
+            step("the GPU's memory bandwidth and fp16 matmul throughput")
+            machine_limits["gpu"] = gpu_limits()
     report = {"schema": "vlm-export-bench/1", "suite": suite["name"], "machine": describe(), "limits": machine_limits,
               "settings": asdict(settings), "models": []}
     for entry in suite["models"]:
-        workspace = Workspace(entry["model"], progress, root)
+        workspace = Workspace(entry["model"], root)
         flops_per_token = 2 * _decoder_params(workspace.spec)
         rows = []
         for name in entry["engines"]:
@@ -228,8 +234,8 @@ def run_suite(suite: dict, progress=print, root: Path = Path(".")) -> dict:
             except VlmExportError as exc:  # e.g. llama-cpp-python absent: say so in the report, measure the rest
                 rows.append({"engine": name, "skipped": exc.one_line()})
                 continue
-            progress(f"{workspace.spec.name}: measuring {name}")
-            measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge)
+            with stage(f"{workspace.spec.name}: measuring {name}"):
+                measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge)
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.options import QuietOpt
 
 
 @handles_errors
@@ -15,16 +16,16 @@ def bench(
     suite: Annotated[Path, typer.Argument(help="A suite file (bench/suites/quick.json, bench/suites/full.json).")] = Path("bench/suites/quick.json"),
     out: Annotated[Path, typer.Option("--out", help="Where the reports go.")] = Path("bench/reports"),
     workdir: Annotated[Path, typer.Option("--workdir", help="Where graphs/, engines/ and bench/cache/ are found or built.")] = Path("."),
+    quiet: QuietOpt = False,
 ):
     """Measure vision latency, TTFT, prefill and decode tok/s, peak RSS and size of every engine in SUITE."""
-    from rich.console import Console
-
     from vlm_export.benchmark.report import write_reports
     from vlm_export.benchmark.suite import load_suite, run_suite
+    from vlm_export.progress import configure
 
     definition = load_suite(suite)
-    with Console(stderr=True).status("benchmarking") as status:
-        report = run_suite(definition, lambda text: status.update(text), workdir)
+    configure(quiet=quiet)
+    report = run_suite(definition, workdir)
     written = write_reports(report, out)
     typer.echo(written["markdown"].read_text().rstrip())
     typer.echo("wrote " + ", ".join(str(p) for p in written.values()))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
-from vlm_export.cli.options import LoraOpt, ModelArg, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import LoraOpt, ModelArg, QuietOpt, SeedOpt, VisionTowerOpt
 
 
 @handles_errors
@@ -34,11 +34,11 @@ def build(
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
     seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ):
     """Build target artifacts (each variant runnable with `vlm-export run`) and a build report."""
-    from rich.console import Console
-
     from vlm_export.build import build_model
+    from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec
     from vlm_export.targets import target_module
 
@@ -51,7 +51,7 @@ def build(
              "qnn_graphs": tuple(qnn_graphs.split(",")) if qnn_graphs else None,
              "calibration": str(calibration) if calibration else None}
     options = {k: v for k, v in given.items() if v is not None}
-    with Console(stderr=True).status("building") as status:
-        report = build_model(spec, target, out, graphs, options, force, lambda text: status.update(text))
+    configure(quiet=quiet)
+    report = build_model(spec, target, out, graphs, options, force)
     typer.echo((out / "report.md").read_text().rstrip())
     typer.echo(f"wrote {out}: {report['message']}")

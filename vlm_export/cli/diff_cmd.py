@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.options import QuietOpt
 
 DIFF_FAILED_EXIT = 1
 
@@ -19,15 +20,15 @@ def diff(
     variants: Annotated[Optional[list[Path]], typer.Argument(help="Built variant directories to compare too.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default <graphs>-diff).")] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per end-to-end prompt.")] = 16,
+    quiet: QuietOpt = False,
 ):
     """Per-graph (Polygraphy), per-layer and end-to-end diffs; exit code 1 when a tolerance fails."""
-    from rich.console import Console
-
     from vlm_export.diff.api import diff_artifacts, failure_summary
+    from vlm_export.progress import configure
 
     out = out or graphs.with_name(graphs.name + "-diff")
-    with Console(stderr=True).status("diffing") as status:
-        report = diff_artifacts(graphs, list(variants or []), out, new_tokens, lambda text: status.update(text))
+    configure(quiet=quiet)
+    report = diff_artifacts(graphs, list(variants or []), out, new_tokens)
     typer.echo((out / "diff.md").read_text().rstrip())
     if not report["passed"]:
         print(f"error: diff failed: {failure_summary(report)} -- see {out / 'diff.md'}", file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
-from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
 
 
 @handles_errors
@@ -25,12 +25,12 @@ def export(
     lora: LoraOpt = None,
     seed: SeedOpt = 0,
     rope_scaling: RopeScalingOpt = None,
+    quiet: QuietOpt = False,
 ):
     """Export the vision+projector, embedding and decoder graphs, each validated against PyTorch."""
-    from rich.console import Console
-
     from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec
 
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling)
@@ -38,9 +38,8 @@ def export(
     opts = ExportOptions(dtype=dtype, layout=layout, logits=logits, prefill_chunk=prefill_chunk, kv_buffer=kv_buffer)
     suffix = (f"-{layout}" if layout != "dynamic" else "") + ("-fp16" if dtype == "fp16" else "")
     out = out or Path("graphs") / f"{spec.name}{suffix}"
-    console = Console(stderr=True)
-    with console.status("exporting") as status:
-        manifest = export_model(spec, out, opts, force=force, progress=lambda text: status.update(text))
+    configure(quiet=quiet)
+    manifest = export_model(spec, out, opts, force=force)
     for graph in manifest["graphs"]:
         if graph.get("cached"):
             typer.echo(f"{graph['file']:<22}  cached   (inputs unchanged since an interrupted run)")

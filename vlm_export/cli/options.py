@@ -8,4 +8,5 @@ ModelArg = Annotated[str, typer.Argument(help="Preset name (see `vlm-export insp
 VisionTowerOpt = Annotated[Optional[str], typer.Option("--vision-tower", help="Local CLIP directory for checkpoints without the tower (V1).")]
 LoraOpt = Annotated[Optional[str], typer.Option("--lora", help="PEFT LoRA adapter directory, merged at load time.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (by default: a live line on a terminal, otherwise a line per stage start and end).")]
 RopeScalingOpt = Annotated[Optional[float], typer.Option("--rope-scaling", help="Linear RoPE interpolation factor (e.g. 4 for 2k -> 8k).")]

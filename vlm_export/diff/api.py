@@ -22,6 +22,7 @@ from vlm_export.export.graph_specs import GraphSpec, diff_cases, make_inputs
 from vlm_export.export.validate import InputSampler
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
+from vlm_export.progress import stage, step
 from vlm_export.runtime.artifact_set import ArtifactSet
 
 SCHEMA_VERSION = 1
@@ -68,8 +69,44 @@ def _graph_feeds(record: dict, sampler: InputSampler) -> tuple[GraphSpec, list[d
     return graph, [make_inputs(graph, case, rng, sampler) for case in graph.cases]
 
 
-def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16, progress=None) -> dict:
-    progress = progress or (lambda text: None)
+def _diff_graph(name: str, record: dict, candidates: list, reference, sampler: InputSampler, graphs_dir: Path, out: Path,
+                report: dict) -> None:
+    """One graph of every candidate against PyTorch (Polygraphy); a changed decoder also localised."""
+    graph, feeds = _graph_feeds(record, sampler)
+    seen_digests, runners, kinds = set(), {}, {}
+    comparable = []
+    for c in candidates:
+        digest = c.manifest["files"].get(graph.file, {}).get("sha256")
+        if digest is None or digest in seen_digests:
+            continue  # absent, or the very same file as a candidate already compared
+        reason = _io_mismatch(record, c)
+        if reason:
+            report["not_compared"].append({"graph": name, "candidate": c.label, "reason": reason})
+            continue
+        comparable.append(c)
+        seen_digests.add(digest)
+        runners[c.label] = ort_runner(c.directory / graph.file, c.label, library=_kernel_library(c, graph.file))
+        kinds[c.label] = c.kind
+    golden = out / "golden" / name
+    torch_runner = TorchGraphRunner(graph_module(reference, graph.wrapper, graph.attrs), graph)
+    report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
+    report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
+    if graph.wrapper == "decoder":
+        for c in [c for c in candidates[1:] if c in comparable]:
+            if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
+                step(f"localising {c.label} {graph.file}")
+                report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds,
+                                                                                       _kernel_library(c, graph.file))
+
+
+def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16) -> dict:
+    """Every graph of `graphs_dir` and of each variant against PyTorch, then end to end; writes
+    diff.json and diff.md to `out`."""
+    with stage(f"diffing {graphs_dir} and {len(variant_dirs)} variant(s)"):
+        return _diff_artifacts(graphs_dir, variant_dirs, out, new_tokens)
+
+
+def _diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int) -> dict:
     base = ArtifactSet.open(graphs_dir)
     candidates = [_candidate(graphs_dir, "graphs")] + [_candidate(Path(d)) for d in variant_dirs]
     reference = load_reference(base.spec)
@@ -78,38 +115,14 @@ def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_to
               "candidates": {c.label: {"dir": str(c.directory), "kind": c.kind} for c in candidates},
               "graphs": {}, "localisation": {}, "end_to_end": {}, "golden": {}, "not_compared": []}
     for name, record in base.graphs.items():
-        progress(f"diffing {record['file']}")
-        graph, feeds = _graph_feeds(record, sampler)
-        seen_digests, runners, kinds = set(), {}, {}
-        comparable = []
-        for c in candidates:
-            digest = c.manifest["files"].get(graph.file, {}).get("sha256")
-            if digest is None or digest in seen_digests:
-                continue  # absent, or the very same file as a candidate already compared
-            reason = _io_mismatch(record, c)
-            if reason:
-                report["not_compared"].append({"graph": name, "candidate": c.label, "reason": reason})
-                continue
-            comparable.append(c)
-            seen_digests.add(digest)
-            runners[c.label] = ort_runner(c.directory / graph.file, c.label, library=_kernel_library(c, graph.file))
-            kinds[c.label] = c.kind
-        golden = out / "golden" / name
-        torch_runner = TorchGraphRunner(graph_module(reference, graph.wrapper, graph.attrs), graph)
-        report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
-        report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
-        if graph.wrapper == "decoder":
-            for c in [c for c in candidates[1:] if c in comparable]:
-                if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
-                    progress(f"localising {c.label} {graph.file}")
-                    report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds,
-                                                                                           _kernel_library(c, graph.file))
+        with stage(f"diffing {record['file']}"):
+            _diff_graph(name, record, candidates, reference, sampler, graphs_dir, out, report)
     if base.layout == "inplace" or (base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all"):
         from vlm_export.diff.end_to_end import agreement, open_generator
 
-        with open_generator(graphs_dir, "torch") as ref_gen:
+        with stage("end-to-end agreement with PyTorch"), open_generator(graphs_dir, "torch") as ref_gen:
             for c in candidates:
-                progress(f"end to end: {c.label}")
+                step(c.label)
                 with open_generator(c.directory, "ort") as cand_gen:
                     report["end_to_end"][c.label] = agreement(ref_gen, cand_gen, new_tokens)
     else:

@@ -24,6 +24,7 @@ from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
 from vlm_export.model.tokenizer import load_tokenizer
+from vlm_export.progress import native_stderr_filtered, stage, step
 from vlm_export.runtime.artifact_set import TOKENIZER_DIR
 from vlm_export.spec import ModelSpec
 
@@ -78,15 +79,16 @@ class _LazyReference:
         return self._models
 
 
-def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: ExportOptions, progress) -> dict:
+def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: ExportOptions) -> dict:
+    step("loading the PyTorch reference")
     reference, model, sampler = models.get()
-    progress(f"exporting {graph.file}")
+    step("tracing and writing ONNX")
     t0 = time.perf_counter()
     wrapper = make_wrapper(model, graph)
     example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
     path = export_graph(wrapper, graph, example, staging, opts.opset)
     exported = time.perf_counter() - t0
-    progress(f"validating {graph.file} against PyTorch")
+    step("validating against PyTorch")
     reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
     validation = validate_graph(reference_wrapper, graph, path, sampler)
     log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
@@ -102,7 +104,8 @@ def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
     """The tokenizer travels with the graphs: a device-side run needs neither the checkpoint nor the GGUF."""
     tokenizer = load_tokenizer(spec.tokenizer)
     tokenizer.hf.save_pretrained(str(staging / TOKENIZER_DIR))
-    record = write_tokenizer_graph(staging / TOKENIZER_DIR, staging, tokenizer, spec.template.add_bos)
+    with native_stderr_filtered():  # the SentencePiece op logs LOG(INFO) lines on fd 2 when checked
+        record = write_tokenizer_graph(staging / TOKENIZER_DIR, staging, tokenizer, spec.template.add_bos)
     if record["file"] and not record["check"]["passed"]:
         raise VlmExportError(f"tokenizer.onnx gives other ids than the tokenizer: {record['check']['mismatches']}",
                              "report this with --debug output")
@@ -132,14 +135,18 @@ def _reuse(record: dict, graph: GraphSpec, source: Path, staging: Path) -> dict 
     return record
 
 
-def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False, progress=None,
+def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = False,
                  reuse: Path | None = None) -> dict:
     """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run
     finished; takes unchanged graphs from the export in `reuse` instead of exporting them again."""
     if opts.layout == "static" and opts.kv_buffer > spec.llm.max_context:
         raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
                              "lower --kv-buffer")
-    progress = progress or (lambda text: None)
+    with stage(f"exporting {spec.name} ({opts.layout} layout, {opts.dtype}) to {out}"):
+        return _export_model(spec, Path(out), opts, force, reuse)
+
+
+def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, reuse: Path | None) -> dict:
     start = time.perf_counter()
     versions = _versions()
     base_key = (spec.to_dict(), opts.__dict__, versions, weights_fingerprint(spec))
@@ -151,17 +158,19 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
             key = stage_key(base_key, graph.to_dict())
             record = staging.cached(graph.name, key)
             if record is not None:
-                progress(f"{graph.file}: unchanged inputs, reusing the finished stage")
+                step(f"{graph.file}: unchanged inputs, reusing the finished stage")
                 records.append({**record, "cached": True})
                 continue
             record = _reuse(earlier.get(graph.file), graph, Path(reuse or "."), staging.path)
             if record is not None:
-                progress(f"{graph.file}: the same graph as in {reuse}, linked")
+                step(f"{graph.file}: the same graph as in {reuse}, linked")
             else:
-                record = _export_one(models, graph, staging.path, opts, progress)
+                with stage(f"exporting {graph.file}"):
+                    record = _export_one(models, graph, staging.path, opts)
             staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
             records.append(record)
-        tokenizer_graph = _write_tokenizer(spec, staging.path)
+        with stage("writing the tokenizer"):
+            tokenizer_graph = _write_tokenizer(spec, staging.path)
         staging.finish()
         manifest = write_manifest(staging.path, {
             "kind": "vlm-export graphs",

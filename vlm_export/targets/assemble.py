@@ -30,7 +30,7 @@ def assemble_variant(source: Path, out: Path, manifest: dict, rewrites: dict[str
     return write_manifest(out, {**body, "kind": "vlm-export build", **facts, "graphs": records, "rewrites": done})
 
 
-def export_layout(graphs: Path, out: Path, progress, **overrides) -> dict:
+def export_layout(graphs: Path, out: Path, **overrides) -> dict:
     """The model of `graphs` exported again with other options (a decoder layout a target needs);
     graphs that come out the same (vision, embed) are linked from `graphs`, not exported twice."""
     from vlm_export.artifacts import read_manifest
@@ -40,4 +40,4 @@ def export_layout(graphs: Path, out: Path, progress, **overrides) -> dict:
 
     manifest = read_manifest(graphs)  # export_model verifies `graphs` (hashes) before reusing any of it
     options = ExportOptions(**{**manifest["options"], **overrides})
-    return export_model(spec_from_dict(manifest["model"]), out, options, progress=progress, reuse=graphs)
+    return export_model(spec_from_dict(manifest["model"]), out, options, reuse=graphs)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
+from vlm_export.progress import stage, step
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.int4_kernel import use_int4_kernel
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
@@ -111,14 +112,14 @@ def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool):
     return rewrite
 
 
-def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, progress, kv_scales) -> dict:
+def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales) -> dict:
     """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
     are); the others from fp32 (built and verified by this build just before)."""
     from vlm_export.artifacts import read_manifest
 
     config = weight_config(name, manifest["model"])
     if config is None and profile.layout != "dynamic":
-        return export_layout(graphs, out, progress, layout=profile.layout)
+        return export_layout(graphs, out, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
     rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None,
                                                                         native_kernels(profile, name))}
@@ -162,11 +163,10 @@ def preflight(profile: Profile) -> None:
                              "pass --calibration DIR (recipe.json, images/, prompts.txt), or --kv fp32") from exc
 
 
-def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
+def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     from vlm_export.artifacts import verify
     from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
-    progress = progress or (lambda text: None)
     manifest = verify(graphs)
     preflight(profile)
     scales = {}
@@ -175,7 +175,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
         if not scales:
             from vlm_export.quantize.calibration import calibration_set
 
-            progress("calibrating the int8 KV cache on fp32's K/V")
+            step("calibrating the int8 KV cache on fp32's K/V")
             scales.update(calibrate_kv_scales(staging.path / "fp32", *calibration_set(profile.calibration)))
         return scales
 
@@ -188,19 +188,21 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
                             VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE, native and kernel_recipe())
             record = staging.cached(name, key)
-            if record is None:
+            if record is not None:
+                step(f"{name}: unchanged inputs, reusing the finished stage")
+            else:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
-                progress(f"building {name}")
                 started = time.perf_counter()
-                built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, progress, kv_scales)
+                with stage(f"building {name}"):
+                    built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, kv_scales)
                 record = {"seconds": round(time.perf_counter() - started, 1),
                           "bytes": sum(f["bytes"] for f in built["files"].values()),
                           "kv_cache": "int8" if int8_kv(profile, name) else "fp32",
                           "matmuls": matmul_kind(config, native)}
                 if name != "fp32":
-                    progress(f"measuring {name} against fp32")
-                    record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
-                    record["vision_vs_fp32"] = vision_accuracy(staging.path / "fp32", staging.path / name)
+                    with stage(f"measuring {name} against fp32"):
+                        record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
+                        record["vision_vs_fp32"] = vision_accuracy(staging.path / "fp32", staging.path / name)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         staging.finish()

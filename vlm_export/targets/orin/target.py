@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, verify, write_json_atomic, write_manifest
 from vlm_export.errors import VlmExportError
+from vlm_export.progress import stage, step
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
 from vlm_export.targets.orin.static_check import check_graph
 
@@ -100,26 +101,26 @@ def _build_engines(directory: Path, plans: list[dict]) -> dict:
     return built
 
 
-def _fp16_graphs(out: Path, manifest: dict, progress) -> dict:
+def _fp16_graphs(out: Path, manifest: dict) -> dict:
     """fp16 graphs from the exporter (RMSNorm and softmax stay fp32 inside), validated against the fp32 reference."""
     from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
     from vlm_export.spec.model_spec import spec_from_dict
 
     options = ExportOptions(**{**manifest["options"], "dtype": "fp16"})
-    exported = export_model(spec_from_dict(manifest["model"]), out, options, progress=progress)
+    exported = export_model(spec_from_dict(manifest["model"]), out, options)
     return {g["file"]: {"dtype": "fp16", "validation": g["validation"]["outputs"]} for g in exported["graphs"]}
 
 
-def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
+def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile) -> dict:
     """fp16: a fresh fp16 export. int8: the fp32 graphs, with vision and decoder replaced by calibrated Q/DQ graphs."""
     if precision == "fp16":
-        return _fp16_graphs(out, manifest, progress)
+        return _fp16_graphs(out, manifest)
     if precision == "int4":
         from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
         from vlm_export.targets.assemble import assemble_variant
 
-        progress("int4 weight-only: decoder")
+        step("int4 weight-only: decoder")
         rewrites = {"decoder": lambda g, src, dst: quantize_weights_int4_qdq(src, dst / g["file"])}
         return assemble_variant(graphs, out, manifest, rewrites)["rewrites"]
     quantization = {}
@@ -129,10 +130,10 @@ def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, pro
         record = records.get(relative)
         if precision == "int8" and record is not None and record["wrapper"] in QUANTIZED_GRAPHS:
             if samples is None:
-                samples = _calibration_samples(graphs, manifest, profile, progress)
+                samples = _calibration_samples(graphs, manifest, profile)
             from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 
-            progress(f"int8 Q/DQ: {relative}")
+            step(f"int8 Q/DQ: {relative}")
             out.mkdir(parents=True, exist_ok=True)
             quantization[relative] = quantize_int8_qdq(graphs / relative, out / relative, samples[record["wrapper"]])
         elif not (precision == "int8" and relative.endswith(".data") and relative[: -len(".data")] in records
@@ -141,20 +142,20 @@ def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, pro
     return quantization
 
 
-def _calibration_samples(graphs: Path, manifest: dict, profile: Profile, progress) -> dict:
+def _calibration_samples(graphs: Path, manifest: dict, profile: Profile) -> dict:
     from vlm_export.quantize.calibration import calibration_set, decoder_samples, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
 
-    progress("collecting calibration samples")
+    step("collecting calibration samples")
     spec = ArtifactSet.open(graphs, check_hashes=False).spec
     images, prompts = calibration_set(profile.calibration)
     return {"vision": vision_samples(images, spec.vision, spec.image_aspect_ratio),
             "decoder": decoder_samples(graphs, images, prompts)}
 
 
-def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile, progress) -> dict:
+def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile) -> dict:
     started = time.perf_counter()
-    quantization = _variant_graphs(graphs, out, precision, manifest, profile, progress)
+    quantization = _variant_graphs(graphs, out, precision, manifest, profile)
     variant_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else manifest
     checks = [check_graph(out / g["file"]) for g in variant_manifest["graphs"]]
     failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
@@ -168,8 +169,8 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     engines = {}
     if importlib.util.find_spec("tensorrt") is not None:
-        progress(f"building TensorRT engines ({precision})")
-        engines = _build_engines(out, plans)
+        with stage(f"building TensorRT engines ({precision})"):
+            engines = _build_engines(out, plans)
     body = {k: v for k, v in variant_manifest.items() if k != "files"}
     write_manifest(out, {**body, "kind": "vlm-export build", "target": "orin", "variant": precision,
                          "device": profile.device, "builder_flags": PRECISIONS[precision],
@@ -180,13 +181,12 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
     if precision in ("int8", "int4"):
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
-        progress(f"measuring {precision} against fp32 in ONNX Runtime")
-        record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+        with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
+            record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
     return record
 
 
-def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
-    progress = progress or (lambda text: None)
+def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     manifest = verify(graphs)
     if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
         raise VlmExportError("the orin target builds from dynamic-layout graphs (TensorRT profiles)", "export with --layout dynamic")
@@ -200,7 +200,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
             record = staging.cached(precision, key)
             if record is None:
                 shutil.rmtree(staging.path / precision, ignore_errors=True)  # leftovers of an interrupted attempt
-                record = _build_variant(graphs, staging.path / precision, precision, manifest, profile, progress)
+                with stage(f"building {precision}"):
+                    record = _build_variant(graphs, staging.path / precision, precision, manifest, profile)
                 staging.remember(precision, key, [f"{precision}/{MANIFEST}"], record)
             report["variants"][precision] = record
         built = [f"{p}/{e}" for p, r in report["variants"].items() for e in r["engines_built"]]

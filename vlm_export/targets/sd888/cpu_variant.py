@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import verify, write_json_atomic, write_manifest
 from vlm_export.diff.output_agreement import graph_accuracy
+from vlm_export.progress import step
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 from vlm_export.quantize.weight_only import quantize_weights
 from vlm_export.targets.assemble import assemble_variant
@@ -30,7 +31,7 @@ def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) 
                           ort.InferenceSession(str(variant / file), providers=cpu), samples)
 
 
-def build_cpu_variant(graphs: Path, out: Path, name: str, profile, progress) -> dict:
+def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
     from vlm_export.quantize.calibration import calibration_set, vision_samples
@@ -42,19 +43,19 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile, progress) -> 
     samples = vision_samples(images, spec.vision, spec.image_aspect_ratio)
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec.vision, spec.image_aspect_ratio)
     config = weight_config(f"int{BITS[name]}", manifest["model"])  # the cpu target's block choice
-    progress(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
+    step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
                 "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
     built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
     graph_files = [g["file"] for g in built["graphs"]]
-    progress(f"{name}: ORT format and reduced-operator config")
+    step(f"{name}: ORT format and reduced-operator config")
     mobile = convert_to_ort(out, graph_files, out / "mobile")
     partition = partition_report(out, graph_files)
     write_json_atomic(out / "xnnpack_partition.json", partition)
     body = {k: v for k, v in built.items() if k != "files"}
     write_manifest(out, {**body, "mobile": mobile})
     vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == "vision")
-    progress(f"{name}: measuring against fp32")
+    step(f"{name}: measuring against fp32")
     return {"graphs": built["rewrites"], "mobile": mobile,
             "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},
             "vision_accuracy_vs_fp32": _vision_accuracy(graphs, out, vision_file, held_out),

@@ -17,6 +17,7 @@ import onnx
 
 from vlm_export.artifacts import verify
 from vlm_export.diff.output_agreement import graph_accuracy
+from vlm_export.progress import step
 from vlm_export.runtime.runners import qnn_ep
 from vlm_export.targets.assemble import assemble_variant
 
@@ -34,7 +35,7 @@ def _fixed_inputs(graph: dict) -> None:
         tensor["shape"] = [1 if isinstance(d, str) else d for d in tensor["shape"]]  # batch 1 on the NPU
 
 
-def _qnn_rewrite(profile, samples: dict, held_out: dict, progress):
+def _qnn_rewrite(profile, samples: dict, held_out: dict):
     from vlm_export.quantize.qnn_qdq import fix_dims, quantize_for_qnn
 
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
@@ -47,15 +48,15 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict, progress):
             fixed = work / f"{name}.fixed.onnx"
             fix_dims(source, fixed, {"batch": 1})
             qdq = work / f"{name}.qdq.onnx"
-            progress(f"qnn: quantizing {name} (QDQ u16/u8, {len(samples[name])} samples)")
+            step(f"qnn: quantizing {name} (QDQ u16/u8, {len(samples[name])} samples)")
             info = quantize_for_qnn(fixed, qdq, samples[name], profile.qnn_16bit_weights)
             nodes = len(onnx.load(str(qdq), load_external_data=False).graph.node)
             context = out / f"{Path(graph['file']).stem}_ctx.onnx"
-            progress(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
+            step(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
             qnn_ep.create_session(qdq, profile.soc, context_file=context, embed_mode=EMBED_MODE)
             binary = next(p.name for p in out.glob(f"{context.stem}*.bin"))
             qnn_ep.check_binary(out / binary, profile.soc)
-            progress(f"qnn: measuring {name} on the emulated HTP against fp32")
+            step(f"qnn: measuring {name} on the emulated HTP against fp32")
             compiled = qnn_ep.create_session(context, profile.soc)
             reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
             accuracy = graph_accuracy(reference, compiled, held_out[name])
@@ -71,7 +72,7 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict, progress):
     return rewrite
 
 
-def build_qnn_variant(static: Path, out: Path, profile, progress) -> dict:
+def build_qnn_variant(static: Path, out: Path, profile) -> dict:
     """`static`: the fp32 graphs the variant is made from (static layout when the decoder goes onto
     the NPU; any layout when only the vision graph does)."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32, eval_requests
@@ -85,15 +86,15 @@ def build_qnn_variant(static: Path, out: Path, profile, progress) -> dict:
     eval_images = sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1]
     samples, held_out = {}, {}
     if "decoder" in profile.qnn_graphs:
-        progress("qnn: recording calibration feeds on the fp32 static graphs")
+        step("qnn: recording calibration feeds on the fp32 static graphs")
         samples = recorded_samples(static, calibration_requests(images, prompts))
         held_out = recorded_samples(static, eval_requests(), new_tokens=4)
     samples["vision"] = vision_samples(images, spec.vision, spec.image_aspect_ratio)  # every photo, as the recipe says
     held_out["vision"] = vision_samples(eval_images, spec.vision, spec.image_aspect_ratio)
-    rewrite = _qnn_rewrite(profile, samples, held_out, progress)
+    rewrite = _qnn_rewrite(profile, samples, held_out)
     built = assemble_variant(static, out, manifest, {g: rewrite for g in profile.qnn_graphs},
                              target="sd888", variant="qnn", soc=profile.soc)
     on_cpu = {g["file"]: CPU_BY_DESIGN[g["wrapper"]] for g in built["graphs"] if not g.get("qnn")}
-    progress("qnn: end-to-end agreement with fp32 (generation loop on the emulated HTP)")
+    step("qnn: end-to-end agreement with fp32 (generation loop on the emulated HTP)")
     return {"graphs": built["rewrites"], "on_cpu": on_cpu, "soc": profile.soc,
             "accuracy_vs_fp32": accuracy_vs_fp32(static, out, profile.eval_tokens)}

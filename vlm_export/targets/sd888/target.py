@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, verify, write_json_atomic
 from vlm_export.errors import MissingExtraError, VlmExportError
+from vlm_export.progress import stage
 from vlm_export.runtime.runners.qnn_ep import SOCS
 from vlm_export.targets.sd888.report import phone_fit, report_markdown
 
@@ -66,19 +67,19 @@ def _peak_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
-def _static_graphs(graphs: Path, out: Path, profile: Profile, progress) -> dict:
+def _static_graphs(graphs: Path, out: Path, profile: Profile) -> dict:
     from vlm_export.targets.assemble import export_layout
 
-    exported = export_layout(graphs, out, progress, layout="static", kv_buffer=profile.max_context,
+    exported = export_layout(graphs, out, layout="static", kv_buffer=profile.max_context,
                              prefill_chunk=profile.prefill_chunk, static_batch=1)
     return {"graph_files": [g["file"] for g in exported["graphs"]], "kv_buffer": profile.max_context,
             "prefill_chunk": profile.prefill_chunk}
 
 
-def _inplace_graphs(graphs: Path, out: Path, progress) -> dict:
+def _inplace_graphs(graphs: Path, out: Path) -> dict:
     from vlm_export.targets.assemble import export_layout
 
-    exported = export_layout(graphs, out, progress, layout="inplace")
+    exported = export_layout(graphs, out, layout="inplace")
     return {"graph_files": [g["file"] for g in exported["graphs"]]}
 
 
@@ -90,21 +91,21 @@ def _shipped(relative: Path, variant: str) -> bool:
     return not (relative.name.endswith(".onnx") or relative.name.endswith(".onnx.data"))
 
 
-def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: Profile, progress) -> dict:
+def _build_variant(name: str, graphs: Path, out: Path, staging: Path, profile: Profile) -> dict:
     started = time.perf_counter()
     if name == "fp32-static":
-        record = _static_graphs(graphs, out, profile, progress)
+        record = _static_graphs(graphs, out, profile)
     elif name == "fp32-inplace":
-        record = _inplace_graphs(graphs, out, progress)
+        record = _inplace_graphs(graphs, out)
     elif name == "qnn":
         from vlm_export.targets.sd888.qnn_variant import build_qnn_variant
 
         source = staging / "fp32-static" if "decoder" in profile.qnn_graphs else graphs
-        record = build_qnn_variant(source, out, profile, progress)
+        record = build_qnn_variant(source, out, profile)
     else:
         from vlm_export.targets.sd888.cpu_variant import build_cpu_variant
 
-        record = build_cpu_variant(staging / "fp32-inplace", out, name, profile, progress)
+        record = build_cpu_variant(staging / "fp32-inplace", out, name, profile)
     record["seconds"] = round(time.perf_counter() - started, 1)
     files = [f for f in out.rglob("*") if f.is_file()]
     record["bytes"] = sum(f.stat().st_size for f in files)
@@ -125,8 +126,7 @@ def preflight(profile: Profile) -> None:
     check_calibration(profile.calibration)
 
 
-def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progress=None) -> dict:
-    progress = progress or (lambda text: None)
+def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     preflight(profile)
     manifest = verify(graphs)
     if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
@@ -147,8 +147,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False, progre
             record = staging.cached(name, key)
             if record is None:
                 shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
-                progress(f"building {name}")
-                record = _build_variant(name, graphs, staging.path / name, staging.path, profile, progress)
+                with stage(f"building {name}"):
+                    record = _build_variant(name, graphs, staging.path / name, staging.path, profile)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         if qnn_missing:

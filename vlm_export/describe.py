@@ -6,11 +6,21 @@ from vlm_export.model.load import build_on_meta
 from vlm_export.spec import resolve_spec
 from vlm_export.spec.model_spec import ModelSpec
 
+# parameter_counts() keys -> the part names of WeightsSpec.untrained()
+COUNTED_PARTS = {"vision_tower": "vision_tower", "projector": "mm_projector", "llm": "llm"}
 
-def _format(spec: ModelSpec, counts: dict[str, int]) -> str:
+
+def weight_origins(spec: ModelSpec) -> dict[str, str]:
+    """Per part: `trained` (from the checkpoint or GGUF) or `seeded-random`."""
+    untrained = spec.weights.untrained()
+    return {part: "seeded-random" if name in untrained else "trained" for part, name in COUNTED_PARTS.items()}
+
+
+def _format(spec: ModelSpec, counts: dict[str, int], origins: dict[str, str]) -> str:
     v, llm, t = spec.vision, spec.llm, spec.template
     rope = f"theta {llm.rope_theta:g}" + (f", linear x{llm.rope_scaling_factor:g}" if llm.rope_scaling_factor else "")
     weights = spec.weights.source + (f" ({spec.weights.path})" if spec.weights.path else f" (seed {spec.weights.seed})")
+    billions = f"({counts['llm'] / 1e9:.2f} B)"
     lines = [
         f"model          {spec.name}",
         f"weights        {weights}",
@@ -24,10 +34,10 @@ def _format(spec: ModelSpec, counts: dict[str, int]) -> str:
         f"tokenizer      {spec.tokenizer.kind}: {spec.tokenizer.path}",
         f"template       {t.name} ({t.kind})",
         f"image aspect   {spec.image_aspect_ratio}",
-        "parameters",
-        f"  vision tower {counts['vision_tower']:>15,}",
-        f"  projector    {counts['projector']:>15,}",
-        f"  LLM          {counts['llm']:>15,}  ({counts['llm'] / 1e9:.2f} B)",
+        f"{'parameters':<42}weights",
+        f"  vision tower {counts['vision_tower']:>15,}  {'':<9} {origins['vision_tower']}",
+        f"  projector    {counts['projector']:>15,}  {'':<9} {origins['projector']}",
+        f"  LLM          {counts['llm']:>15,}  {billions:<9} {origins['llm']}",
         f"  total        {counts['total']:>15,}",
     ]
     lines += [f"note           {n}" for n in spec.notes]
@@ -37,4 +47,5 @@ def _format(spec: ModelSpec, counts: dict[str, int]) -> str:
 def describe_model(model: str, **resolve_options) -> dict:
     spec = resolve_spec(model, **resolve_options)
     counts = build_on_meta(spec).parameter_counts()
-    return {"spec": spec.to_dict(), "parameters": counts, "text": _format(spec, counts)}
+    origins = weight_origins(spec)
+    return {"spec": spec.to_dict(), "parameters": counts, "weights": origins, "text": _format(spec, counts, origins)}

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.notes import note_random_vision
 from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
 
 
@@ -24,6 +25,7 @@ def generate(
 ):
     """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
     from vlm_export.reference import answer
+    from vlm_export.spec import resolve_spec
 
     on_token = (lambda text: typer.echo(text, nl=False)) if stream else None
     result = answer(
@@ -31,6 +33,7 @@ def generate(
         vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling,
     )
     typer.echo("" if stream else result.text)
+    note_random_vision(resolve_spec(model, vision_tower=vision_tower), image)
     t = result.timings
     typer.echo(
         f"[torch reference] prompt {result.prompt_tokens} tok, vision {t['vision_ms']:.0f} ms, "

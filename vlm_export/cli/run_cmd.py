@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
+from vlm_export.cli.notes import artifact_spec, note_random_vision
 
 
 @handles_errors
@@ -42,6 +43,7 @@ def run(
             typer.echo("")
         else:
             typer.echo(("" if len(results) == 1 else f"[{index}] ") + result.text)
+    note_random_vision(artifact_spec(artifacts), image)
     typer.echo(
         f"[{backend}] vision {timings['vision_ms']:.0f} ms | TTFT {timings['ttft_ms']:.0f} ms | "
         f"prefill {timings['prefill_tok_s']:.1f} tok/s | decode {timings['decode_tok_s']:.1f} tok/s | "

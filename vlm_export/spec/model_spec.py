@@ -15,6 +15,12 @@ PROJECTOR_TYPES = ("ldpnet", "ldpnetv2")
 IMAGE_TOKEN = "<image>"
 # The official code marks the image position in input_ids with this index (LLaVA lineage).
 IMAGE_TOKEN_INDEX = -200
+# How transparent pixels become RGB: "drop" keeps the colour under them (the official
+# `convert("RGB")`), "composite" blends them over the pad colour (a deliberate deviation).
+ALPHA_POLICIES = ("drop", "composite")
+# The parts a model's weights come in, named as `WeightsSpec.random_parts` names them.
+WEIGHT_PARTS = ("vision_tower", "mm_projector", "llm")
+PART_NAMES = {"vision_tower": "vision tower", "mm_projector": "projector", "llm": "LLM"}
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,10 @@ class WeightsSpec:
     # Parts that stay seeded-random even though other weights are real (e.g. smol's vision).
     random_parts: tuple[str, ...] = ()
 
+    def untrained(self) -> tuple[str, ...]:
+        """The parts (of WEIGHT_PARTS) whose weights are seeded-random rather than trained."""
+        return WEIGHT_PARTS if self.source == "random" else tuple(p for p in WEIGHT_PARTS if p in self.random_parts)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -161,8 +171,9 @@ class ModelSpec:
     template: TemplateSpec
     tokenizer: TokenizerSpec
     weights: WeightsSpec = field(default_factory=WeightsSpec)
-    image_aspect_ratio: str = "pad"
+    image_aspect_ratio: str = "pad"  # config.json's key: "pad" pads to a square, else resize + centre crop
     notes: tuple[str, ...] = ()
+    image_alpha: str = "drop"  # one of ALPHA_POLICIES
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
@@ -175,10 +186,25 @@ class ModelSpec:
                 f"the LDP projectors downsample 2x, but the patch grid is {self.vision.grid}",
                 "use an image/patch size giving an even grid (336/14 = 24)",
             )
+        if self.image_alpha not in ALPHA_POLICIES:
+            raise VlmExportError(f"unknown image alpha policy '{self.image_alpha}'", f"use one of {', '.join(ALPHA_POLICIES)}")
 
     @property
     def num_image_tokens(self) -> int:
         return (self.vision.grid // 2) ** 2
+
+    def random_image_note(self) -> str | None:
+        """One line to show beside answers about an image when the vision tower or projector is
+        untrained (seeded-random); None when both are trained."""
+        untrained = self.weights.untrained()
+        if not {"vision_tower", "mm_projector"} & set(untrained):
+            return None
+        if set(untrained) == set(WEIGHT_PARTS):
+            return (f"note: {self.name}'s weights are all seeded-random, not trained: its answers about images "
+                    "(and its text) are meaningless")
+        parts = " and ".join(PART_NAMES[p] for p in untrained)
+        return (f"note: {self.name}'s {parts} {'are' if len(untrained) > 1 else 'is'} seeded-random, not trained: "
+                "its answers about images are meaningless (bring a real MobileVLM checkpoint for those)")
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
@@ -203,4 +229,5 @@ def spec_from_dict(data: dict) -> ModelSpec:
         weights=WeightsSpec(**_tuples(data["weights"], "random_parts")),
         image_aspect_ratio=data.get("image_aspect_ratio", "pad"),
         notes=tuple(data.get("notes", ())),
+        image_alpha=data.get("image_alpha", "drop"),
     )

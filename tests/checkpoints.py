@@ -94,13 +94,18 @@ def write_checkpoint(root: Path, projector: str, fmt: str = "safetensors", shard
     state = {k: v.detach().to(dtype).clone().contiguous() for k, v in model.state_dict().items()}
     ckpt = root / "checkpoint"
     ckpt.mkdir(parents=True)
+    # The tower's CLIP directory: V1 keeps the weights there (passed with --vision-tower); V2
+    # embeds them and names the directory in mm_vision_tower, whose config the official code reads.
+    clip = root / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps(clip_config(spec)))
+    config = mobilevlm_config(spec)
     if separate_vision:
-        clip = root / "clip"
-        clip.mkdir()
         vision = {k[len(VISION_KEY):]: state.pop(k) for k in list(state) if k.startswith(VISION_KEY)}
-        (clip / "config.json").write_text(json.dumps(clip_config(spec)))
         _save(vision, clip / "model.safetensors", "safetensors")
+    else:
+        config["mm_vision_tower"] = str(clip)
     write_shards(state, ckpt, fmt, shards)
-    (ckpt / "config.json").write_text(json.dumps(mobilevlm_config(spec)))
+    (ckpt / "config.json").write_text(json.dumps(config))
     shutil.copy(BUNDLED_TOKENIZER.path, ckpt / "tokenizer.model")
     return ckpt

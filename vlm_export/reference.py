@@ -6,7 +6,7 @@ import logging
 
 from vlm_export.model.generate import generate_reference
 from vlm_export.model.load import load_reference
-from vlm_export.model.preprocess import load_image, preprocess_image
+from vlm_export.model.preprocess import model_pixels
 from vlm_export.model.prompt import render_prompt, user_turn
 from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.results import GenerationResult
@@ -15,9 +15,9 @@ from vlm_export.spec import resolve_spec
 log = logging.getLogger(__name__)
 
 
-def answer(model: str, prompt: str, image: str | None = None, max_new_tokens: int = 64, on_token=None, **resolve_options) -> GenerationResult:
+def answer(model: str, prompt: str, image=None, max_new_tokens: int = 64, on_token=None, **resolve_options) -> GenerationResult:
     spec = resolve_spec(model, **resolve_options)
-    pixels = preprocess_image(load_image(image), spec.vision, spec.image_aspect_ratio) if image else None
+    pixels = model_pixels(image, spec) if image is not None else None
     tokenizer = load_tokenizer(spec.tokenizer)
     reference = load_reference(spec)
     text = render_prompt(spec.template, [user_turn(prompt, with_image=image is not None)], tokenizer)

@@ -23,6 +23,7 @@ from vlm_export.export.validate import InputSampler, validate_graph
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.model.preprocess import preprocessing_record
 from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.progress import native_stderr_filtered, stage, step
 from vlm_export.runtime.artifact_set import TOKENIZER_DIR
@@ -180,6 +181,7 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
             "versions": versions,
             "graphs": records,
             "tokenizer_graph": tokenizer_graph,
+            "preprocessing": preprocessing_record(spec),  # incl. each deliberate deviation from the official pipeline
             "export_seconds": round(time.perf_counter() - start, 1),
             "peak_rss_mb": round(peak_rss_mb()),
         })

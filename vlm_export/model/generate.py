@@ -13,6 +13,7 @@ import torch
 
 from vlm_export.errors import VlmExportError
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.model.text_stream import TextStream
 from vlm_export.model.tokenizer import TextTokenizer
 from vlm_export.results import GenerationResult, check_context
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
@@ -38,19 +39,18 @@ def generate_reference(
     out = model(inputs_embeds=embeds, use_cache=True)
     first_token = time.perf_counter()
     stop = set(model.spec.llm.eos_token_ids)
-    new_ids: list[int] = []
+    stream = TextStream(tokenizer.decode, on_text=on_token)  # streams whole characters and words' spaces
+    new_ids = stream.ids
     while len(new_ids) < max_new_tokens:
         token = int(out.logits[0, -1].argmax())
         if token in stop:
             break
-        new_ids.append(token)
-        if on_token is not None:
-            on_token(tokenizer.token_text(token))
+        stream.push(token)
         out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
     end = time.perf_counter()
     decode_steps = max(len(new_ids) - 1, 1)
     return GenerationResult(
-        text=tokenizer.decode(new_ids),
+        text=stream.finish(),
         token_ids=new_ids,
         prompt_tokens=embeds.shape[1],
         timings={

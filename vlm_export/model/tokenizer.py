@@ -2,12 +2,18 @@
 
 Ids of the image marker (IMAGE_TOKEN_INDEX) are produced by `tokenize_prompt`, exactly as the
 official `tokenizer_image_token`: each text chunk tokenized on its own, BOS kept only once.
+
+One rule for control strings (`</s>`, `<s>`, `<unk>`, `<|im_end|>`: the tokenizer's special added
+tokens): they become control tokens only where the chat template wrote them. Inside a message's
+own text they stay text (llama.cpp's default for user content), so "Hi </s> there" typed by a user
+is the SentencePiece pieces of those characters, exactly what `tokenizer.onnx` gives on a device.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,25 +32,68 @@ class TextTokenizer:
         return len(self.hf)  # ~5 ms for fast tokenizers: computed once
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
+        """Template text -> ids; control strings in it become control tokens (Hugging Face's default)."""
         return list(self.hf(text, add_special_tokens=add_bos)["input_ids"])
+
+    def encode_text(self, text: str, add_bos: bool = False) -> list[int]:
+        """A message's own text -> ids; control strings in it stay text."""
+        return list(self.hf(text, add_special_tokens=add_bos, split_special_tokens=True)["input_ids"])
+
+    @functools.cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """Control strings -> ids: the special added tokens (`<s>`, `</s>`, `<unk>`, `<|im_end|>`, ...)."""
+        return {t.content: i for i, t in self.hf.added_tokens_decoder.items() if t.special and t.content}
+
+    @functools.cached_property
+    def _leading_specials(self) -> list[int]:
+        return list(self.hf("", add_special_tokens=True)["input_ids"])  # BOS, where the tokenizer adds one
+
+    def _control_matches(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of every control string in `text`, leftmost-longest, not overlapping."""
+        if not self.control_tokens:
+            return []
+        pattern = "|".join(re.escape(c) for c in sorted(self.control_tokens, key=len, reverse=True))
+        return [(m.start(), m.end(), self.control_tokens[m.group()]) for m in re.finditer(pattern, text)]
+
+    def _encode_chunk(self, text: str, spans: list[tuple[int, int]], add_bos: bool) -> list[int]:
+        matches = self._control_matches(text)
+        in_content = [any(s < e2 and s2 < e for s2, e2 in spans) for s, e, _ in matches]
+        if not any(in_content):
+            return self.encode(text, add_bos)  # no control string typed by the user: Hugging Face's own ids
+        # Split where the template wrote control strings (Hugging Face splits there too), and
+        # tokenize every run between them with control strings kept as text.
+        ids, start = (list(self._leading_specials) if add_bos else []), 0
+        for (begin, end, token), typed in zip(matches, in_content):
+            if typed:
+                continue
+            ids += self.encode_text(text[start:begin]) + [token]
+            start = end
+        return ids + self.encode_text(text[start:])
 
     def decode(self, ids: list[int]) -> str:
         # A stand-in tokenizer can be smaller than a random model's vocabulary: show those as unk.
         unk = self.hf.unk_token_id if self.hf.unk_token_id is not None else 0
         size = self.vocab_size
         safe = [i if 0 <= i < size else unk for i in ids]
-        return self.hf.decode(safe, skip_special_tokens=True)
-
-    def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
+        # No clean-up of spaces: it rewrites text already decoded (" 'm" -> "'m"), so a streamed
+        # answer could not equal the final one. (MobileVLM's LLaMA tokenizer has it off already.)
+        return self.hf.decode(safe, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def tokenize_prompt(self, prompt: str, add_bos: bool = True) -> list[int]:
-        """Prompt text with `<image>` markers -> ids with IMAGE_TOKEN_INDEX at each marker."""
+        """Prompt text with `<image>` markers -> ids with IMAGE_TOKEN_INDEX at each marker.
+
+        `prompt` from `render_prompt` (a RenderedPrompt) knows which spans are message text: control
+        strings there stay text. A plain `str` is all template text (Hugging Face's behaviour)."""
+        content_spans = getattr(prompt, "content_spans", ())
         ids: list[int] = []
-        for index, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+        offset = 0
+        for index, chunk in enumerate(str(prompt).split(IMAGE_TOKEN)):
             if index:
                 ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(self.encode(chunk, add_bos=add_bos and index == 0))
+            end = offset + len(chunk)
+            spans = [(max(s, offset) - offset, min(e, end) - offset) for s, e in content_spans if s < end and offset < e]
+            ids.extend(self._encode_chunk(chunk, spans, add_bos=add_bos and index == 0))
+            offset = end + len(IMAGE_TOKEN)
         return ids
 
 

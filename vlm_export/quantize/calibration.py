@@ -42,10 +42,11 @@ def check_calibration(directory: Path | None = None) -> tuple[list[Path], list[s
     return images, prompts
 
 
-def vision_samples(images: list[Path], vision_spec, aspect: str) -> list[dict]:
-    from vlm_export.model.preprocess import load_image, preprocess_image
+def vision_samples(images: list[Path], spec) -> list[dict]:
+    """Vision-graph feeds for `spec` (a ModelSpec): each image preprocessed as the model sees it."""
+    from vlm_export.model.preprocess import model_pixels
 
-    return [{"pixel_values": preprocess_image(load_image(p), vision_spec, aspect)} for p in images]
+    return [{"pixel_values": model_pixels(p, spec)} for p in images]
 
 
 def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) -> list[dict]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from vlm_export.errors import VlmExportError
-from vlm_export.model.preprocess import load_image, preprocess_image
+from vlm_export.model.preprocess import model_pixels
 from vlm_export.model.prompt import Message, render_prompt, user_turn
+from vlm_export.model.text_stream import TextStream
 from vlm_export.results import GenerationResult, check_context
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
 from vlm_export.runtime.kv_cache import DynamicKV, InPlaceKV, StaticKV
@@ -39,26 +39,6 @@ class Request:
     @classmethod
     def ask(cls, prompt: str, image=None) -> "Request":
         return cls([user_turn(prompt, with_image=image is not None)], image)
-
-
-class _Stream:
-    """Per-row text bookkeeping: stop strings and streaming deltas."""
-
-    def __init__(self, tokenizer, stop_strings, on_token: OnToken | None, row: int):
-        self.tokenizer, self.stop_strings, self.on_token, self.row = tokenizer, stop_strings, on_token, row
-        self.ids: list[int] = []
-        self.text = ""
-        self.done = ""
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for stop in self.stop_strings:
-            if stop in text:
-                text, self.done = text[: text.index(stop)], "stop_string"
-        if self.on_token and text.startswith(self.text) and len(text) > len(self.text):
-            self.on_token(self.row, text[len(self.text):])
-        self.text = text
 
 
 class Generator:
@@ -94,8 +74,7 @@ class Generator:
     def _image_embeds(self, images: list) -> list[np.ndarray]:
         if not images:
             return []
-        pixels = [preprocess_image(img if not isinstance(img, (str, Path)) else load_image(img), self.spec.vision,
-                                   self.spec.image_aspect_ratio) for img in images]
+        pixels = [model_pixels(image, self.spec) for image in images]  # a path or a PIL image, any mode
         vision = self.runners["vision"]
         out = vision.infer({"pixel_values": np.concatenate(pixels).astype(self.float_dtype)})
         return list(vision.to_numpy(out["image_embeds"]))  # each (144, C)
@@ -188,26 +167,32 @@ class Generator:
         prefill_done = time.perf_counter()
         rng = np.random.default_rng(params.seed)
         stops = set(self.spec.llm.eos_token_ids)
-        streams = [_Stream(self.tokenizer, params.stop_strings + self.spec.template.stop_strings, on_token, row)
+        stop_strings = params.stop_strings + self.spec.template.stop_strings
+        streams = [TextStream(self.tokenizer.decode, stop_strings, (lambda text, row=row: on_token(row, text)) if on_token else None)
                    for row in range(len(requests))]
+        done = [""] * len(requests)
         first_token_at, steps = None, 0
         self._decoder_seconds = 0.0
         decoder = self.decode_graph
         while True:
             tokens = np.zeros(len(requests), dtype=np.int64)
             for row, stream in enumerate(streams):
-                if stream.done:
+                if done[row]:
                     continue
                 token = sample_token(logits[row], np.concatenate([seen[row], stream.ids]).astype(np.int64), params, rng)
                 tokens[row] = token
                 if token in stops:
-                    stream.done = "eos"
-                    continue
-                stream.push(token)
-                if not stream.done and len(stream.ids) >= params.max_new_tokens:
-                    stream.done = "max_new_tokens"
+                    done[row] = "eos"
+                else:
+                    stream.push(token)
+                    if stream.stopped:
+                        done[row] = "stop_string"
+                    elif len(stream.ids) >= params.max_new_tokens:
+                        done[row] = "max_new_tokens"
+                if done[row]:
+                    stream.finish()  # a row that is done flushes the text it held back
             first_token_at = first_token_at or time.perf_counter()
-            if all(s.done for s in streams):
+            if all(done):
                 break
             embeds = self.runners["embed"].infer({"input_ids": tokens[:, None]})["inputs_embeds"]
             logits = self._step(decoder, kv, embeds, np.ones((len(requests), 1), np.int64), positions[:, None])
@@ -225,4 +210,4 @@ class Generator:
             "loop_overhead_pct": 100.0 * (1 - self._decoder_seconds / decode_seconds) if steps else 0.0,
         }
         self.timings = timings
-        return [GenerationResult(s.text, s.ids, p.shape[0], timings, s.done) for s, p in zip(streams, prompts)]
+        return [GenerationResult(s.finish(), s.ids, p.shape[0], timings, reason) for s, p, reason in zip(streams, prompts, done)]

@@ -1,8 +1,11 @@
 """Turn a MobileVLM checkpoint directory (Hugging Face layout) into a ModelSpec.
 
 Reads config.json (`mm_projector_type`, `mm_vision_tower`, `mm_hidden_size`,
-`mm_vision_select_layer`, `image_aspect_ratio`, LLaMA fields) and the vision tower's shape, from a
-separate CLIP directory, the checkpoint's own weights, or the published CLIP-L/14-336.
+`mm_vision_select_layer`, `image_aspect_ratio`, LLaMA fields) and the vision tower's CLIP config,
+as the official code builds the tower: from the CLIP config of `--vision-tower` or of
+`mm_vision_tower` (a local directory, or the published openai/clip-vit-large-patch14-336, whose
+config is known), never guessed from weight shapes. A tower embedded in the checkpoint (V2) is
+checked against that config, shape by shape.
 """
 
 from __future__ import annotations
@@ -80,23 +83,48 @@ def vision_spec_from_clip_config(config: dict, select_layer: int, select_feature
     )
 
 
-def vision_spec_from_shapes(shapes: dict[str, tuple], select_layer: int, select_feature: str, name: str) -> VisionSpec:
-    """Infer a CLIP tower's dims from its weight shapes (checkpoints that embed the tower)."""
+# The vision_config of openai/clip-vit-large-patch14-336 as published on the Hugging Face hub
+# (its config.json), the tower every MobileVLM config names: known here so that a checkpoint
+# naming it needs no download. Keys absent from any config take CLIPVisionConfig's defaults.
+PUBLISHED_CLIP_CONFIGS = {
+    "openai/clip-vit-large-patch14-336": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    },
+}
+
+
+def tower_config(tower: Path | None, tower_name: str, checkpoint: Path) -> tuple[dict, str]:
+    """The CLIP config the official code would build the tower from: --vision-tower's, else
+    mm_vision_tower's (a local directory or a published name). Raises VlmExportError naming
+    what is missing when no config is available."""
+    if tower is None and Path(tower_name).is_dir():
+        tower = Path(tower_name)
+    if tower is not None:
+        return read_json(tower / "config.json", "CLIP vision tower directory"), str(tower)
+    if tower_name in PUBLISHED_CLIP_CONFIGS:
+        return PUBLISHED_CLIP_CONFIGS[tower_name], tower_name
+    raise VlmExportError(
+        f"{checkpoint}: no CLIP config for the vision tower (mm_vision_tower '{tower_name}' is not a local directory "
+        "or a known tower), so its num_attention_heads, hidden_act and layer_norm_eps are unknown",
+        "pass --vision-tower PATH to the tower's CLIP directory (its config.json is enough when the weights are inside)",
+    )
+
+
+def check_tower_shapes(vision: VisionSpec, shapes: dict[str, tuple], source: str) -> None:
+    """An embedded tower's weights must have the shapes its config says (else the config is the wrong one)."""
+    layers = {k[len(VISION_PREFIX + "encoder.layers."):].split(".")[0] for k in shapes if k.startswith(VISION_PREFIX + "encoder.layers.")}
     hidden, _, patch, _ = shapes[VISION_PREFIX + "embeddings.patch_embedding.weight"]
     positions = shapes[VISION_PREFIX + "embeddings.position_embedding.weight"][0]
-    grid = int(round((positions - 1) ** 0.5))
-    layers = {k[len(VISION_PREFIX + "encoder.layers."):].split(".")[0] for k in shapes if k.startswith(VISION_PREFIX + "encoder.layers.")}
-    return VisionSpec(
-        image_size=grid * patch,
-        patch_size=patch,
-        hidden_size=hidden,
-        intermediate_size=shapes[VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0],
-        num_layers=len(layers),
-        num_heads=max(1, hidden // 64),  # CLIP ViTs use 64-dim heads
-        select_layer=select_layer,
-        select_feature=select_feature,
-        name=name,
-    )
+    found = {"hidden_size": hidden, "patch_size": patch, "num_hidden_layers": len(layers),
+             "intermediate_size": shapes[VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0],
+             "image_size": int(round((positions - 1) ** 0.5)) * patch}
+    expected = {"hidden_size": vision.hidden_size, "patch_size": vision.patch_size, "num_hidden_layers": vision.num_layers,
+                "intermediate_size": vision.intermediate_size, "image_size": vision.image_size}
+    wrong = [f"{k} {expected[k]} (weights: {found[k]})" for k in expected if expected[k] != found[k]]
+    if wrong:
+        raise VlmExportError(f"the vision tower config of {source} does not fit the checkpoint's tower weights: {', '.join(wrong)}",
+                             "pass --vision-tower PATH to the CLIP directory this checkpoint was trained with")
 
 
 def tokenizer_spec_for(directory: Path) -> TokenizerSpec:
@@ -128,8 +156,8 @@ def check_multimodal_keys(config: dict, path: Path) -> None:
     for key, bad in UNSUPPORTED_VALUES.items():
         if config.get(key) == bad:
             raise VlmExportError(f"{path}: {key}={bad} is not supported (MobileVLM uses false)", f"set {key} to false")
-    if config.get("image_aspect_ratio", "pad") not in ("pad", "square"):
-        raise VlmExportError(f"{path}: image_aspect_ratio '{config['image_aspect_ratio']}' is not supported", "use 'pad'")
+    if config.get("image_aspect_ratio", "square") not in ("pad", "square"):
+        raise VlmExportError(f"{path}: image_aspect_ratio '{config['image_aspect_ratio']}' is not supported", "use 'pad' or 'square'")
 
 
 def spec_from_checkpoint(directory: Path, vision_tower: Path | None, weight_shapes: dict[str, tuple]) -> ModelSpec:
@@ -142,8 +170,10 @@ def spec_from_checkpoint(directory: Path, vision_tower: Path | None, weight_shap
     if vision_tower is None and Path(tower_name).is_dir():
         vision_tower = Path(tower_name)
     if any(k.startswith(VISION_PREFIX) for k in weight_shapes):
-        # The checkpoint's own tower wins over a separate directory (V2 checkpoints embed it).
-        vision = vision_spec_from_shapes(weight_shapes, select_layer, select_feature, tower_name)
+        # V2: the weights are the checkpoint's own; the architecture comes from the CLIP config.
+        clip_config, source = tower_config(vision_tower, tower_name, directory)
+        vision = vision_spec_from_clip_config(clip_config, select_layer, select_feature, tower_name)
+        check_tower_shapes(vision, weight_shapes, source)
         vision_tower = None
     elif vision_tower is not None:
         clip_config = read_json(vision_tower / "config.json", "CLIP vision tower directory")
@@ -168,5 +198,6 @@ def spec_from_checkpoint(directory: Path, vision_tower: Path | None, weight_shap
         weights=WeightsSpec(
             source="checkpoint", path=str(directory), vision_tower_path=str(vision_tower) if vision_tower else None
         ),
-        image_aspect_ratio=config.get("image_aspect_ratio", "pad"),
+        # The official process_images pads only when the key says "pad"; no key = resize + centre crop.
+        image_aspect_ratio=config.get("image_aspect_ratio", "square"),
     )

@@ -138,7 +138,7 @@ def vision_accuracy(fp32: Path, variant: Path) -> dict:
     from vlm_export.runtime.artifact_set import ArtifactSet
 
     artifacts = ArtifactSet.open(fp32, check_hashes=False)
-    samples = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1], artifacts.spec.vision, artifacts.spec.image_aspect_ratio)
+    samples = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1], artifacts.spec)
     file = artifacts.graphs["vision"]["file"]
     cpu = ["CPUExecutionProvider"]
     return graph_accuracy(ort.InferenceSession(str(fp32 / file), providers=cpu),

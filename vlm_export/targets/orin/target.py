@@ -149,7 +149,7 @@ def _calibration_samples(graphs: Path, manifest: dict, profile: Profile) -> dict
     step("collecting calibration samples")
     spec = ArtifactSet.open(graphs, check_hashes=False).spec
     images, prompts = calibration_set(profile.calibration)
-    return {"vision": vision_samples(images, spec.vision, spec.image_aspect_ratio),
+    return {"vision": vision_samples(images, spec),
             "decoder": decoder_samples(graphs, images, prompts)}
 
 

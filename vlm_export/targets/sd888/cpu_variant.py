@@ -40,8 +40,8 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     manifest = verify(graphs)
     spec = ArtifactSet.open(graphs, check_hashes=False).spec
     images, _ = calibration_set(profile.calibration)
-    samples = vision_samples(images, spec.vision, spec.image_aspect_ratio)
-    held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec.vision, spec.image_aspect_ratio)
+    samples = vision_samples(images, spec)
+    held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec)
     config = weight_config(f"int{BITS[name]}", manifest["model"])  # the cpu target's block choice
     step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),

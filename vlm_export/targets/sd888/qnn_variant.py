@@ -89,8 +89,8 @@ def build_qnn_variant(static: Path, out: Path, profile) -> dict:
         step("qnn: recording calibration feeds on the fp32 static graphs")
         samples = recorded_samples(static, calibration_requests(images, prompts))
         held_out = recorded_samples(static, eval_requests(), new_tokens=4)
-    samples["vision"] = vision_samples(images, spec.vision, spec.image_aspect_ratio)  # every photo, as the recipe says
-    held_out["vision"] = vision_samples(eval_images, spec.vision, spec.image_aspect_ratio)
+    samples["vision"] = vision_samples(images, spec)  # every photo, as the recipe says
+    held_out["vision"] = vision_samples(eval_images, spec)
     rewrite = _qnn_rewrite(profile, samples, held_out)
     built = assemble_variant(static, out, manifest, {g: rewrite for g in profile.qnn_graphs},
                              target="sd888", variant="qnn", soc=profile.soc)

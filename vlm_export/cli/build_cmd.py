@@ -6,30 +6,53 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.options import LoraOpt, ModelArg, QuietOpt, SeedOpt, VisionTowerOpt
+from vlm_export.targets import TARGETS
+
+OPTION_FIELDS = {"dla": "vision_on_dla"}  # parameter name -> Profile field, where the two differ
+
+
+class BuildCommand(TyperCommand):
+    """`build`, whose per-target options take their help text and help panel from the targets' own
+    profile data (`cli_help()`); the targets are imported only when help is shown, not on every start."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from vlm_export.targets import option_help
+
+        described = option_help()
+        for param in self.params:
+            per_target = described.get(OPTION_FIELDS.get(param.name, param.name))
+            if not per_target:
+                continue
+            names = list(per_target)
+            param.rich_help_panel = f"--target {names[0]}" if len(names) == 1 else f"--target {' | '.join(names)}"
+            param.help = "\n\n".join(f"{t}: {text}." for t, text in per_target.items()) if len(names) > 1 \
+                else per_target[names[0]] + "."
+        super().format_help(ctx, formatter)
 
 
 @handles_errors
 def build(
     model: ModelArg = "smol",
-    target: Annotated[str, typer.Option("--target", help="Build target: cpu | orin | sd888.")] = "cpu",
+    target: Annotated[str, typer.Option("--target", help=f"Build target: {' | '.join(TARGETS)}.")] = "cpu",
     graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", help="cpu: subset of fp32,int8,int4; orin: subset of fp16,int8; sd888: subset of qnn,cpu-int8,cpu-int4 (comma-separated).")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="cpu: decoder layout, inplace (GroupQueryAttention, in-place KV; default) | dynamic (Concat KV).")] = None,
-    vision: Annotated[Optional[str], typer.Option("--vision", help="cpu: vision tower of the int8/int4 variants, int8 (dynamic; default) | fp32.")] = None,
-    kv: Annotated[Optional[str], typer.Option("--kv", help="cpu: KV cache of the int8/int4 variants (inplace layout), int8 (calibrated scale per head and channel; default) | fp32.")] = None,
-    kernels: Annotated[Optional[str], typer.Option("--kernels", help="cpu: matmuls of the int4 variant, auto (native where the CPU has AVX-512 VNNI and a C compiler is present; default) | native (vlm-export's int4 kernel) | ort (ONNX Runtime's MatMulNBits).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="orin: agx-orin-64gb | agx-orin-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb")] = None,
-    dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla", help="orin: vision graph on DLA core 0, GPU fallback.")] = None,
-    max_prompt: Annotated[Optional[int], typer.Option("--max-prompt", help="orin: longest prompt (tokens) the prefill profile takes.")] = None,
-    max_context: Annotated[Optional[int], typer.Option("--max-context", help="orin: KV cache length the decode profile takes; sd888: KV buffer of the static graphs.")] = None,
-    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", help="sd888: prompt tokens per static prefill call.")] = None,
-    soc: Annotated[Optional[str], typer.Option("--soc", help="sd888: Snapdragon SoC the QNN context binaries are compiled for (SM8350 = Snapdragon 888).")] = None,
-    qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs", help="sd888: graphs put on the NPU, subset of vision,decoder (the others run on the CPU).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="cpu (int8 KV)/orin/sd888: calibration folder with recipe.json (default: the repository's calibration/).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants")] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout")] = None,
+    vision: Annotated[Optional[str], typer.Option("--vision")] = None,
+    kv: Annotated[Optional[str], typer.Option("--kv")] = None,
+    kernels: Annotated[Optional[str], typer.Option("--kernels")] = None,
+    device: Annotated[Optional[str], typer.Option("--device")] = None,
+    dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla")] = None,
+    max_prompt: Annotated[Optional[int], typer.Option("--max-prompt")] = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context")] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk")] = None,
+    soc: Annotated[Optional[str], typer.Option("--soc")] = None,
+    qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,

@@ -35,6 +35,12 @@ from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
+# The profile's choices and what each means: validation and `build --help` both read these.
+LAYOUTS = {"inplace": "GroupQueryAttention over an in-place KV buffer", "dynamic": "Concat KV, the diff baseline"}
+VISION = {"int8": "dynamic int8", "fp32": "float"}
+KV_CACHE = {"int8": "a calibrated scale per head and channel", "fp32": "float"}
+KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
+           "native": "vlm-export's int4 kernel", "ort": "ONNX Runtime's MatMulNBits"}
 
 
 def kernel_recipe() -> str:
@@ -57,19 +63,39 @@ class Profile:
     kernels: str = "auto"  # the int4 variant's matmuls: auto | native (kernels/) | ort (MatMulNBits)
 
     def __post_init__(self):
-        if self.layout not in ("inplace", "dynamic"):
-            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", "use --layout inplace or dynamic")
-        if self.vision not in ("int8", "fp32"):
-            raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", "use --vision int8 or fp32")
-        if self.kv not in ("int8", "fp32"):
-            raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", "use --kv int8 or fp32")
-        if self.kernels not in ("auto", "native", "ort"):
-            raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", "use --kernels auto, native or ort")
+        if self.layout not in LAYOUTS:
+            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", f"use --layout {' or '.join(LAYOUTS)}")
+        if self.vision not in VISION:
+            raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", f"use --vision {' or '.join(VISION)}")
+        if self.kv not in KV_CACHE:
+            raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", f"use --kv {' or '.join(KV_CACHE)}")
+        if self.kernels not in KERNELS:
+            raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", f"use --kernels {', '.join(KERNELS)}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
         if "fp32" not in self.variants:
             raise VlmExportError("the fp32 variant is the accuracy baseline of the others", "keep fp32 in --variants")
+
+
+def _choices(table: dict, default: str) -> str:
+    return "; ".join(f"{k} = {v}" + (" (default)" if k == default else "") for k, v in table.items())
+
+
+def cli_help() -> dict[str, str]:
+    """`build --help` text per Profile field, from this target's own tables and defaults."""
+    d = Profile()
+    matmuls = {name: "float" if c is None else f"{c.bits}-bit weight-only" for name, c in VARIANTS.items()}
+    return {
+        "variants": f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(d.variants)}; fp32 is the "
+                    f"others' accuracy baseline); decoder matmuls: {', '.join(f'{k} {v}' for k, v in matmuls.items())}",
+        "layout": f"decoder layout: {_choices(LAYOUTS, d.layout)}",
+        "vision": f"vision tower of the quantized variants: {_choices(VISION, d.vision)}",
+        "kv": f"KV cache of the quantized variants (inplace layout): {_choices(KV_CACHE, d.kv)}",
+        "kernels": f"matmuls of the int4 variant: {_choices(KERNELS, d.kernels)}",
+        "calibration": "folder (recipe.json, images/, prompts.txt) the int8 KV scales are calibrated on "
+                       "(default: the repository's calibration/)",
+    }
 
 
 def weight_config(name: str, model: dict) -> WeightOnlyConfig | None:

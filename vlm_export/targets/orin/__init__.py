@@ -5,6 +5,6 @@ build plan, a ready-to-run build script); the engine build itself runs wherever 
 works, and an engine is never reported unless it was built.
 """
 
-from vlm_export.targets.orin.target import Profile, build
+from vlm_export.targets.orin.target import Profile, build, cli_help
 
-__all__ = ["Profile", "build"]
+__all__ = ["Profile", "build", "cli_help"]

@@ -5,7 +5,7 @@ engines (if TensorRT is here) or a build script. Every variant is a complete art
     int8/  vision and decoder with explicit symmetric int8 Q/DQ (calibrated on calibration/),
            built with int8 + fp16 flags; its accuracy against fp32 is measured here in ONNX Runtime
     int4/  decoder weights int4 weight-only (blocked DequantizeLinear-21, block 32, lm_head float),
-           activations fp16; measured against fp32 in ONNX Runtime like int8 (opt-in: --variants)
+           activations fp16; measured against fp32 in ONNX Runtime like int8
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy
 from vlm_export.targets.orin.static_check import check_graph
 
 PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"], "int4": ["fp16"]}  # builder flags per variant
+# What each variant's graphs are (for `build --help`; the flags above are what TensorRT is given).
+VARIANT_GRAPHS = {"fp16": "fp16 export", "int8": "vision and decoder int8 Q/DQ, calibrated",
+                  "int4": "decoder weights int4 weight-only, activations fp16"}
 QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays float
 VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
 
@@ -51,6 +54,22 @@ class Profile:
             raise VlmExportError(f"{self.device} has no DLA core", "drop --dla or pick a module with DLA")
         if not 0 < self.max_prompt < self.max_context:
             raise VlmExportError("max prompt must be positive and below max context", "adjust --max-prompt / --max-context")
+
+
+def cli_help() -> dict[str, str]:
+    """`build --help` text per Profile field, from this target's own tables and defaults."""
+    d = Profile()
+    variants = "; ".join(f"{k} = {VARIANT_GRAPHS[k]}, TensorRT flags {'+'.join(f)}" for k, f in PRECISIONS.items())
+    devices = " | ".join(f"{k} ({v['memory_gb']} GB, {v['dla_cores']} DLA)" for k, v in DEVICES.items())
+    return {
+        "variants": f"comma-separated subset of {','.join(PRECISIONS)} (default {','.join(d.variants)}): {variants}",
+        "device": f"Jetson module the plans are sized for: {devices} (default {d.device})",
+        "vision_on_dla": f"vision graph on DLA core 0, GPU fallback (default {'on' if d.vision_on_dla else 'off'})",
+        "max_prompt": f"longest prompt in tokens the prefill profile takes (default {d.max_prompt})",
+        "max_context": f"KV cache length the decode profile takes (default {d.max_context}, at most the model's context)",
+        "calibration": "folder (recipe.json, images/, prompts.txt) the int8 variant is calibrated on "
+                       "(default: the repository's calibration/)",
+    }
 
 
 def graph_plan(graph: dict, profile: Profile, precision: str) -> dict:

@@ -63,6 +63,29 @@ class Profile:
             raise VlmExportError("the prefill chunk must be positive and fit the KV buffer", "adjust --prefill-chunk / --max-context")
 
 
+# What each variant is (for `build --help`; the module docstring has the detail).
+VARIANT_SUMMARY = {"qnn": "vision and decoder QDQ (u16 activations, u8 weights) compiled to QNN context binaries "
+                          "for the Hexagon NPU", "cpu-int8": "XNNPACK/CPU: vision int8 QDQ, decoder 8-bit weights, .ort models",
+                   "cpu-int4": "XNNPACK/CPU: vision int8 QDQ, decoder 4-bit weights, .ort models"}
+
+
+def cli_help() -> dict[str, str]:
+    """`build --help` text per Profile field, from this target's own tables and defaults."""
+    d = Profile()
+    socs = " | ".join(f"{k} ({v['device']}, HTP v{v['htp_arch']})" for k, v in SOCS.items())
+    return {
+        "variants": f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(d.variants)}): "
+                    + "; ".join(f"{k} = {VARIANT_SUMMARY[k]}" for k in VARIANTS),
+        "soc": f"Snapdragon SoC the QNN context binaries are compiled for: {socs} (default {d.soc})",
+        "qnn_graphs": f"graphs put on the NPU, subset of {','.join(QNN_GRAPHS)} (default {','.join(d.qnn_graphs)}; "
+                      "the others run on the CPU)",
+        "max_context": f"KV buffer of the static graphs (default {d.max_context}, at most the model's context)",
+        "prefill_chunk": f"prompt tokens per static prefill call (default {d.prefill_chunk})",
+        "calibration": "folder (recipe.json, images/, prompts.txt) the QNN and CPU variants are calibrated on "
+                       "(default: the repository's calibration/)",
+    }
+
+
 def _peak_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 

@@ -40,3 +40,14 @@ def v1_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("v1")
     ckpt = write_checkpoint(root, "ldpnet", fmt="bin", shards=2, separate_vision=True)
     return ckpt, root / "clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tmp_path_factory) -> Path:
+    """`tiny` exported once for the session (dynamic layout): the runtime's edge-case tests share it."""
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("tiny") / "graphs"
+    export_model(tiny_spec("ldpnet"), out, ExportOptions())
+    return out

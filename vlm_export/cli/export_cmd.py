@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlm_export.cli.errors import handles_errors
-from vlm_export.cli.options import LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
 
 
 @handles_errors
@@ -26,6 +26,7 @@ def export(
     seed: SeedOpt = 0,
     rope_scaling: RopeScalingOpt = None,
     quiet: QuietOpt = False,
+    image_alpha: ImageAlphaOpt = None,
 ):
     """Export the vision+projector, embedding and decoder graphs, each validated against PyTorch."""
     from vlm_export.export.graph_specs import ExportOptions
@@ -33,7 +34,8 @@ def export(
     from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec
 
-    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling)
+    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling,
+                        image_alpha=image_alpha)
     kv_buffer = kv_buffer or min(1024, spec.llm.max_context)
     opts = ExportOptions(dtype=dtype, layout=layout, logits=logits, prefill_chunk=prefill_chunk, kv_buffer=kv_buffer)
     suffix = (f"-{layout}" if layout != "dynamic" else "") + ("-fp16" if dtype == "fp16" else "")

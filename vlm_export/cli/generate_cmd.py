@@ -8,7 +8,7 @@ import typer
 
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.notes import note_random_vision
-from vlm_export.cli.options import LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
 
 
 @handles_errors
@@ -22,6 +22,7 @@ def generate(
     lora: LoraOpt = None,
     seed: SeedOpt = 0,
     rope_scaling: RopeScalingOpt = None,
+    image_alpha: ImageAlphaOpt = None,
 ):
     """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
     from vlm_export.reference import answer
@@ -30,7 +31,7 @@ def generate(
     on_token = (lambda text: typer.echo(text, nl=False)) if stream else None
     result = answer(
         model, prompt, image=image, max_new_tokens=max_new_tokens, on_token=on_token,
-        vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling,
+        vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling, image_alpha=image_alpha,
     )
     typer.echo("" if stream else result.text)
     note_random_vision(resolve_spec(model, vision_tower=vision_tower), image)

@@ -10,3 +10,4 @@ LoraOpt = Annotated[Optional[str], typer.Option("--lora", help="PEFT LoRA adapte
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (by default: a live line on a terminal, otherwise a line per stage start and end).")]
 RopeScalingOpt = Annotated[Optional[float], typer.Option("--rope-scaling", help="Linear RoPE interpolation factor (e.g. 4 for 2k -> 8k).")]
+ImageAlphaOpt = Annotated[Optional[str], typer.Option("--image-alpha", help="Transparent pixels: drop (keep the colour under them, as the official convert('RGB'); default) | composite (blend over the pad colour; recorded in the manifest as a deviation).")]

@@ -49,7 +49,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     logits = logits.copy()
     seen = seen[(seen >= 0) & (seen < logits.size)]
     picked = logits[seen]
-    logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    with np.errstate(over="ignore"):  # a tiny penalty overflows to +-inf, which sampling handles
+        logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     return logits
 
 
@@ -61,7 +62,8 @@ def _probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         probs = (logits == top).astype(np.float64)
     else:
         # Subtract the maximum before dividing: a tiny temperature must not overflow to inf - inf.
-        probs = np.exp((logits - top) / params.temperature)
+        with np.errstate(over="ignore"):  # a subnormal temperature sends the others to -inf: exp = 0
+            probs = np.exp((logits - top) / params.temperature)
     if 0 < params.top_k < probs.size:
         kth = np.partition(probs, -params.top_k)[-params.top_k]
         probs = np.where(probs < kth, 0.0, probs)

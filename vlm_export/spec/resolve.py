@@ -29,7 +29,12 @@ def resolve_spec(
     lora: str | None = None,
     seed: int = 0,
     rope_scaling_factor: float | None = None,
+    image_alpha: str | None = None,
 ) -> ModelSpec:
+    """MODEL (preset name, checkpoint directory or .gguf) -> its ModelSpec, with the options applied.
+
+    image_alpha: how transparent pixels are treated (ALPHA_POLICIES; None keeps the official "drop").
+    Raises VlmExportError naming the problem (unknown model, missing files, bad options)."""
     path = Path(model).expanduser()
     if model in PRESETS:
         spec = PRESETS[model]()
@@ -67,4 +72,4 @@ def resolve_spec(
                                   max_context=int(llm.max_context * rope_scaling_factor))
     if vision_tower is not None and spec.weights.source != "checkpoint":
         weights = dataclasses.replace(weights, vision_tower_path=vision_tower)
-    return spec.replace(weights=weights, llm=llm)
+    return spec.replace(weights=weights, llm=llm, image_alpha=image_alpha or spec.image_alpha)

@@ -5,7 +5,7 @@ import pytest
 
 from tests.cli import vlm
 
-COMMANDS = ["inspect", "generate", "export", "build", "run", "verify"]
+COMMANDS = ["inspect", "generate", "export", "build", "run", "verify", "doctor"]
 
 
 

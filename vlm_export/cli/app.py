@@ -10,6 +10,7 @@ import typer
 from vlm_export.cli.bench_cmd import bench
 from vlm_export.cli.build_cmd import BuildCommand, build
 from vlm_export.cli.diff_cmd import diff
+from vlm_export.cli.doctor_cmd import doctor
 from vlm_export.cli.errors import STATE
 from vlm_export.cli.export_cmd import export
 from vlm_export.cli.generate_cmd import generate
@@ -52,3 +53,4 @@ app.command()(run)
 app.command()(bench)
 app.command()(diff)
 app.command()(verify)
+app.command()(doctor)

@@ -80,10 +80,10 @@ def to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:
     has_alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
     try:
         if alpha == "composite" and has_alpha:
-            rgba = image.convert("RGBA")
+            rgba = image.convert("LA" if image.mode == "La" else image.mode.upper()).convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, PAD_COLOUR + (255,)), rgba).convert("RGB")
-        if image.mode in ("La", "RGBa"):  # premultiplied: Pillow converts these only through RGBA
-            image = image.convert("RGBA")
+        if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to LA / RGBA
+            image = image.convert(image.mode.upper())
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise VlmExportError(f"cannot convert a {image.mode} image to RGB ({exc})", "save the image as an 8-bit RGB PNG or JPEG") from exc

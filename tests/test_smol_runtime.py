@@ -59,3 +59,14 @@ def test_smol_text_answer_is_real(smol_graphs):
     with Generator(ArtifactSet.open(smol_graphs, check_hashes=False), "ort") as generator:
         result = generator.generate([Request.ask("What is the capital of France?")], SamplingParams(24))[0]
     assert "Paris" in result.text and result.stop_reason == "eos"
+
+
+def test_smol_streams_whole_japanese_characters(smol_dynamic):
+    """Byte-level BPE splits a CJK character or an emoji over several tokens: the stream shows each
+    only once complete, and equals the final text byte for byte (issue: U+FFFD runs while streaming)."""
+    pieces = []
+    request = Request.ask("Write the Japanese word for cat, then three emojis.")
+    with Generator(ArtifactSet.open(smol_dynamic)) as generator:
+        result = generator.generate([request], SamplingParams(max_new_tokens=40), on_token=lambda _r, t: pieces.append(t))[0]
+    assert "".join(pieces) == result.text and not any("\ufffd" in p for p in pieces)
+    assert any("\u3040" <= ch <= "\u9fff" for ch in result.text)  # it does answer in Japanese script

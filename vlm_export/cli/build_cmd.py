@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperCommand
 
 from vlm_export.cli.errors import handles_errors
-from vlm_export.cli.options import LoraOpt, ModelArg, QuietOpt, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, SeedOpt, VisionTowerOpt
 from vlm_export.targets import TARGETS
 
 OPTION_FIELDS = {"dla": "vision_on_dla"}  # parameter name -> Profile field, where the two differ
@@ -58,6 +58,7 @@ def build(
     lora: LoraOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    image_alpha: ImageAlphaOpt = None,
 ):
     """Build target artifacts (each variant runnable with `vlm-export run`) and a build report."""
     from vlm_export.build import build_model
@@ -66,7 +67,7 @@ def build(
     from vlm_export.targets import target_module
 
     target_module(target)  # an unknown target fails before any work
-    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed)
+    spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, image_alpha=image_alpha)
     graphs = graphs or Path("graphs") / spec.name
     out = out or Path("engines") / target / spec.name
     given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "kv": kv, "kernels": kernels, "device": device, "vision_on_dla": dla,

@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.checkpoints import write_checkpoint
-from tests.cli import vlm
+from tests.cli import message_lines, vlm
 
 
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0, result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("normalizer.cc")]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for fragment in fragments:

@@ -66,9 +66,8 @@ def official_process_images(image_file, aspect: str | None) -> np.ndarray:
 
 
 def official_generate(ckpt, ids: list[int], pixels: np.ndarray | None, max_new_tokens: int, **options) -> list[int]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig.from_json_file(str(ckpt / "config.json"))
     llm = LlamaForCausalLM(config).eval()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Self
 
 from vlm_export.errors import VlmExportError
 from vlm_export.spec.model_spec import IMAGE_TOKEN, TemplateSpec
@@ -36,7 +37,7 @@ class RenderedPrompt(str):
 
     content_spans: tuple[tuple[int, int], ...]
 
-    def __new__(cls, text: str, content_spans=()) -> "RenderedPrompt":
+    def __new__(cls, text: str, content_spans=()) -> Self:
         prompt = super().__new__(cls, text)
         prompt.content_spans = tuple(content_spans)
         return prompt

@@ -17,7 +17,7 @@ off Hugging Face's clean-up of spaces, the one step that rewrites earlier text).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"
 

@@ -118,7 +118,7 @@ def check_tower_shapes(vision: VisionSpec, shapes: dict[str, tuple], source: str
     positions = shapes[VISION_PREFIX + "embeddings.position_embedding.weight"][0]
     found = {"hidden_size": hidden, "patch_size": patch, "num_hidden_layers": len(layers),
              "intermediate_size": shapes[VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0],
-             "image_size": int(round((positions - 1) ** 0.5)) * patch}
+             "image_size": round((positions - 1) ** 0.5) * patch}
     expected = {"hidden_size": vision.hidden_size, "patch_size": vision.patch_size, "num_hidden_layers": vision.num_layers,
                 "intermediate_size": vision.intermediate_size, "image_size": vision.image_size}
     wrong = [f"{k} {expected[k]} (weights: {found[k]})" for k in expected if expected[k] != found[k]]

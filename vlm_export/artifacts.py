@@ -29,6 +29,42 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _hash_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "vlm-export" / "sha256.json"
+
+
+def _identity(path: Path) -> str:
+    """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime (ns).
+    ctime cannot be set back from user space, so a rewrite with a forged mtime still shows."""
+    st = path.stat()
+    return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def sha256_remembered(path: Path) -> str:
+    """sha256 of `path`, hashed once per version of the file: a one-token `run` would otherwise
+    re-read every weight (0.5 GB for smol's int4 set) on each start. The digests live in
+    $XDG_CACHE_HOME/vlm-export/sha256.json (default ~/.cache), keyed by `_identity`; an unreadable
+    or unwritable cache only costs the hashing."""
+    cache_path, key = _hash_cache_path(), _identity(path)
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
+    digest = sha256(path)
+    live = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if k.split("|")[0] != key.split("|")[0]}
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
+        tmp.write_text(json.dumps({**live, key: digest}))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return digest
+
+
 def file_records(directory: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
@@ -99,7 +135,7 @@ def verify(directory: Path, check_hashes: bool = True) -> dict:
         path = directory / name
         if not path.is_file():
             raise VlmExportError(f"{path} is missing from the artifact set", "re-run the export/build")
-        if path.stat().st_size != record["bytes"] or (check_hashes and sha256(path) != record["sha256"]):
+        if path.stat().st_size != record["bytes"] or (check_hashes and sha256_remembered(path) != record["sha256"]):
             raise VlmExportError(f"{path} does not match its manifest checksum (tampered or incomplete)", "re-run the export/build")
     for name in manifest.get("files", {}):
         if name.endswith(".onnx"):

@@ -37,12 +37,11 @@ def main_options(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlm_export").setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
     if not debug:
-        # Library chatter (progress bars, legacy-tokenizer notices) is not for end users.
+        # Library chatter (progress bars, legacy-tokenizer notices) is not for end users. Set by
+        # environment, which transformers reads when (and only if) a command imports it: importing it
+        # here would cost every command ~1 s, and `run` PyTorch (see keep_transformers_off_torch).
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 app.command()(inspect)

@@ -28,6 +28,9 @@ def run(
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
 ):
     """Run the generation loop on exported artifacts; prints the answer, then a one-line timing summary."""
+    from vlm_export.runtime.runners import keep_transformers_off_torch
+
+    keep_transformers_off_torch(backend)
     from vlm_export.runtime.api import run_prompts
     from vlm_export.runtime.sampling import SamplingParams
 

@@ -1,0 +1,43 @@
+"""`verify` hashes each file once per version: a rewrite is caught even with its mtime forged."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vlm_export import artifacts
+from vlm_export.artifacts import verify, write_manifest
+from vlm_export.errors import VlmExportError
+
+
+@pytest.fixture
+def artifact_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"a" * 4096)
+    write_manifest(out, {"kind": "test"})
+    return out
+
+
+def test_second_verify_reads_no_file(artifact_dir, monkeypatch):
+    verify(artifact_dir)
+    monkeypatch.setattr(artifacts, "sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    verify(artifact_dir)
+
+
+def test_rewrite_with_forged_mtime_is_caught(artifact_dir):
+    verify(artifact_dir)
+    path = artifact_dir / "weights.bin"
+    before = path.stat()
+    path.write_bytes(b"b" * 4096)  # same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime; ctime moves regardless
+    with pytest.raises(VlmExportError, match="does not match its manifest checksum"):
+        verify(artifact_dir)
+
+
+def test_unwritable_cache_still_verifies(artifact_dir, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the cache folder should be
+    assert verify(artifact_dir)["kind"] == "test"

@@ -24,6 +24,7 @@ def artifact_dir(tmp_path, monkeypatch):
 def test_second_verify_reads_no_file(artifact_dir, monkeypatch):
     verify(artifact_dir)
     monkeypatch.setattr(artifacts, "sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    monkeypatch.setattr(artifacts, "_external_locations", lambda path: pytest.fail(f"re-parsed {path}"))
     verify(artifact_dir)
 
 

@@ -31,7 +31,7 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def _hash_cache_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "vlm-export" / "sha256.json"
+    return Path(root) / "vlm-export" / "file-facts.json"
 
 
 def _identity(path: Path) -> str:
@@ -41,28 +41,36 @@ def _identity(path: Path) -> str:
     return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
-def sha256_remembered(path: Path) -> str:
-    """sha256 of `path`, hashed once per version of the file: a one-token `run` would otherwise
-    re-read every weight (0.5 GB for smol's int4 set) on each start. The digests live in
-    $XDG_CACHE_HOME/vlm-export/sha256.json (default ~/.cache), keyed by `_identity`; an unreadable
-    or unwritable cache only costs the hashing."""
+def _remembered(path: Path, kind: str, compute):
+    """compute(path), computed once per version of the file and kept in
+    $XDG_CACHE_HOME/vlm-export/file-facts.json (default ~/.cache), keyed by `_identity`. An
+    unreadable or unwritable cache only costs the computing."""
     cache_path, key = _hash_cache_path(), _identity(path)
     try:
         cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), str):
-        return cache[key]
-    digest = sha256(path)
-    live = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if k.split("|")[0] != key.split("|")[0]}
+    facts = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    if kind in facts:
+        return facts[kind]
+    value = compute(path)
+    # One entry per path: an older version's facts go.
+    live = {k: v for k, v in cache.items() if k.split("|")[0] != key.split("|")[0]}
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
-        tmp.write_text(json.dumps({**live, key: digest}))
+        tmp.write_text(json.dumps({**live, key: {**facts, kind: value}}))
         os.replace(tmp, cache_path)
     except OSError:
         pass
-    return digest
+    return value
+
+
+def sha256_remembered(path: Path) -> str:
+    """sha256 of `path`, hashed once per version of the file: a one-token `run` would otherwise
+    re-read every weight (0.5 GB for smol's int4 set) on each start."""
+    return _remembered(path, "sha256", lambda p: sha256(p))
 
 
 def file_records(directory: Path) -> dict[str, dict]:
@@ -111,16 +119,21 @@ def read_manifest(directory: Path) -> dict:
         raise VlmExportError(f"{path} is corrupt ({exc})", "re-run the export/build that makes it") from exc
 
 
-def check_external_data(model_path: Path) -> None:
-    """ONNX external-data locations must stay inside the artifact directory (no absolute paths, no `..`)."""
+def _external_locations(model_path: Path) -> list[str]:
+    """The external-data file names an ONNX model's tensors point at (parsing the graph: ~0.3 s for a decoder)."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
+    return sorted({next((e.value for e in tensor.external_data if e.key == "location"), "")
+                   for tensor in onnx.external_data_helper._get_all_tensors(model)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL})
+
+
+def check_external_data(model_path: Path) -> None:
+    """ONNX external-data locations must stay inside the artifact directory (no absolute paths, no `..`,
+    no link out). The locations are read once per version of the file; where they lead is checked every time."""
     root = model_path.parent.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    for location in _remembered(model_path, "external_data", _external_locations):
         target = (root / location).resolve()
         if Path(location).is_absolute() or ".." in Path(location).parts or root not in target.parents:
             raise VlmExportError(f"{model_path} points its weights outside the artifact directory ('{location}'), refused",

@@ -113,6 +113,20 @@ def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
     return record
 
 
+def _reuse_tokenizer(source: Path, staging: Path) -> dict:
+    """The tokenizer files and record of an earlier export of the same model (loading smol's from
+    its GGUF again costs ~15 s): linked, as the graphs are."""
+    from vlm_export.artifacts import read_manifest
+
+    for path in sorted((source / TOKENIZER_DIR).rglob("*")):
+        if path.is_file():
+            link_or_copy(path, staging / path.relative_to(source))
+    record = read_manifest(source)["tokenizer_graph"]
+    if record.get("file"):
+        link_or_copy(source / record["file"], staging / record["file"])
+    return {**record, "reused_from": str(source)}
+
+
 def reusable_graphs(source: Path | None, spec: ModelSpec, opts: ExportOptions, versions: dict) -> dict[str, dict]:
     """Graphs of an earlier export that this one would export identically (same model, dtype,
     opset and versions, same graph spec): e.g. vision and embed when only the decoder layout differs."""
@@ -170,8 +184,12 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
                     record = _export_one(models, graph, staging.path, opts)
             staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
             records.append(record)
-        with stage("writing the tokenizer"):
-            tokenizer_graph = _write_tokenizer(spec, staging.path)
+        if earlier:  # the same model, export and tool versions: the same tokenizer
+            step(f"tokenizer: the same as in {reuse}, linked")
+            tokenizer_graph = _reuse_tokenizer(Path(reuse), staging.path)
+        else:
+            with stage("writing the tokenizer"):
+                tokenizer_graph = _write_tokenizer(spec, staging.path)
         staging.finish()
         manifest = write_manifest(staging.path, {
             "kind": "vlm-export graphs",

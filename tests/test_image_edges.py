@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -130,3 +131,29 @@ def test_manifest_names_the_preprocessing_deviations(tiny_graphs):
     record = json.loads((tiny_graphs / "manifest.json").read_text())["preprocessing"]
     assert record["alpha"] == "drop" and record["exif_orientation"] == "applied"
     assert any("16-bit" in d for d in record["deviations_from_official"])
+
+
+def test_an_empty_pil_image_is_refused_in_one_line():
+    with pytest.raises(VlmExportError, match=r"the image is empty \(0x0 pixels\)"):
+        to_rgb(Image.new("RGB", (0, 0)))
+
+
+def test_float_image_with_nan_and_inf_converts_quietly():
+    image = Image.fromarray(np.array([[np.nan, 1.0], [2.0, np.inf]], dtype=np.float32), "F")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.asarray(to_rgb(image))[:, :, 0].tolist() == [[0, 0], [255, 255]]
+
+
+def test_palette_with_byte_transparency_converts_quietly(tmp_path):
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    image.save(tmp_path / "p.png", transparency=b"\x00\x80" + b"\xff" * 254)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.asarray(load_image(tmp_path / "p.png"))[0, 0].tolist() == [250, 20, 20]
+
+
+def test_a_directory_given_as_image_is_named_so(tmp_path):
+    with pytest.raises(VlmExportError, match="is a directory"):
+        load_image(tmp_path)

@@ -215,3 +215,17 @@ def test_cli_refuses_a_bad_setting_before_running(tiny_graphs):
     result = vlm("run", tiny_graphs, "--prompt", "hello", "--temperature", "0.8", "--top-p", "0")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --top-p 0.0 is out of range -- fix: pass --top-p as a number in (0, 1] (1 = off)"]
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_cli_max_new_tokens_zero_is_the_one_line_error(tiny_graphs, command):
+    target = tiny_graphs if command == "run" else "tiny"
+    result = vlm(command, target, "--prompt", "hello", "--max-new-tokens", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --max-new-tokens 0 is out of range -- fix: pass --max-new-tokens as an integer >= 1"]
+
+
+def test_a_nul_in_the_prompt_is_refused():
+    # tokenizer.onnx's SentencePiece op reads C strings and stops at U+0000: host and device would differ
+    with pytest.raises(VlmExportError, match=r"NUL character \(U\+0000\) -- fix: remove it"):
+        user_turn("a\x00b", with_image=False)

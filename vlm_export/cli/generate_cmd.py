@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,8 +15,8 @@ from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, RopeScaling
 def generate(
     model: ModelArg = "smol",
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message.")] = "What is the capital of France?",
-    image: Annotated[Optional[str], typer.Option("--image", help="Image file to ask about.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    image: Annotated[str | None, typer.Option("--image", help="Image file to ask about.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help=">= 1; checked with the sampling settings (one-line error).")] = 64,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
@@ -26,8 +26,10 @@ def generate(
 ):
     """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
     from vlm_export.reference import answer
+    from vlm_export.runtime.sampling import SamplingParams
     from vlm_export.spec import resolve_spec
 
+    SamplingParams(max_new_tokens=max_new_tokens)  # refuses an out-of-range value as `run` does
     on_token = (lambda text: typer.echo(text, nl=False)) if stream else None
     result = answer(
         model, prompt, image=image, max_new_tokens=max_new_tokens, on_token=on_token,

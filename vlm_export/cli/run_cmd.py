@@ -19,7 +19,7 @@ def run(
     backend: Annotated[str, typer.Option("--backend", help="torch | torch-cuda | ort | trt")] = "ort",
     providers: Annotated[Optional[str], typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help=">= 1; checked with the sampling settings (one-line error).")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,

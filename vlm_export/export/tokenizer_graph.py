@@ -79,6 +79,6 @@ def write_tokenizer_graph(tokenizer_dir: Path, out_dir: Path, tokenizer: TextTok
     path = out_dir / "tokenizer.onnx"
     onnx.save_model(sentencepiece_graph(sp_model, add_bos), str(path))
     return {"file": path.name, "op": f"{CONTRIB}.SentencepieceTokenizer",
-            "input": "a message's own text; control strings in it stay text",
+            "input": "a message's own text; control strings in it stay text; no U+0000 (the op stops at it)",
             "control_tokens": tokenizer.control_tokens,  # the template's, inserted by the app as ids
             "check": check_tokenizer_graph(path, tokenizer, list(CHECK_TEXTS), add_bos)}

@@ -6,7 +6,7 @@ The shared multi-backend loop (runtime/) is checked against this.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ def generate_reference(
     max_new_tokens: int = 64,
     on_token: Callable[[str], None] | None = None,
 ) -> GenerationResult:
+    if max_new_tokens < 1:
+        raise VlmExportError(f"max_new_tokens {max_new_tokens} is out of range", "pass an integer >= 1")
     ids = tokenizer.tokenize_prompt(prompt_text, add_bos=model.spec.template.add_bos)
     if (IMAGE_TOKEN_INDEX in ids) != (pixel_values is not None):
         raise VlmExportError("the prompt's image markers and the images given do not match", "pass --image once per <image>")

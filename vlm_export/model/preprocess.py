@@ -58,8 +58,10 @@ DIRECT_CROP_PIXELS = 64 * 2**20
 def _scaled_to_8bit(image: Image.Image) -> Image.Image:
     array = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
-        span = max(float(array.max() - array.min()), 1e-12)
-        array = (array - array.min()) / span * 255.0
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        array = np.nan_to_num(array, nan=low, posinf=high, neginf=low)  # NaN reads as the darkest value
+        array = (np.clip(array, low, high) - low) / max(high - low, 1e-12) * 255.0
     else:  # 16-bit (I;16*) or 32-bit integer (I), which Pillow uses for 16-bit PNGs
         array = np.clip(array, 0, 65535) * (255.0 / 65535.0)
     return Image.fromarray(np.rint(array).astype(np.uint8), "L")
@@ -74,6 +76,8 @@ def to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:
     """
     if alpha not in ALPHA_POLICIES:
         raise VlmExportError(f"unknown image alpha policy '{alpha}'", f"use one of {', '.join(ALPHA_POLICIES)}")
+    if image.width == 0 or image.height == 0:
+        raise VlmExportError(f"the image is empty ({image.width}x{image.height} pixels)", "pass an image of at least 1x1 pixels")
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT or image.mode == "F":
         image = _scaled_to_8bit(image)
@@ -84,7 +88,9 @@ def to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:
             return Image.alpha_composite(Image.new("RGBA", rgba.size, PAD_COLOUR + (255,)), rgba).convert("RGB")
         if image.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to LA / RGBA
             image = image.convert(image.mode.upper())
-        return image.convert("RGB")
+        with warnings.catch_warnings():  # "transparency expressed in bytes": the alpha is dropped on purpose
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+            return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise VlmExportError(f"cannot convert a {image.mode} image to RGB ({exc})", "save the image as an 8-bit RGB PNG or JPEG") from exc
 
@@ -93,7 +99,8 @@ def load_image(path: str | Path, alpha: str = "drop") -> Image.Image:
     """Open an image file safely (Pillow's decompression-bomb guard is an error here) -> RGB, upright."""
     path = Path(path)
     if not path.is_file():
-        raise VlmExportError(f"image {path} does not exist", "pass the path of a JPEG/PNG image")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise VlmExportError(f"image {path} {problem}", "pass the path of a JPEG/PNG image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

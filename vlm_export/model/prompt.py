@@ -28,6 +28,8 @@ class Message:
 def user_turn(prompt: str, with_image: bool) -> Message:
     if IMAGE_TOKEN in prompt:
         raise VlmExportError(f"the prompt contains the reserved marker {IMAGE_TOKEN}", "pass the image with --image instead")
+    if "\x00" in prompt:  # C-string tokenizers (tokenizer.onnx's SentencePiece op) stop there: host and device would differ
+        raise VlmExportError("the prompt contains a NUL character (U+0000)", "remove it from the prompt")
     return Message("user", f"{IMAGE_TOKEN}\n{prompt}" if with_image else prompt)
 
 

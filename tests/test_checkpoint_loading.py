@@ -135,3 +135,31 @@ def test_lora_adapter_is_merged(tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(inputs_embeds=embeds).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def _set_config(ckpt, **changes):
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def test_v2_tower_comes_from_its_clip_config(scratch_checkpoint):
+    clip = json.loads((scratch_checkpoint.parent / "clip" / "config.json").read_text())
+    clip["num_attention_heads"], clip["hidden_act"], clip["layer_norm_eps"] = 2, "gelu", 1e-6  # not hidden // 64
+    (scratch_checkpoint.parent / "clip" / "config.json").write_text(json.dumps(clip))
+    vision = resolve_spec(str(scratch_checkpoint)).vision
+    assert (vision.num_heads, vision.hidden_act, vision.layer_norm_eps) == (2, "gelu", 1e-6)
+
+
+def test_v2_tower_without_any_config_is_refused(scratch_checkpoint):
+    _set_config(scratch_checkpoint, mm_vision_tower="someone/custom-clip")
+    with pytest.raises(VlmExportError, match="no CLIP config for the vision tower.*num_attention_heads.* -- fix: pass --vision-tower"):
+        resolve_spec(str(scratch_checkpoint))
+    spec = resolve_spec(str(scratch_checkpoint), vision_tower=str(scratch_checkpoint.parent / "clip"))  # the fix works
+    assert spec.vision.num_heads == json.loads((scratch_checkpoint.parent / "clip" / "config.json").read_text())["num_attention_heads"]
+
+
+def test_v2_tower_config_that_does_not_fit_the_weights_is_refused(scratch_checkpoint):
+    _set_config(scratch_checkpoint, mm_vision_tower="openai/clip-vit-large-patch14-336")  # the published config: 1024 wide
+    with pytest.raises(VlmExportError, match="does not fit the checkpoint's tower weights: hidden_size 1024 \\(weights: 64\\)"):
+        resolve_spec(str(scratch_checkpoint))

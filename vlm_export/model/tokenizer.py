@@ -48,12 +48,17 @@ class TextTokenizer:
     def _leading_specials(self) -> list[int]:
         return list(self.hf("", add_special_tokens=True)["input_ids"])  # BOS, where the tokenizer adds one
 
+    @functools.cached_property
+    def _control_pattern(self) -> re.Pattern | None:
+        # Longest first, so `<|im_end|>` wins over any shorter control string it contains.
+        names = sorted(self.control_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, names))) if names else None
+
     def _control_matches(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, id) of every control string in `text`, leftmost-longest, not overlapping."""
-        if not self.control_tokens:
+        if self._control_pattern is None:
             return []
-        pattern = "|".join(re.escape(c) for c in sorted(self.control_tokens, key=len, reverse=True))
-        return [(m.start(), m.end(), self.control_tokens[m.group()]) for m in re.finditer(pattern, text)]
+        return [(m.start(), m.end(), self.control_tokens[m.group()]) for m in self._control_pattern.finditer(text)]
 
     def _encode_chunk(self, text: str, spans: list[tuple[int, int]], add_bos: bool) -> list[int]:
         matches = self._control_matches(text)

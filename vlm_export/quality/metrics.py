@@ -1,0 +1,141 @@
+"""Quality of a candidate (quantized or compiled) against its full-precision baseline, per scored
+position, the way llama.cpp's perplexity tool measures it (`llama-perplexity --kl-divergence-base`
+then `--kl-divergence`: tools/perplexity/README.md in ggml-org/llama.cpp):
+
+    perplexity   exp(mean negative log-likelihood of the true next token), for each side
+    mean KL      mean over positions of KL(P_baseline || P_candidate), nats, float64 log-softmax
+    top-1        share of positions where both sides' most likely token is the same ("same top p")
+    greedy       share of prompts whose greedy answers are identical token for token
+
+Every consumer (build reports of every target, `vlm-export diff`, the bench rows of our engines and
+of the peers) feeds logits into one `Accumulator` and reads a `Quality`; budgets and verdicts are
+here too, so a number means the same thing wherever it is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(..., V) logits, any float dtype -> float64 log-probabilities."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Quality:
+    """A candidate against its baseline over `tokens` scored positions (all float, rates in 0..1)."""
+
+    tokens: int
+    perplexity_reference: float
+    perplexity: float
+    mean_kl: float
+    kl_p99: float
+    top1_agreement: float
+    greedy_identical: float | None = None  # share of prompts answered identically (greedy)
+    greedy_prompts: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Quality":
+        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
+
+
+@dataclass
+class Accumulator:
+    """Streams (positions, V) logit pairs chunk by chunk: only per-position scalars are kept."""
+
+    kl: list[np.ndarray] = field(default_factory=list)
+    same_top1: list[np.ndarray] = field(default_factory=list)
+    nll_reference: list[np.ndarray] = field(default_factory=list)
+    nll: list[np.ndarray] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
+        """reference, candidate: (T, V) logits at the same T positions; targets: (T,) int, the true
+        next token at each position (what perplexity scores).
+
+        Raises ValueError when the shapes disagree (a vocabulary or position mismatch)."""
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        targets = np.asarray(targets, dtype=np.int64)
+        if reference.shape != candidate.shape or reference.ndim != 2 or targets.shape != reference.shape[:1]:
+            raise ValueError(f"logits {reference.shape} vs {candidate.shape}, targets {targets.shape}: "
+                             "expected (T, V), (T, V), (T,)")
+        ref, cand = log_softmax(reference), log_softmax(candidate)
+        self.kl.append(np.maximum((np.exp(ref) * (ref - cand)).sum(axis=-1), 0.0))  # >= 0 up to rounding
+        self.same_top1.append(ref.argmax(-1) == cand.argmax(-1))
+        rows = np.arange(len(targets))
+        self.nll_reference.append(-ref[rows, targets])
+        self.nll.append(-cand[rows, targets])
+
+    def add_greedy(self, reference_ids, candidate_ids) -> None:
+        """One prompt's greedy answers (token ids) from each side."""
+        self.greedy.append(list(reference_ids) == list(candidate_ids))
+
+    def result(self) -> Quality:
+        if not self.kl:
+            raise ValueError("no positions were scored")
+        kl = np.concatenate(self.kl)
+        return Quality(
+            tokens=int(kl.size),
+            perplexity_reference=float(np.exp(np.concatenate(self.nll_reference).mean())),
+            perplexity=float(np.exp(np.concatenate(self.nll).mean())),
+            mean_kl=float(kl.mean()),
+            kl_p99=float(np.percentile(kl, 99)),
+            top1_agreement=float(np.concatenate(self.same_top1).mean()),
+            greedy_identical=float(np.mean(self.greedy)) if self.greedy else None,
+            greedy_prompts=len(self.greedy),
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a variant may lose against full precision on the eval set.
+
+    The CPU budgets sit at what llama.cpp loses on the same weights (SmolLM2-135M, 2,048 tokens of
+    prose, measured 2026-11-30, ../shared/FINDINGS.md): Q4_1 mean KL 0.0032, top-1 0.961; Q8_0
+    0.0049, 0.960.
+    """
+
+    max_mean_kl: float
+    min_top1: float
+    label: str
+
+    def verdict(self, quality: Quality) -> "Verdict":
+        misses = []
+        if not quality.mean_kl <= self.max_mean_kl:  # NaN fails
+            misses.append(f"mean KL {quality.mean_kl:.4f} > {self.max_mean_kl}")
+        if not quality.top1_agreement >= self.min_top1:
+            misses.append(f"top-1 {quality.top1_agreement:.3f} < {self.min_top1}")
+        return Verdict(self, not misses, tuple(misses), quality)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    budget: Budget
+    passed: bool
+    misses: tuple[str, ...]
+    quality: Quality
+
+    def line(self) -> str:
+        q, b = self.quality, self.budget
+        if self.passed:
+            return (f"within the {b.label} budget: mean KL {q.mean_kl:.4f} <= {b.max_mean_kl}, "
+                    f"top-1 {q.top1_agreement:.3f} >= {b.min_top1} ({q.tokens} tokens)")
+        return f"OVER the {b.label} budget: {'; '.join(self.misses)} ({q.tokens} tokens)"
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget.label, "max_mean_kl": self.budget.max_mean_kl, "min_top1": self.budget.min_top1,
+                "passed": self.passed, "misses": list(self.misses), "line": self.line()}
+
+
+BUDGETS: dict[str, Budget] = {
+    "int8": Budget(max_mean_kl=0.005, min_top1=0.96, label="int8"),
+    "int4": Budget(max_mean_kl=0.01, min_top1=0.95, label="int4"),
+}

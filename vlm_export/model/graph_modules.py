@@ -155,10 +155,13 @@ def rope_tables(model: MobileVLMForCausalLM, positions: int) -> tuple[torch.Tens
 
 
 class InPlaceDecoderGraph(nn.Module):
-    """inputs_embeds (right-padded), seqlens_k, total_sequence_length, K/V buffers -> last logits, buffers."""
+    """inputs_embeds (right-padded), seqlens_k, total_sequence_length, K/V buffers -> last logits, buffers.
 
-    def __init__(self, model: MobileVLMForCausalLM):
+    `last_logits_only=False`: every position's logits (teacher-forced scoring on the PyTorch backend)."""
+
+    def __init__(self, model: MobileVLMForCausalLM, last_logits_only: bool = True):
         super().__init__()
+        self.last_logits_only = last_logits_only
         llm = model.spec.llm
         self.blocks = nn.ModuleList(
             InPlaceDecoderBlock(layer, llm.num_heads, llm.num_kv_heads, llm.head_dim)
@@ -177,6 +180,8 @@ class InPlaceDecoderGraph(nn.Module):
             hidden, present = block(hidden, self.cos_half, self.sin_half, past[2 * index], past[2 * index + 1],
                                     seqlens_k, total_sequence_length)
             presents.extend(present)
+        if not self.last_logits_only:
+            return (self.lm_head(self.norm(hidden)), *presents)
         # Each row's last valid query row is min(S, T) - 1: the only logits generation needs.
         last_row = torch.arange(hidden.shape[1], device=hidden.device)[-1]  # S - 1, kept symbolic when traced
         last = torch.minimum(seqlens_k.long(), last_row)
@@ -225,7 +230,7 @@ def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Modu
     if kind == "embed":
         return EmbedGraph(model).eval()
     if attrs.get("layout") == "inplace":
-        return InPlaceDecoderGraph(model).eval()
+        return InPlaceDecoderGraph(model, attrs.get("last_logits_only", True)).eval()
     return DecoderGraph(
         model,
         present_is_new_only=attrs["kv_update"].startswith("present_is_new"),

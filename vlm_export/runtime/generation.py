@@ -105,13 +105,42 @@ class Generator:
 
     # -- decoder steps ---------------------------------------------------------------------
     def _step(self, name: str, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        runner = self.runners[name]
+        return self._run(self.runners[name], kv, embeds, keep, positions)[:, -1].astype(np.float32)  # (B, V)
+
+    def _run(self, runner, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One decoder call: (B, S', V) logits as the graph returns them (S' = S or 1); `kv` updated."""
         feeds = {"inputs_embeds": embeds, **kv.feeds(keep, positions)}
         started = time.perf_counter()
         outputs = runner.infer(feeds)
         self._decoder_seconds += time.perf_counter() - started
         kv.update(outputs, keep)
-        return runner.to_numpy(outputs["logits"])[:, -1].astype(np.float32)  # (B, V)
+        return runner.to_numpy(outputs["logits"])
+
+    # -- a public session API for teacher-forced scoring (vlm_export/quality/scoring.py) -----------
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        """Token ids -> (T, C) embeddings from the embed graph."""
+        return self._embed_ids(list(ids))
+
+    def image_embeds(self, image) -> np.ndarray:
+        """One image (path or PIL image) -> (144, C) embeddings from the vision graph."""
+        return self._image_embeds([image])[0]
+
+    def new_cache(self, batch: int, capacity: int):
+        """An empty KV cache of this layout for `capacity` positions (dynamic: grows, capacity unused)."""
+        return self._new_kv(batch, capacity)
+
+    def prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
+        """The loop's own prefill: -> (cache, (B, V) last logits, (B,) positions of the next token)."""
+        return self._prefill(prompts, max_new_tokens)
+
+    def forward(self, embeds: np.ndarray, kv, positions: np.ndarray, runner=None) -> np.ndarray:
+        """(B, S, C) embeddings at (B, S) positions, no padding, through `kv` -> (B, S', V) float32
+        logits: S' = S from a decoder that returns every position, 1 from one that returns the last.
+        `runner`: another runner of the decode graph's inputs (an all-positions copy); default the
+        decode graph's own."""
+        runner = runner or self.runners[self.decode_graph]
+        keep = np.ones(embeds.shape[:2], dtype=np.int64)
+        return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
 
     def _new_kv(self, batch: int, capacity: int):
         llm = self.spec.llm

@@ -10,6 +10,9 @@ through numpy; `to_numpy` fetches what the host needs (logits).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 from vlm_export.errors import VlmExportError
@@ -49,6 +52,12 @@ class Runner:
             raise VlmExportError(f"graph {self.name}: missing inputs {missing[:3]}, unexpected {extra[:3]}",
                                  "the artifacts do not match this version of the runtime; re-export")
         return self.infer_impl(feeds)
+
+    @contextmanager
+    def all_logits(self) -> Iterator["Runner | None"]:
+        """A runner of this decoder graph that returns every position's logits, for the block's
+        duration; None where this backend cannot make one (the caller then scores one token per call)."""
+        yield None
 
     # -- for subclasses -------------------------------------------------------------------------
     def activate_impl(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,26 @@ class OrtRunner(Runner):
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+    @contextmanager
+    def all_logits(self):
+        """Inplace decoders: a copy of the graph without its last-row gather, in a temporary
+        directory (runtime/all_logits.py). This runner's own session is closed meanwhile, so a
+        large model is not held twice."""
+        if self.graph.get("attrs", {}).get("layout") != "inplace" or self.qnn:
+            yield None
+            return
+        from vlm_export.runtime.all_logits import AllLogitsCopy
+
+        was_active = self.is_active
+        self.deactivate()
+        try:
+            with AllLogitsCopy(self.path.parent, self.graph) as (path, record), \
+                    OrtRunner(record, path, self.providers, self.threads) as runner:
+                yield runner
+        finally:
+            if was_active:
+                self.activate()
 
 
 def make_runner(graph: dict, directory: Path, options: dict) -> OrtRunner:

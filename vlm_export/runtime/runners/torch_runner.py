@@ -7,6 +7,7 @@ fetches only what the host needs (logits) through `to_numpy`."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,13 @@ class TorchRunner(Runner):
 
     def to_numpy(self, value) -> np.ndarray:
         return value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+    @contextmanager
+    def all_logits(self):
+        """The same graph-shaped module without its last-row pick (inplace, or dynamic `--logits last`)."""
+        record = {**self.graph, "attrs": {**self.graph.get("attrs", {}), "last_logits_only": False}}
+        with TorchRunner(record, self.model, self.device) as runner:
+            yield runner
 
 
 _MODELS: dict[tuple, object] = {}

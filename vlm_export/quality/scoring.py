@@ -1,0 +1,248 @@
+"""Teacher-forced scoring of a candidate against its reference, through the generation loop.
+
+Both sides get the same token ids (the reference's tokenizer; the candidate's must agree) and
+each embeds them with its own embed graph; their logits at every scored position go into one
+`Accumulator` (metrics.py), streamed call by call so only per-position scalars are kept.
+
+    eval prose -> ids -> chunks of n_ctx (eval_set.py)
+    per chunk, on each side:   prefill context half (one call) -> last logits       -> scored
+                               scored half, `call_tokens` ids per call through the
+                               KV cache, as decode reads it (an int8 cache's error
+                               shows only here)                  -> every row's logits -> scored
+
+Logits of every position come from the decoder itself where it returns them (dynamic layout
+exported with `--logits all`), from an all-positions copy of it otherwise (inplace layout on ONNX
+Runtime: runtime/all_logits.py; on PyTorch: the same module without the last-row gather); a
+decoder that can do neither (static layout, TensorRT) is scored one token per call.
+
+Then greedy answers to the eval prompts (identical or not, and the agreeing prefix), and one long
+prompt of prose (with and without the eval image), scored the same way where the context allows.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.errors import VlmExportError
+from vlm_export.progress import step
+from vlm_export.quality.eval_set import chunks, eval_image, eval_requests, prose
+from vlm_export.quality.metrics import Accumulator, Quality
+
+DEFAULT_N_CTX = 1024
+CALL_TOKENS = 16  # ids per decoder call over the scored half (decode-like: each call reads the cache)
+GREEDY_TOKENS = 32
+LONG_PROMPT_TOKENS = 1536  # prose ids in the long-context prompt (plus the template, plus the image)
+
+
+@dataclass(frozen=True)
+class Settings:
+    tokens: int  # scored positions on the eval prose
+    n_ctx: int | None = None  # None: DEFAULT_N_CTX, or less where the model's context is shorter
+    call_tokens: int = CALL_TOKENS
+    greedy_tokens: int = GREEDY_TOKENS  # 0: no greedy answers
+    long_prompt_tokens: int = LONG_PROMPT_TOKENS  # 0: no long-context case
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.call_tokens < 1 or self.greedy_tokens < 0 or self.long_prompt_tokens < 0:
+            raise VlmExportError(f"invalid scoring settings {self}", "score at least 1 token, at least 1 per call")
+
+
+@dataclass
+class Comparison:
+    quality: Quality  # the eval prose, plus the greedy answers
+    greedy_prefix_agreement: float | None  # mean share of each greedy answer before the first difference
+    n_ctx: int
+    long_context: dict = field(default_factory=dict)  # {"prompt_tokens", "text", "image"} or {"skipped": why}
+    seconds: float = 0.0
+    settings: Settings | None = None
+
+    def to_dict(self) -> dict:
+        settings = self.settings
+        return {**self.quality.to_dict(), "greedy_prefix_agreement": self.greedy_prefix_agreement, "n_ctx": self.n_ctx,
+                "call_tokens": settings.call_tokens if settings else None,
+                "greedy_tokens": settings.greedy_tokens if settings else None,
+                "long_context": self.long_context, "seconds": round(self.seconds, 1)}
+
+
+def n_ctx_for(generator, wanted: int | None = None) -> int:
+    """The chunk length a generator can score: at most its model's context (static layout: its
+    fixed KV buffer, less one prefill chunk of front padding)."""
+    n_ctx = min(wanted or DEFAULT_N_CTX, generator.spec.llm.max_context)
+    if generator.layout == "static":
+        n_ctx = min(n_ctx, generator.kv_buffer - generator.chunk + 1)
+    return n_ctx
+
+
+@contextmanager
+def logits_runner(generator):
+    """The runner that gives every position's logits for `generator`'s decode graph while the block
+    lasts, or None (then one token per call)."""
+    if generator.layout == "static":  # prefill and decode graphs return the last position only
+        yield None
+        return
+    runner = generator.runners[generator.decode_graph]
+    if not runner.graph.get("attrs", {}).get("last_logits_only", True):
+        yield runner
+        return
+    with runner.all_logits() as copy:
+        yield copy
+
+
+class _Side:
+    """One generator's cache, position and logits runner while a sequence is scored."""
+
+    def __init__(self, generator, runner):
+        self.generator, self.runner = generator, runner
+        self.kv, self.position = None, 0
+
+    def start(self, context: np.ndarray, capacity: int) -> np.ndarray:
+        """(P, C) context embeddings -> (1, V) logits of its last position (predicting the next id)."""
+        g = self.generator
+        if g.layout == "static":  # the loop's own chunked prefill graph
+            self.kv, logits, positions = g.prefill([context], capacity - context.shape[0])
+            self.position = int(positions[0])
+            return logits[:1]
+        self.kv = g.new_cache(1, capacity)
+        logits = g.forward(context[None], self.kv, np.arange(context.shape[0])[None], self.runner)
+        self.position = context.shape[0]
+        return logits[0, -1:]
+
+    def feed(self, embeds: np.ndarray) -> np.ndarray:
+        """(S, C) embeddings of the next ids -> (S, V) logits, one per position, through the cache."""
+        g, count = self.generator, embeds.shape[0]
+        if self.runner is not None:
+            logits = g.forward(embeds[None], self.kv, (self.position + np.arange(count))[None], self.runner)[0]
+            self.position += count
+            return logits
+        rows = []
+        for row in embeds:  # a last-logits decoder: one token per call
+            rows.append(g.forward(row[None, None], self.kv, np.array([[self.position]]))[0, -1])
+            self.position += 1
+        return np.stack(rows)
+
+
+def score_sequence(sides: tuple[_Side, _Side], embeds: tuple[np.ndarray, np.ndarray], ids: list[int], context: int,
+                   call_tokens: int, accumulator: Accumulator) -> None:
+    """Rows `embeds` (T, C) per side, `ids` (T,) the id at each row: the logits at rows
+    context-1 .. T-2 are scored against ids[context:] (T - context positions)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    total = ids.shape[0]
+    if not 0 < context < total or (ids[context:] < 0).any():
+        raise ValueError(f"cannot score rows {context}..{total} (an image row among them?)")
+    ref, cand = sides
+    accumulator.add(ref.start(embeds[0][:context], total), cand.start(embeds[1][:context], total), ids[context:context + 1])
+    for start in range(context, total - 1, call_tokens):
+        end = min(start + call_tokens, total - 1)
+        accumulator.add(ref.feed(embeds[0][start:end]), cand.feed(embeds[1][start:end]), ids[start + 1:end + 1])
+
+
+def _same_ids(reference, candidate, text: str) -> list[int]:
+    ids = reference.tokenizer.encode_text(text)
+    if candidate.tokenizer.encode_text(text) != ids:
+        raise VlmExportError("the candidate's tokenizer gives other ids than the reference's on the eval text",
+                             "compare artifact sets of the same model")
+    return ids
+
+
+def greedy(reference, candidate, new_tokens: int, accumulator: Accumulator) -> float | None:
+    """Greedy answers to the eval prompts from both sides -> mean agreeing prefix share."""
+    from vlm_export.runtime.sampling import SamplingParams
+
+    if not new_tokens:
+        return None
+    params, prefixes = SamplingParams(max_new_tokens=new_tokens), []
+    for request in eval_requests():
+        expected = reference.generate([request], params)[0].token_ids
+        got = candidate.generate([request], params)[0].token_ids
+        accumulator.add_greedy(expected, got)
+        same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        prefixes.append(same / max(len(expected), 1))
+    return float(np.mean(prefixes))
+
+
+def prompt_rows(generator, request) -> tuple[np.ndarray, list[int]]:
+    """A request -> (T, C) prompt embeddings (image spliced in) and the id at each row (-1: image)."""
+    from vlm_export.model.prompt import render_prompt
+    from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
+
+    image = generator.image_embeds(request.image) if request.image is not None else None
+    embeds, _ = generator.encode(request, image)
+    text = render_prompt(generator.spec.template, request.messages, generator.tokenizer)
+    ids = generator.tokenizer.tokenize_prompt(text, add_bos=generator.spec.template.add_bos)
+    image_rows = embeds.shape[0] - sum(1 for t in ids if t != IMAGE_TOKEN_INDEX)
+    rows = [r for t in ids for r in ([-1] * image_rows if t == IMAGE_TOKEN_INDEX else [t])]
+    return embeds, rows
+
+
+def long_context(reference, candidate, stream: list[int], settings: Settings, runners) -> dict:
+    """The first `long_prompt_tokens` ids of prose as one user prompt, with and without the eval
+    image; its last min(tokens, half) positions scored through the cache like the chunks."""
+    from vlm_export.runtime.generation import Request
+
+    limit = min(n_ctx_for(reference, 1 << 30), n_ctx_for(candidate, 1 << 30))
+    if not settings.long_prompt_tokens:
+        return {"skipped": "not asked for (long_prompt_tokens 0)"}
+    if settings.long_prompt_tokens + 64 > limit:
+        return {"skipped": f"the model's context ({limit} tokens) is shorter than the long prompt "
+                           f"({settings.long_prompt_tokens} tokens of prose and the template)"}
+    text = reference.tokenizer.decode(stream[:settings.long_prompt_tokens])
+    out = {}
+    for label, image in (("text", None), ("image", eval_image())):
+        if label == "image" and image is None:
+            out[label] = {"skipped": "no eval image"}
+            continue
+        request = Request.ask(text, image)
+        (ref_embeds, ids), (cand_embeds, cand_ids) = prompt_rows(reference, request), prompt_rows(candidate, request)
+        if ids != cand_ids:
+            raise VlmExportError("the candidate's tokenizer gives other ids than the reference's on the long prompt",
+                                 "compare artifact sets of the same model")
+        if len(ids) > limit:
+            out[label] = {"skipped": f"{len(ids)} rows exceed the context of {limit}"}
+            continue
+        scored = min(settings.tokens, len(ids) // 2)
+        accumulator = Accumulator()
+        score_sequence(tuple(_Side(g, r) for g, r in zip((reference, candidate), runners)), (ref_embeds, cand_embeds),
+                       ids, len(ids) - scored, settings.call_tokens, accumulator)
+        out[label] = accumulator.result().to_dict()
+        out["prompt_tokens"] = max(out.get("prompt_tokens", 0), len(ids))
+    return out
+
+
+def compare(reference, candidate, settings: Settings) -> Comparison:
+    """Two open Generators (any backends, any layouts) -> the candidate's quality against the reference."""
+    started = time.perf_counter()
+    accumulator = Accumulator()
+    prefix = greedy(reference, candidate, settings.greedy_tokens, accumulator)  # the loop's own runners
+    stream = _same_ids(reference, candidate, prose())
+    n_ctx = min(n_ctx_for(reference, settings.n_ctx), n_ctx_for(candidate, settings.n_ctx))
+    bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
+    plan = chunks(len(stream), n_ctx, settings.tokens)
+    with ExitStack() as stack:
+        runners = [stack.enter_context(logits_runner(g)) for g in (reference, candidate)]
+        step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {settings.call_tokens} per call")
+        for chunk in plan:
+            ids = chunk.ids(stream, bos)
+            sides = tuple(_Side(g, r) for g, r in zip((reference, candidate), runners))
+            score_sequence(sides, (reference.embed_ids(ids), candidate.embed_ids(ids)), ids, chunk.context,
+                           settings.call_tokens, accumulator)
+        long = long_context(reference, candidate, stream, settings, runners)
+    return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings)
+
+
+def compare_dirs(reference_dir: Path, candidate_dir: Path, settings: Settings, backend: str = "ort") -> Comparison:
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator
+
+    with Generator(ArtifactSet.open(reference_dir, check_hashes=False), backend) as reference, \
+            Generator(ArtifactSet.open(candidate_dir, check_hashes=False), backend) as candidate:
+        return compare(reference, candidate, settings)
+
+
+def measure(reference_dir: Path, candidate_dir: Path, tokens: int, backend: str = "ort", **settings) -> Quality:
+    """A built variant against its full-precision baseline over `tokens` scored positions."""
+    return compare_dirs(Path(reference_dir), Path(candidate_dir), Settings(tokens, **settings), backend).quality

@@ -1,0 +1,104 @@
+"""An all-positions copy of an inplace decoder graph, for teacher-forced scoring.
+
+The inplace decoder returns only each row's last logits: a GatherElements picks the last valid
+row of the residual stream before the final norm and lm_head (`InPlaceDecoderGraph`). Scoring
+needs every position's logits, so the copy bypasses that gather and keeps everything else
+(custom ops such as `vlm_export.cpu::Int4MatMul`, the int8 KV attention, the weights):
+
+    blocks.N/Add_1 (B, S, C) --GatherElements(last row)--> (B, 1, C) -> norm -> lm_head -> logits
+    blocks.N/Add_1 (B, S, C) ------------------------------------------> norm -> lm_head -> logits (B, S, V)
+
+The copy lies in a temporary directory of its own: the graph file (small when the weights are
+external data) plus symlinks to the weights' data files and the kernel library, so nothing is
+written into the artifact directory and a 1.4B model costs no second copy of its weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from vlm_export.errors import VlmExportError
+
+
+def _last_row_gather(graph):
+    """The GatherElements nearest the `logits` output, walking back through node inputs."""
+    producers = {out: node for node in graph.node for out in node.output}
+    queue, seen = deque([producers["logits"]]), set()
+    while queue:
+        node = queue.popleft()
+        if node.op_type == "GatherElements":
+            return node
+        if node.op_type == "GroupQueryAttention":
+            continue  # past the last block: no gather on this path
+        for name in node.input:
+            if name in producers and name not in seen:
+                seen.add(name)
+                queue.append(producers[name])
+    return None
+
+
+def _prune_dead_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is used (the gather's row-index arithmetic)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(out in used for out in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
+def all_logits_graph(source: Path, destination: Path) -> None:
+    """Write `source` (an inplace decoder) to `destination` with every position's logits; the
+    external data files it names are linked beside it."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    gather = _last_row_gather(graph)
+    if gather is None:
+        raise VlmExportError(f"{source.name}: no last-row GatherElements before the logits",
+                             "score this decoder one token per call, or re-export it with the inplace layout")
+    data, picked = gather.input[0], gather.output[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == picked:
+                node.input[i] = data
+    graph.node.remove(gather)
+    _prune_dead_nodes(graph)
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "sequence"  # (B, S, V), no longer (B, 1, V)
+    for tensor in graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and not (destination.parent / entry.value).exists():
+                (destination.parent / entry.value).symlink_to((source.parent / entry.value).resolve())
+    onnx.save(model, str(destination))
+
+
+class AllLogitsCopy:
+    """A temporary directory holding the all-positions copy of a decoder record's graph.
+
+        with AllLogitsCopy(directory, record) as (path, record):  # record: the copy's manifest record
+            ...
+    """
+
+    def __init__(self, directory: Path, record: dict):
+        self.directory, self.record = Path(directory), record
+        self.workdir = None
+
+    def __enter__(self) -> tuple[Path, dict]:
+        self.workdir = tempfile.TemporaryDirectory(prefix="vlm-export-all-logits-")
+        work = Path(self.workdir.name)
+        library = self.record.get("custom_op_library")
+        if library:
+            (work / library).symlink_to((self.directory / library).resolve())
+        path = work / self.record["file"]
+        all_logits_graph(self.directory / self.record["file"], path)
+        record = {**self.record, "attrs": {**self.record.get("attrs", {}), "last_logits_only": False}}
+        return path, record
+
+    def __exit__(self, *exc) -> None:
+        self.workdir.cleanup()

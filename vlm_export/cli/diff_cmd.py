@@ -23,13 +23,17 @@ def diff(
     quiet: QuietOpt = False,
 ):
     """Per-graph (Polygraphy), per-layer and end-to-end diffs; exit code 1 when a tolerance fails."""
-    from vlm_export.diff.api import diff_artifacts, failure_summary
+    from vlm_export.diff.api import diff_artifacts, failure_summary, localisation_lines
     from vlm_export.progress import configure
 
     out = out or graphs.with_name(graphs.name + "-diff")
     configure(quiet=quiet)
     report = diff_artifacts(graphs, list(variants or []), out, new_tokens)
     typer.echo((out / "diff.md").read_text().rstrip())
+    where = localisation_lines(report)
+    if where:  # after the report, so the last lines say where a decoder goes wrong
+        typer.echo("\n" + "\n".join(where))
     if not report["passed"]:
-        print(f"error: diff failed: {failure_summary(report)} -- see {out / 'diff.md'}", file=sys.stderr)
+        at = "".join(f"; {line}" for line in localisation_lines(report, named_only=True))
+        print(f"error: diff failed: {failure_summary(report)}{at} -- see {out / 'diff.md'}", file=sys.stderr)
         raise typer.Exit(DIFF_FAILED_EXIT)

@@ -1,7 +1,8 @@
 """`diff_artifacts`: the reference vs exported graphs and built variants -> JSON + Markdown report.
 
     per graph      PyTorch reference vs each artifact (Polygraphy Comparator), golden files
-    per layer      fp32 graph vs each candidate decoder, block by block (first divergence)
+    per layer      the graphs' decoder vs PyTorch, and the fp32 graph vs each candidate decoder, block by
+                   block (first divergence)
     end to end     greedy agreement, teacher-forced top-1 and KL, perplexity (dynamic layout)
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from vlm_export.artifacts import sha256, write_json_atomic
 from vlm_export.diff.graph_diff import diff_graph, golden_command
-from vlm_export.diff.localize import localize
+from vlm_export.diff.localize import localize, localize_against_torch, summary
 from vlm_export.diff.polygraphy_runners import TorchGraphRunner, ort_runner
 from vlm_export.diff.report import markdown
 from vlm_export.export.graph_specs import GraphSpec, diff_cases, make_inputs
@@ -92,11 +93,31 @@ def _diff_graph(name: str, record: dict, candidates: list, reference, sampler: I
     report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
     report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
     if graph.wrapper == "decoder":
-        for c in [c for c in candidates[1:] if c in comparable]:
-            if (c.directory / graph.file).is_file() and sha256(c.directory / graph.file) != sha256(graphs_dir / graph.file):
-                step(f"localising {c.label} {graph.file}")
-                report["localisation"].setdefault(c.label, {})[name] = localize(graphs_dir / graph.file, c.directory / graph.file, feeds,
-                                                                                       _kernel_library(c, graph.file))
+        _localise_decoder(name, graph, feeds, [c for c in candidates if c in comparable], torch_runner.module, graphs_dir, report)
+
+
+def _localise_decoder(name: str, graph: GraphSpec, feeds: list[dict], comparable: list[Candidate], module, graphs_dir: Path,
+                      report: dict) -> None:
+    """Block by block: the baseline graphs against PyTorch (hooks on `module`'s blocks), each variant
+    whose decoder differs against the baseline's graph."""
+    for c in comparable:
+        path = c.directory / graph.file
+        if c.directory == graphs_dir:
+            step(f"localising {c.label} {graph.file} against PyTorch")
+            loc = localize_against_torch(module, graph, path, feeds, _kernel_library(c, graph.file))
+        elif path.is_file() and sha256(path) != sha256(graphs_dir / graph.file):
+            step(f"localising {c.label} {graph.file}")
+            loc = localize(graphs_dir / graph.file, path, feeds, _kernel_library(c, graph.file))
+        else:
+            continue
+        report["localisation"].setdefault(c.label, {})[name] = loc
+
+
+def localisation_lines(report: dict, named_only: bool = False) -> list[str]:
+    """One console line per localised decoder: where it first diverges, or why no block is named
+    (`named_only`: the lines that name a block)."""
+    return [f"{label} {graph}: {summary(loc)}" for label, graphs in report["localisation"].items() for graph, loc in graphs.items()
+            if not named_only or loc["first_divergence"] is not None]
 
 
 def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16) -> dict:

@@ -16,12 +16,13 @@ def markdown(report: dict) -> str:
     for skipped in report.get("not_compared", []):
         lines.append(f"| {skipped['graph']} | {skipped['candidate']} | - | - | - | - | - | not compared: {skipped['reason']} |")
     if report["localisation"]:
-        lines += ["", "## Per layer (residual stream, relative error vs the fp32 graph)", ""]
+        from vlm_export.diff.localize import summary
+
+        lines += ["", "## Per layer (residual stream, relative error vs PyTorch or the fp32 graph)", ""]
         for label, graphs in report["localisation"].items():
             for graph, loc in graphs.items():
                 errors = ", ".join(f"{b['block']}: {b['hidden']:.2g}" for b in loc["blocks"])
-                lines.append(f"- {label} {graph}: first divergence at block {loc['first_divergence']}; "
-                             f"costliest blocks {loc['costliest_blocks']}; per block {errors}")
+                lines.append(f"- {label} {graph}: {summary(loc)}" + (f"; per block {errors}" if errors else ""))
     e2e = report["end_to_end"]
     if "skipped" in e2e:
         lines += ["", f"End to end: skipped ({e2e['skipped']})."]

@@ -77,3 +77,93 @@ def test_gguf_export_gives_llama_cpp_the_reference_logits(tmp_path, tiny_model):
     assert cosine > 0.9999, cosine
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     llm.close()
+
+
+def _speed(value: float) -> dict:
+    return {"median": value, "min": value, "max": value, "n": 1}
+
+
+def _quality_report(rows: list[dict]) -> dict:
+    return {"schema": "vlm-export-bench/1", "suite": "q", "settings": {"contexts": [16], "threads": 2, "prefill_tokens": 8},
+            "quality": {"tokens": 32, "n_ctx": 16, "peers": {"fp32": "llama.cpp:F32", "int8": "llama.cpp:Q8_0",
+                                                              "int4": "llama.cpp:source"}},
+            "models": [{"model": "tiny", "results": rows}]}
+
+
+def test_rows_get_their_quality_class_peer_ratio_and_budget(tmp_path):
+    from vlm_export.benchmark.report import frontier_chart, quality_table
+    from vlm_export.benchmark.row_quality import QualitySettings, _baselines, _peer_ratios, quality_class
+
+    assert [quality_class(n) for n in ("ort:int4", "ort-mlas:int4/4k", "llama.cpp:source", "llama.cpp:Q4_K_M",
+                                       "llama.cpp:Q8_0", "llama.cpp:F32", "ort-genai:int4")] == \
+        ["int4", "int4", "int4", "int4", "int8", "fp32", "int4"]
+    lossy = {"tokens": 32, "perplexity_reference": 10.0, "perplexity": 12.0, "mean_kl": 0.2, "kl_p99": 1.0,
+             "top1_agreement": 0.7}
+    close = {**lossy, "perplexity": 10.1, "mean_kl": 0.002, "top1_agreement": 0.97}
+    rows = [{"engine": "ort:fp32", "decode_tok_s": {"16": _speed(50)}, "prefill_tok_s": _speed(100)},
+            {"engine": "ort:int4", "decode_tok_s": {"16": _speed(150)}, "prefill_tok_s": _speed(300), "quality": lossy},
+            {"engine": "ort:int8", "decode_tok_s": {"16": _speed(120)}, "prefill_tok_s": _speed(200), "quality": close},
+            {"engine": "llama.cpp:source", "decode_tok_s": {"16": _speed(100)}, "prefill_tok_s": _speed(150), "quality": close},
+            {"engine": "llama.cpp:F32", "decode_tok_s": {"16": _speed(40)}, "prefill_tok_s": _speed(80),
+             "quality": {**close, "mean_kl": 0.0, "top1_agreement": 1.0}},
+            {"engine": "ort-genai:int4", "decode_tok_s": {"16": _speed(90)}, "prefill_tok_s": _speed(90),
+             "quality_skipped": "not measured: onnxruntime-genai's venv is missing"},
+            {"engine": "llama.cpp:Q8_0", "skipped": "engine process failed"}]
+    results = {"ort:int4": lossy, "ort:int8": close}
+    _baselines([r for r in rows if "skipped" not in r], results)
+    assert results["ort:fp32"]["perplexity"] == 10.0 and results["ort:fp32"]["mean_kl"] == 0.0  # its own fp32 run
+    _peer_ratios([r for r in rows if "skipped" not in r], QualitySettings(tokens=32, n_ctx=16))
+    by_name = {r["engine"]: r for r in rows}
+    assert by_name["ort:int4"]["peer"] == "llama.cpp:source" and by_name["ort:int4"]["decode_ratio_vs_peer"]["16"] == 1.5
+    assert by_name["ort:int4"]["prefill_ratio_vs_peer"] == 2.0 and not by_name["ort:int4"]["budget"]["passed"]
+    assert by_name["ort:fp32"]["peer"] == "llama.cpp:F32" and by_name["ort:fp32"]["decode_ratio_vs_peer"]["16"] == 1.25
+    assert "peer" not in by_name["ort:int8"]  # its peer (Q8_0) did not run: no ratio is made up
+    assert by_name["ort:int8"]["budget"]["passed"] and "budget" not in by_name["llama.cpp:source"]  # budgets: our rows
+    report = _quality_report(rows)
+    text = "\n".join(quality_table(report, report["models"][0]))
+    assert "| ort:int4 | int4 |" in text and "| 1.50x |" in text and "OVER: mean KL 0.2000 > 0.01" in text
+    assert "not measured: onnxruntime-genai's venv is missing" in text and "| llama.cpp:Q8_0 | not measured:" in text
+    assert (frontier_chart(report, tmp_path / "f.png")).stat().st_size > 1000
+
+
+def test_a_bad_quality_block_is_refused(tmp_path):
+    from vlm_export.benchmark.suite import load_suite
+    from vlm_export.errors import VlmExportError
+
+    suite = {"name": "q", "quality": {"tokens": 8, "colour": "red"}, "models": [{"model": "tiny", "engines": ["ort:int4"]}]}
+    (tmp_path / "s.json").write_text(json.dumps(suite))
+    with pytest.raises(VlmExportError, match="unknown keys"):
+        load_suite(tmp_path / "s.json")
+    suite["quality"] = {"tokens": 8, "peers": {"int3": "llama.cpp:Q4_0"}}
+    (tmp_path / "s.json").write_text(json.dumps(suite))
+    with pytest.raises(VlmExportError, match="invalid quality settings"):
+        load_suite(tmp_path / "s.json")
+    assert "quality" in load_suite("bench/suites/smol-quality.json")
+
+
+def test_a_quantized_gguf_dequantizes_to_f32_with_its_metadata(tmp_path, tiny_model):
+    import gguf
+
+    from vlm_export.benchmark.gguf_export import dequantize_gguf, write_gguf
+
+    source = write_gguf(tiny_model, tmp_path / "tiny.gguf")
+    out = dequantize_gguf(source, tmp_path / "F32.gguf")
+    before, after = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(out))
+    assert after.fields["general.file_type"].contents() == 0
+    assert after.fields["tokenizer.ggml.tokens"].contents() == before.fields["tokenizer.ggml.tokens"].contents()
+    for a, b in zip(before.tensors, after.tensors):
+        assert a.name == b.name and b.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(a.data).reshape(-1), np.asarray(b.data).reshape(-1))
+
+
+@llama
+def test_llama_cpp_quality_of_a_gguf_against_itself_is_lossless(tmp_path, tiny_model):
+    from vlm_export.benchmark.gguf_export import write_gguf
+    from vlm_export.benchmark.llama_quality import score
+
+    path = write_gguf(tiny_model, tmp_path / "tiny.gguf")
+    ids = [int(i) for i in np.random.default_rng(0).integers(300, 512, 64)]
+    result = score(path, [path], ids, tokens=16, n_ctx=16, threads=1)
+    quality = result["quality"][str(path)]
+    assert quality["tokens"] == 16 and quality["mean_kl"] == 0.0 and quality["top1_agreement"] == 1.0
+    assert quality["perplexity"] == quality["perplexity_reference"] > 1

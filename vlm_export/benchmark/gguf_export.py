@@ -15,7 +15,9 @@ import numpy as np
 
 from vlm_export.errors import VlmExportError, require_module
 
-QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype values (LLAMA_FTYPE_MOSTLY_*)
+# llama_ftype values (LLAMA_FTYPE_MOSTLY_*). Q4_K_M's K-quants need rows that are multiples of 256:
+# on narrower models (SmolLM2's 576) llama.cpp falls back to q5_0/q8_0 for most tensors.
+QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
 
 def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -83,7 +85,34 @@ def quantize_gguf(source: Path, destination: Path, kind: str, threads: int) -> P
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[kind]
     params.nthread = threads
+    params.allow_requantize = True  # a source that is itself quantized (then dequantized) is expected
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), params)
     if status != 0:
         raise VlmExportError(f"llama.cpp could not quantize {source.name} to {kind} (status {status})", "check the GGUF file")
+    return destination
+
+
+def dequantize_gguf(source: Path, destination: Path) -> Path:
+    """`source` (any llama.cpp quantization) -> `destination` with every tensor in F32 and the same
+    metadata (architecture, tokenizer, chat template): the quality baseline of its llama.cpp rows,
+    and the input llama.cpp requantizes from."""
+    gguf = require_module("gguf", "dev", "reading GGUF files")
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(source))
+    architecture = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(destination), architecture)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue  # the header is the writer's; the file type changes
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)  # (rows, cols) numpy order
+        writer.add_tensor(tensor.name, np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return destination

@@ -1,4 +1,6 @@
-"""Benchmark reports: JSON (schema vlm-export-bench/1), a Markdown table, and a PNG chart."""
+"""Benchmark reports: JSON (schema vlm-export-bench/1), a Markdown table (and, for a suite with
+quality, a second table of speed at equal quality), and a PNG chart (the speed/quality frontier
+when the suite has quality)."""
 
 from __future__ import annotations
 
@@ -52,7 +54,58 @@ def markdown(report: dict) -> str:
         if model["build_seconds"]:
             lines += ["", "Built during this run: " + ", ".join(f"{k} {v} s" for k, v in model["build_seconds"].items())]
         lines.append("")
+        if "quality" in report:
+            lines += quality_table(report, model)
     return "\n".join(lines)
+
+
+def _quality_cells(row: dict) -> list[str]:
+    quality = row.get("quality")
+    if not quality:
+        return [row.get("quality_skipped", "not measured"), "", "", "", ""]
+    if quality.get("baseline"):
+        return [f"{quality['perplexity']:.2f}", "0 (baseline)", "1 (baseline)", str(quality["tokens"]), ""]
+    return [f"{quality['perplexity']:.2f}", f"{quality['mean_kl']:.4f}", f"{quality['top1_agreement']:.3f}",
+            str(quality["tokens"]), ""]
+
+
+def quality_table(report: dict, model: dict) -> list[str]:
+    """Speed at equal quality: each row's speed beside its quality against its own full precision,
+    and its speed over the llama.cpp row of the same class."""
+    contexts = [str(c) for c in report["settings"]["contexts"]]
+    settings = report["quality"]
+    lines = [f"### {model['model']}: speed at equal quality", "",
+             f"Quality: teacher-forced on the eval prose (calibration/eval/prose.txt), {settings['tokens']} scored positions in "
+             f"chunks of {settings['n_ctx']} (first half context, second half scored), each engine against ITS OWN full-precision "
+             "run (ours: the fp32 variant; llama.cpp: F32 of the same weights; onnxruntime-genai: its own fp32 build). "
+             "Peer = the llama.cpp row of the same quality class (" +
+             ", ".join(f"{k}: {v}" for k, v in settings["peers"].items()) + "); ratios = tok/s over the peer's. "
+             "Budget: quality.metrics.BUDGETS, for our rows.", ""]
+    header = (["engine", "class", f"prefill tok/s ({report['settings']['prefill_tokens']})"]
+              + [f"decode tok/s @{c}" for c in contexts] + ["peer"] + [f"decode vs peer @{c}" for c in contexts]
+              + ["prefill vs peer", "perplexity", "mean KL", "top-1", "tokens", "budget"])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in model["results"]:
+        if "skipped" in row:
+            lines.append(f"| {row['engine']} | not measured: {row['skipped']} |" + " |" * (len(header) - 2))
+            continue
+        cells = [row["engine"], row.get("quality_class", "-"), _stat(row["prefill_tok_s"])]
+        cells += [_stat(row["decode_tok_s"][c]) for c in contexts]
+        ratios = row.get("decode_ratio_vs_peer")
+        cells += [row.get("peer", "-")] + [f"{ratios[c]:.2f}x" if ratios else "-" for c in contexts]
+        cells += [f"{row['prefill_ratio_vs_peer']:.2f}x" if "prefill_ratio_vs_peer" in row else "-"]
+        quality = _quality_cells(row)
+        budget = row.get("budget")
+        quality[-1] = ("pass" if budget["passed"] else "OVER: " + "; ".join(budget["misses"])) if budget else "-"
+        lines.append("| " + " | ".join(cells + quality) + " |")
+    sources = sorted({r["quality"].get("source") for r in model["results"] if r.get("quality", {}).get("source")})
+    if sources:
+        lines += ["", "Quality sources: " + "; ".join(sources) + "."]
+    agrees = {r["quality"].get("tokenizer_agrees") for r in model["results"] if "tokenizer_agrees" in r.get("quality", {})}
+    if agrees:
+        lines += ["", "Token ids: every row is fed vlm-export's ids of the eval prose; llama.cpp's own tokenizer gives "
+                  + ("the same ids." if agrees == {True} else "other ids on this text (the rows still share ours).")]
+    return lines + [""]
 
 
 def chart(report: dict, path: Path) -> Path | None:
@@ -83,13 +136,54 @@ def chart(report: dict, path: Path) -> Path | None:
     return path
 
 
+KL_FLOOR = 1e-5  # where the full-precision baselines (mean KL 0) sit on the log axis
+
+
+def frontier_chart(report: dict, path: Path) -> Path | None:
+    """Decode tok/s (y) against mean KL (x, log): one panel per model and context, every engine a
+    labelled point; the full-precision baselines at KL_FLOOR."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    contexts = [str(c) for c in report["settings"]["contexts"]]
+    panels = [(m, c) for m in report["models"] for c in contexts]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    markers = {"llama.cpp": "s", "ort-genai": "^"}
+    for axis, (model, context) in zip(axes[0], panels):
+        for row in model["results"]:
+            quality = row.get("quality")
+            if "skipped" in row or not quality:
+                continue
+            x = max(quality["mean_kl"], KL_FLOOR)
+            y = row["decode_tok_s"][context]["median"]
+            family = row["engine"].partition(":")[0]
+            axis.scatter([x], [y], marker=markers.get(family, "o"), s=50)
+            label = row["engine"] + (" (baseline)" if quality.get("baseline") else "")
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        axis.set_xscale("log")
+        axis.axvline(KL_FLOOR, color="grey", linewidth=0.5, linestyle=":")
+        axis.set_xlabel(f"mean KL vs its own full precision (nats; baselines at {KL_FLOOR:g})")
+        axis.set_ylabel("decode tokens/s")
+        axis.set_title(f"{model['model']}, decode @{context} ({report['settings']['threads']} threads)")
+        axis.grid(True, which="both", linewidth=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{report['suite']}"
     write_json_atomic(out / f"{stem}.json", report)
     (out / f"{stem}.md").write_text(markdown(report))
     written = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
-    png = chart(report, out / f"{stem}.png")
+    # a suite with quality: the speed/quality frontier; else decode tok/s per engine and context
+    png = (frontier_chart if "quality" in report else chart)(report, out / f"{stem}.png")
     if png:
         written["chart"] = png
     return written

@@ -11,8 +11,13 @@ Engines, by name:
     ort-fp32kv:int8|int4  the inplace variants with `--kv fp32` (the KV cache kept in fp32, not int8)
     ort-static:fp32   the static layout (prefill chunks + fixed KV buffer) in fp32
     llama.cpp:source  the model's own GGUF file (smol: the very file our graphs were made from)
-    llama.cpp:F32|Q8_0|Q4_0   the reference weights written to GGUF, quantized by llama.cpp
-Artifacts are built when missing (graphs/, engines/, bench/cache/ for GGUF files).
+    llama.cpp:F32|Q8_0|Q4_0|Q4_K_M   the reference weights written to GGUF (a GGUF-backed model: its own
+                      GGUF dequantized to F32), quantized by llama.cpp itself
+    ort-genai:int4|fp32   onnxruntime-genai's own model builder and runtime on the same weights
+                      (genai_peer.py; needs the venv of bench/genai_venv.sh)
+Artifacts are built when missing (graphs/, engines/, bench/cache/ for GGUF files and genai models).
+A suite's optional "quality" block ({"tokens", "n_ctx", "peers"}: row_quality.py) adds to every
+row its quality on the eval prose against its own full precision, and ratios to its class's peer.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from vlm_export.runtime import huge_pages
 ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
                    "ort-fp32kv": ("int8", "int4"), "ort-mlas": ("int4",),
                    "ort-static": ("fp32",),
-                   "llama.cpp": ("source", "F32", "Q8_0", "Q4_0")}
+                   "llama.cpp": ("source", "F32", "Q8_0", "Q4_0", "Q4_K_M"), "ort-genai": ("int4", "fp32")}
 # "ENGINE/4k": the same engine with 4 KiB pages only (huge pages off), to measure what they bring
 SMALL_PAGES = "/4k"
 
@@ -59,7 +64,23 @@ def load_suite(path: Path) -> dict:
     unknown = set(suite.get("settings", {})) - known
     if unknown or not suite.get("models"):
         raise VlmExportError(f"benchmark suite {path}: unknown settings {sorted(unknown)} or no models", f"settings are {sorted(known)}")
+    if "quality" in suite:
+        quality_settings(suite)
     return suite
+
+
+def quality_settings(suite: dict):
+    """The suite's "quality" block as QualitySettings, or None when it has none."""
+    from vlm_export.benchmark.row_quality import QualitySettings
+
+    if "quality" not in suite:
+        return None
+    block = suite["quality"]
+    known = {f.name for f in fields(QualitySettings)}
+    if not isinstance(block, dict) or set(block) - known:
+        raise VlmExportError(f"benchmark suite {suite.get('name')}: the quality block has unknown keys "
+                             f"{sorted(set(block) - known) if isinstance(block, dict) else block}", f"use {sorted(known)}")
+    return QualitySettings(**block)
 
 
 def _decoder_bytes(directory: Path, manifest: dict) -> int:
@@ -115,7 +136,7 @@ class Workspace:
         return out
 
     def _gguf(self, kind: str, threads: int) -> Path:
-        from vlm_export.benchmark.gguf_export import quantize_gguf, write_gguf
+        from vlm_export.benchmark.gguf_export import dequantize_gguf, quantize_gguf, write_gguf
 
         if kind == "source":
             if self.spec.weights.source != "gguf":
@@ -125,10 +146,13 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         f32 = folder / "F32.gguf"
         if not f32.is_file():
-            from vlm_export.model.load import load_reference
-
             step(f"writing {f32}")
-            write_gguf(load_reference(self.spec), f32.with_suffix(".tmp"))
+            if self.spec.weights.source == "gguf":  # the model's own GGUF, every tensor dequantized: same weights, same vocabulary
+                dequantize_gguf(Path(self.spec.weights.path), f32.with_suffix(".tmp"))
+            else:
+                from vlm_export.model.load import load_reference
+
+                write_gguf(load_reference(self.spec), f32.with_suffix(".tmp"))
             f32.with_suffix(".tmp").rename(f32)
         if kind == "F32":
             return f32
@@ -146,6 +170,15 @@ class Workspace:
         if family == "llama.cpp":
             path = self._gguf(variant, threads)
             return "llama.cpp", path, path.stat().st_size, path.stat().st_size
+        if family == "ort-genai":
+            from vlm_export.benchmark import genai_peer
+
+            started = time.perf_counter()
+            built = (self.root / "bench" / "cache" / self.spec.name / f"genai-{variant}" / "genai_config.json").is_file()
+            path = genai_peer.build(self.spec, variant, self.root, threads)
+            if not built:
+                self.build_seconds[f"build ort-genai {variant}"] = round(time.perf_counter() - started, 1)
+            return ("ort-genai", path, *genai_peer.sizes(path))
         if family == "torch-cuda":  # fp16 weights on the GPU; bytes = the decoder's, 2 per parameter
             from vlm_export.benchmark.engines import SPEC_PREFIX
             from vlm_export.benchmark.machine import cuda_available
@@ -176,9 +209,9 @@ def _decoder_params(spec) -> int:
 
 def _kv_bytes_per_token(spec, kind: str, location) -> int:
     """K and V of every layer for one token, at the width the engine stores them: fp16 for llama.cpp
-    and torch-cuda, the decoder's own past_key_values type for our artifact sets (int8 or fp32)."""
+    and torch-cuda, fp32 for onnxruntime-genai's CPU models, the decoder's own past_key_values type for our artifact sets (int8 or fp32)."""
     llm = spec.llm
-    width = 2 if kind in ("llama.cpp", "torch-cuda") else _kv_itemsize(Path(location))
+    width = {"llama.cpp": 2, "torch-cuda": 2, "ort-genai": 4}.get(kind) or _kv_itemsize(Path(location))  # genai on CPU: fp32 KV
     return 2 * llm.num_layers * llm.num_kv_heads * (llm.hidden_size // llm.num_heads) * width
 
 
@@ -190,9 +223,19 @@ def _kv_itemsize(directory: Path) -> int:
     return kv_dtype(decoder).itemsize
 
 
-def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int, huge: bool = True) -> dict:
+def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: int, huge: bool = True,
+                      root: Path = Path(".")) -> dict:
     """A fresh interpreter per engine: its own peak RSS, no warm caches, and a crash (a native
     library's segfault) or a hang becomes a reported row instead of a stuck run."""
+    if kind == "ort-genai":  # its own venv's interpreter, its own generate loop
+        from vlm_export.benchmark.genai_peer import measure_speed
+
+        try:
+            return measure_speed(root, location, settings, timeout)
+        except subprocess.TimeoutExpired:
+            return {"skipped": f"no result within {timeout} s (killed)"}
+        except VlmExportError as exc:
+            return {"skipped": exc.one_line()}
     command = [sys.executable, "-m", "vlm_export.benchmark.engines", kind, str(location), json.dumps(asdict(settings))]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
@@ -221,8 +264,11 @@ def _run_suite(suite: dict, root: Path) -> dict:
         if any(split_pages(n)[0] == "torch-cuda" for m in suite["models"] for n in m["engines"]) and cuda_available():
             step("the GPU's memory bandwidth and fp16 matmul throughput")
             machine_limits["gpu"] = gpu_limits()
+    quality = quality_settings(suite)
     report = {"schema": "vlm-export-bench/1", "suite": suite["name"], "machine": describe(), "limits": machine_limits,
               "settings": asdict(settings), "models": []}
+    if quality is not None:
+        report["quality"] = asdict(quality)
     for entry in suite["models"]:
         workspace = Workspace(entry["model"], root)
         flops_per_token = 2 * _decoder_params(workspace.spec)
@@ -235,7 +281,7 @@ def _run_suite(suite: dict, root: Path) -> dict:
                 rows.append({"engine": name, "skipped": exc.one_line()})
                 continue
             with stage(f"{workspace.spec.name}: measuring {name}"):
-                measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge)
+                measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge, root)
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue
@@ -254,6 +300,10 @@ def _run_suite(suite: dict, root: Path) -> dict:
                 row["decode_ratio_vs_baseline"] = {c: row["decode_tok_s"][c]["median"] / baseline["decode_tok_s"][c]["median"]
                                                    for c in row["decode_tok_s"]}
                 row["prefill_ratio_vs_baseline"] = row["prefill_tok_s"]["median"] / baseline["prefill_tok_s"]["median"]
+        if quality is not None:
+            from vlm_export.benchmark.row_quality import attach
+
+            attach(workspace, rows, quality, settings.threads, root)
         torch_row = next((r for r in rows if r["engine"] == "torch" and "skipped" not in r), None)
         for row in rows:  # the vision target is stated against PyTorch eager, whatever the suite's baseline
             if torch_row and row.get("vision_ms") and torch_row.get("vision_ms"):

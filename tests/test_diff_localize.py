@@ -84,3 +84,20 @@ def test_a_graph_without_block_names_says_it_cannot_be_localised(tiny_graphs, tm
     result = vlm("diff", anonymous, "--out", tmp_path / "report", "--new-tokens", "2")
     assert result.returncode == 0, result.stderr  # same numbers; only the map to blocks is gone
     assert "graphs decoder: not localised against PyTorch: decoder.onnx has no /blocks.N/ node names" in result.stdout
+
+
+def test_reduced_precision_names_a_block_only_for_a_step_change():
+    """Quantization error is there from block 0 on; only a jump over it names a block."""
+    from vlm_export.diff.localize import _verdict, summary
+
+    def verdict(hidden: list[float], reduced_precision: bool) -> dict:
+        errors = {b: {"hidden": e} for b, e in enumerate(hidden)}
+        return _verdict(errors, {b: 1.0 for b in errors}, reduced_precision)
+
+    int8 = [0.012, 0.01, 0.0052, 0.0052, 0.0059, 0.014, 0.0055]  # smol's int8 decoder, as bench/reports/diff-smol
+    assert verdict(int8, reduced_precision=True)["first_divergence"] is None
+    assert verdict(int8, reduced_precision=False)["first_divergence"] == 0  # fp32: any error over 1e-4 is a step
+    assert verdict([0.012, 0.01, 0.2, 0.2, 0.2], reduced_precision=True)["first_divergence"] == 2
+    assert verdict([0.3, 0.01, 0.01, 0.01, 0.01], reduced_precision=True)["first_divergence"] == 0
+    assert "no diverging block against the fp32 graph" in summary(verdict(int8, reduced_precision=True))
+    assert "decoder layer 2 against the fp32 graph" in summary(verdict([0.012, 0.01, 0.2, 0.2, 0.2], reduced_precision=True))

@@ -99,15 +99,16 @@ def _diff_graph(name: str, record: dict, candidates: list, reference, sampler: I
 def _localise_decoder(name: str, graph: GraphSpec, feeds: list[dict], comparable: list[Candidate], module, graphs_dir: Path,
                       report: dict) -> None:
     """Block by block: the baseline graphs against PyTorch (hooks on `module`'s blocks), each variant
-    whose decoder differs against the baseline's graph."""
+    whose decoder differs against the baseline's graph (an fp16 / int8 / int4 one: a block is named
+    only for a step change over its neighbours' error)."""
     for c in comparable:
         path = c.directory / graph.file
         if c.directory == graphs_dir:
             step(f"localising {c.label} {graph.file} against PyTorch")
-            loc = localize_against_torch(module, graph, path, feeds, _kernel_library(c, graph.file))
+            loc = localize_against_torch(module, graph, path, feeds, _kernel_library(c, graph.file), c.kind != "fp32")
         elif path.is_file() and sha256(path) != sha256(graphs_dir / graph.file):
             step(f"localising {c.label} {graph.file}")
-            loc = localize(graphs_dir / graph.file, path, feeds, _kernel_library(c, graph.file))
+            loc = localize(graphs_dir / graph.file, path, feeds, _kernel_library(c, graph.file), c.kind != "fp32")
         else:
             continue
         report["localisation"].setdefault(c.label, {})[name] = loc

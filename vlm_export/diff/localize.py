@@ -72,7 +72,8 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(ref @ cand / denominator) if denominator else 1.0
 
 
-def localize(reference_path: Path, candidate_path: Path, feeds: list[dict], library: Path | None = None) -> dict:
+def localize(reference_path: Path, candidate_path: Path, feeds: list[dict], library: Path | None = None,
+             reduced_precision: bool = False) -> dict:
     points = block_tensors(onnx.load(str(reference_path), load_external_data=False))
     if not points:
         return not_localised("fp32 graph", f"{reference_path.name} has no /blocks.N/ node names to map tensors to decoder blocks")
@@ -87,11 +88,11 @@ def localize(reference_path: Path, candidate_path: Path, feeds: list[dict], libr
             for kind, name in tensors.items():
                 errors[block][kind] = max(errors[block][kind], relative_error(ref_out[name], cand_out[name]))
             cosines[block] = min(cosines[block], cosine(ref_out[tensors["hidden"]], cand_out[tensors["hidden"]]))
-    return {"baseline": "fp32 graph", **_verdict(errors, cosines)}
+    return {"baseline": "fp32 graph", **_verdict(errors, cosines, reduced_precision)}
 
 
 def localize_against_torch(module: torch.nn.Module, graph, candidate_path: Path, feeds: list[dict],
-                           library: Path | None = None) -> dict:
+                           library: Path | None = None, reduced_precision: bool = False) -> dict:
     """The candidate graph's block tensors vs the PyTorch reference's on the same feeds.
 
     `module` is the decoder graph's wrapper (model/graph_modules.py: `blocks`, `norm`) and `graph`
@@ -122,7 +123,7 @@ def localize_against_torch(module: torch.nn.Module, graph, candidate_path: Path,
                 if errors[block][kind] is not None:
                     errors[block][kind] = max(errors[block][kind], relative_error(ours, theirs))
             cosines[block] = min(cosines[block], cosine(captured[block]["hidden"], graph_out[tensors["hidden"]]))
-    return {"baseline": "pytorch", **_verdict(errors, cosines)}
+    return {"baseline": "pytorch", **_verdict(errors, cosines, reduced_precision)}
 
 
 def _torch_block_tensors(module: torch.nn.Module, graph, feed: dict) -> dict[int, dict[str, np.ndarray]]:
@@ -153,17 +154,21 @@ def _torch_block_tensors(module: torch.nn.Module, graph, feed: dict) -> dict[int
     return captured
 
 
-def _verdict(errors: dict[int, dict[str, float | None]], cosines: dict[int, float]) -> dict:
-    """The first block whose residual-stream error jumps, and the three that add the most error."""
+def _verdict(errors: dict[int, dict[str, float | None]], cosines: dict[int, float], reduced_precision: bool) -> dict:
+    """The first block whose residual-stream error jumps, and the three that add the most error.
+
+    A reduced-precision graph (fp16, int8, int4) is off from its first block on by design, so there
+    block 0 is a step change only against the median block's error, not against the exact input."""
     blocks = [{"block": b, **e, "hidden_cosine": cosines[b]} for b, e in errors.items()]
-    first, previous = None, 0.0
+    first, previous = None, float(np.median([e["hidden"] for e in blocks])) if reduced_precision else 0.0
     for entry in blocks:
         if entry["hidden"] > FLOOR and entry["hidden"] > JUMP_FACTOR * max(previous, 1e-7):
             first = entry["block"]
             break
         previous = entry["hidden"]
     added = sorted(blocks, key=lambda e: e["hidden"] - (errors.get(e["block"] - 1, {}).get("hidden", 0.0)), reverse=True)
-    return {"blocks": blocks, "first_divergence": first, "costliest_blocks": [e["block"] for e in added[:3]]}
+    return {"blocks": blocks, "first_divergence": first, "costliest_blocks": [e["block"] for e in added[:3]],
+            "reduced_precision": reduced_precision}
 
 
 def not_localised(baseline: str, reason: str) -> dict:
@@ -181,8 +186,12 @@ def summary(loc: dict) -> str:
         return (f"no diverging block against {against} (hidden-state relative error at most {worst:.1e}, no step "
                 f"change; costliest blocks {loc['costliest_blocks']})")
     entry = next(e for e in loc["blocks"] if e["block"] == first)
-    jump = (f"over {JUMP_FACTOR:g}x layer {first - 1}'s {loc['blocks'][first - 1]['hidden']:.1e}" if first > 0
-            else f"over {FLOOR:g}")
+    if first > 0:
+        jump = f"over {JUMP_FACTOR:g}x layer {first - 1}'s {loc['blocks'][first - 1]['hidden']:.1e}"
+    elif loc.get("reduced_precision"):
+        jump = f"over {JUMP_FACTOR:g}x the median block's {np.median([e['hidden'] for e in loc['blocks']]):.1e}"
+    else:
+        jump = f"over {FLOOR:g}"
     at_output = f"; cosine {entry['hidden_cosine']:.4f} at its output" if "hidden_cosine" in entry else ""
     return (f"first diverging block: decoder layer {first} against {against} (hidden-state relative error "
             f"{entry['hidden']:.1e}, {jump}{at_output})")

@@ -3,7 +3,8 @@
     per graph      PyTorch reference vs each artifact (Polygraphy Comparator), golden files
     per layer      the graphs' decoder vs PyTorch, and the fp32 graph vs each candidate decoder, block by
                    block (first divergence)
-    end to end     greedy agreement, teacher-forced top-1 and KL, perplexity (dynamic layout)
+    end to end     teacher-forced perplexity, KL and top-1 on the eval prose, greedy answers, long context
+                   (quality/scoring.py; every layout), with the variant's quality budget
 """
 
 from __future__ import annotations
@@ -121,14 +122,18 @@ def localisation_lines(report: dict, named_only: bool = False) -> list[str]:
             if not named_only or loc["first_divergence"] is not None]
 
 
-def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16) -> dict:
-    """Every graph of `graphs_dir` and of each variant against PyTorch, then end to end; writes
-    diff.json and diff.md to `out`."""
+DIFF_EVAL_TOKENS = 512  # scored positions of the eval prose per candidate, end to end
+
+
+def diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int = 16,
+                   eval_tokens: int = DIFF_EVAL_TOKENS) -> dict:
+    """Every graph of `graphs_dir` and of each variant against PyTorch, then end to end (greedy
+    answers of `new_tokens`, `eval_tokens` scored positions); writes diff.json and diff.md to `out`."""
     with stage(f"diffing {graphs_dir} and {len(variant_dirs)} variant(s)"):
-        return _diff_artifacts(graphs_dir, variant_dirs, out, new_tokens)
+        return _diff_artifacts(graphs_dir, variant_dirs, out, new_tokens, eval_tokens)
 
 
-def _diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int) -> dict:
+def _diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_tokens: int, eval_tokens: int) -> dict:
     base = ArtifactSet.open(graphs_dir)
     candidates = [_candidate(graphs_dir, "graphs")] + [_candidate(Path(d)) for d in variant_dirs]
     reference = load_reference(base.spec)
@@ -139,22 +144,26 @@ def _diff_artifacts(graphs_dir: Path, variant_dirs: list[Path], out: Path, new_t
     for name, record in base.graphs.items():
         with stage(f"diffing {record['file']}"):
             _diff_graph(name, record, candidates, reference, sampler, graphs_dir, out, report)
-    if base.layout == "inplace" or (base.layout == "dynamic" and base.manifest["options"].get("logits", "all") == "all"):
-        from vlm_export.diff.end_to_end import agreement, open_generator
-
-        with stage("end-to-end agreement with PyTorch"), open_generator(graphs_dir, "torch") as ref_gen:
-            for c in candidates:
-                step(c.label)
-                with open_generator(c.directory, "ort") as cand_gen:
-                    report["end_to_end"][c.label] = agreement(ref_gen, cand_gen, new_tokens)
-    else:
-        report["end_to_end"] = {"skipped": "needs a dynamic decoder with all logits (export --layout dynamic --logits all) "
-                                           "or an inplace one"}
+    _end_to_end(graphs_dir, candidates, new_tokens, eval_tokens, report)
     report["passed"] = all(v["passed"] for g in report["graphs"].values() for v in g.values())
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "diff.json", report)
     (out / "diff.md").write_text(markdown(report))
     return report
+
+
+def _end_to_end(graphs_dir: Path, candidates: list[Candidate], new_tokens: int, eval_tokens: int, report: dict) -> None:
+    """Each candidate through the generation loop against the PyTorch reference (quality/scoring.py)."""
+    from vlm_export.diff.end_to_end import agreement, open_generator
+    from vlm_export.quality import table
+
+    with stage("end-to-end agreement with PyTorch"), open_generator(graphs_dir, "torch") as ref_gen:
+        for c in candidates:
+            step(c.label)
+            with open_generator(c.directory, "ort") as cand_gen:
+                result = agreement(ref_gen, cand_gen, eval_tokens, new_tokens)
+            judged = table.verdict(result, c.kind)  # int8 / int4 budgets; none for fp32 / fp16
+            report["end_to_end"][c.label] = {**result, "budget": judged.to_dict() if judged else None}
 
 
 def failure_summary(report: dict) -> str:

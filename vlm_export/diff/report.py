@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from vlm_export.quality import table
+
+
+def _long_context(result: dict) -> str:
+    long = result.get("long_context") or {}
+    if "skipped" in long:
+        return f"skipped: {long['skipped']}"
+    parts = [f"{long[k]['mean_kl']:.3g}, {long[k]['top1_agreement']:.3f}" if "mean_kl" in long.get(k, {}) else "-"
+             for k in ("text", "image")]
+    return f"{long.get('prompt_tokens', '?')} tokens: " + " / ".join(parts)
+
 
 def markdown(report: dict) -> str:
     lines = [f"# vlm-export diff: {report['model']} (reference: {report['reference']})", "",
@@ -27,13 +38,14 @@ def markdown(report: dict) -> str:
     if "skipped" in e2e:
         lines += ["", f"End to end: skipped ({e2e['skipped']})."]
     elif e2e:
-        lines += ["", "## End to end (vs the PyTorch reference, greedy)", "",
-                  "| candidate | greedy prefix agreement | identical | top-1 agreement | mean KL | ppl ref | ppl cand |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## End to end (vs the PyTorch reference)", "",
+                  "| candidate | " + " | ".join(table.HEADER) + " | greedy prefix agreement | long context (text / image): mean KL, top-1 |",
+                  "|---|" + "---|" * (len(table.HEADER) + 2)]
         for label, r in e2e.items():
-            lines.append(f"| {label} | {r['greedy_prefix_agreement']:.2f} | {r['identical_outputs']}/{r['prompts']} | "
-                         f"{r['top1_agreement']:.3f} | {r['mean_kl']:.2e} | {r['perplexity_reference']:.2f} | "
-                         f"{r['perplexity_candidate']:.2f} |")
+            budget = (r.get("budget") or {}).get("budget")
+            prefix = "-" if r.get("greedy_prefix_agreement") is None else f"{r['greedy_prefix_agreement']:.2f}"
+            lines.append(f"| {label} | " + " | ".join(table.cells(r, budget)) + f" | {prefix} | {_long_context(r)} |")
+        lines += ["", table.note(list(e2e.values())).replace("against fp32", "against the PyTorch reference")]
     lines += ["", "## Re-run on the device", ""] + [f"    {cmd}" for cmd in report["golden"].values()]
     lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}**"]
     return "\n".join(lines) + "\n"

@@ -138,4 +138,17 @@ class Verdict:
 BUDGETS: dict[str, Budget] = {
     "int8": Budget(max_mean_kl=0.005, min_top1=0.96, label="int8"),
     "int4": Budget(max_mean_kl=0.01, min_top1=0.95, label="int4"),
+    # Provisional (issue 21 tunes them on measurements); shown beside each variant, never failing a build.
+    # fp16 on the GPU: rounding only, every weight kept; llama.cpp's F16 against F32 is far below
+    # 1e-3 nats, so more than that is a bug (an overflow, a wrong cast), not precision.
+    "gpu-fp16": Budget(max_mean_kl=0.001, min_top1=0.99, label="gpu-fp16"),
+    # int4 weight-only, blocks of 32, activations fp16 (orin int4): the CPU int4 recipe's kind of
+    # loss, plus fp16 arithmetic: the int4 budget with a little margin.
+    "gpu-int4": Budget(max_mean_kl=0.015, min_top1=0.94, label="gpu-int4"),
+    # int8 Q/DQ on weights and activations (orin int8, TensorRT): activation ranges fixed by
+    # calibration on a few prompts, which weight-only int8 does not pay: 4x the CPU int8 KL budget.
+    "gpu-int8": Budget(max_mean_kl=0.02, min_top1=0.92, label="gpu-int8"),
+    # int8 weights with uint16 activations on the HTP (sd888 qnn, static graphs): also calibrated
+    # activation ranges, at 16 bits, so between weight-only int8 and W8A8.
+    "npu-int8": Budget(max_mean_kl=0.02, min_top1=0.92, label="npu-int8"),
 }

@@ -22,10 +22,13 @@ from pathlib import Path
 from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, verify, write_json_atomic, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
+from vlm_export.quality import table
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
 from vlm_export.targets.orin.static_check import check_graph
 
 PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"], "int4": ["fp16"]}  # builder flags per variant
+# The quality budget each variant is held to (quality/metrics.py BUDGETS): shown, never failing the build.
+QUALITY_BUDGET = {"fp16": "gpu-fp16", "int8": "gpu-int8", "int4": "gpu-int4"}
 # What each variant's graphs are (for `build --help`; the flags above are what TensorRT is given).
 VARIANT_GRAPHS = {"fp16": "fp16 export", "int8": "vision and decoder int8 Q/DQ, calibrated",
                   "int4": "decoder weights int4 weight-only, activations fp16"}
@@ -202,6 +205,8 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
 
         with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
             record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+        judged = table.verdict(record["accuracy_vs_fp32"], QUALITY_BUDGET[precision])
+        record["quality_budget"] = judged.to_dict() if judged else None
     return record
 
 
@@ -235,11 +240,11 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 
 def report_markdown(report: dict) -> str:
     lines = [f"Jetson {report['device']} (compute capability {COMPUTE_CAPABILITY})", "",
-             "| variant | size MB | TensorRT parser check | engines | greedy prefix agreement | top-1 | mean KL |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | size MB | TensorRT parser check | engines | " + " | ".join(table.HEADER) + " |",
+             "|---|---|---|---|" + "---|" * len(table.HEADER)]
     for name, v in report["variants"].items():
-        acc = v.get("accuracy_vs_fp32")
-        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}"] if acc else ["-"] * 3
+        cells = table.cells(v.get("accuracy_vs_fp32"), QUALITY_BUDGET.get(name))
         checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
+    return "\n".join(lines + (["", quality_note] if quality_note else [])) + "\n"

@@ -13,11 +13,13 @@ from pathlib import Path
 from vlm_export.artifacts import verify, write_json_atomic, write_manifest
 from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.progress import step
+from vlm_export.quality import table
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
-from vlm_export.quantize.weight_only import quantize_weights
+from vlm_export.quantize.weight_only import quantize_weights, source_blocks
 from vlm_export.targets.assemble import assemble_variant
 from vlm_export.targets.cpu import weight_config
 from vlm_export.targets.sd888.mobile_format import convert_to_ort
+from vlm_export.targets.sd888.report import BUDGET
 from vlm_export.targets.sd888.xnnpack_partition import partition_report
 
 BITS = {"cpu-int8": 8, "cpu-int4": 4}
@@ -42,10 +44,10 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     images, _ = calibration_set(profile.calibration)
     samples = vision_samples(images, spec)
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec)
-    config = weight_config(f"int{BITS[name]}", manifest["model"])  # the cpu target's block choice
+    config = weight_config(f"int{BITS[name]}")  # the cpu target's formats
     step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
-                "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config)}
+                "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config, source_blocks(manifest["model"]))}
     built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
     graph_files = [g["file"] for g in built["graphs"]]
     step(f"{name}: ORT format and reduced-operator config")
@@ -56,7 +58,9 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     write_manifest(out, {**body, "mobile": mobile})
     vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == "vision")
     step(f"{name}: measuring against fp32")
+    accuracy = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+    judged = table.verdict(accuracy, BUDGET[name])
     return {"graphs": built["rewrites"], "mobile": mobile,
             "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},
             "vision_accuracy_vs_fp32": _vision_accuracy(graphs, out, vision_file, held_out),
-            "accuracy_vs_fp32": accuracy_vs_fp32(graphs, out, profile.eval_tokens)}
+            "accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}

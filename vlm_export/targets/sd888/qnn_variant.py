@@ -18,8 +18,10 @@ import onnx
 from vlm_export.artifacts import verify
 from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.progress import step
+from vlm_export.quality import table
 from vlm_export.runtime.runners import qnn_ep
 from vlm_export.targets.assemble import assemble_variant
+from vlm_export.targets.sd888.report import BUDGET
 
 EMBED_MODE = 0
 CPU_BY_DESIGN = {
@@ -96,5 +98,7 @@ def build_qnn_variant(static: Path, out: Path, profile) -> dict:
                              target="sd888", variant="qnn", soc=profile.soc)
     on_cpu = {g["file"]: CPU_BY_DESIGN[g["wrapper"]] for g in built["graphs"] if not g.get("qnn")}
     step("qnn: end-to-end agreement with fp32 (generation loop on the emulated HTP)")
+    accuracy = accuracy_vs_fp32(static, out, profile.eval_tokens)
+    judged = table.verdict(accuracy, BUDGET["qnn"])
     return {"graphs": built["rewrites"], "on_cpu": on_cpu, "soc": profile.soc,
-            "accuracy_vs_fp32": accuracy_vs_fp32(static, out, profile.eval_tokens)}
+            "accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}

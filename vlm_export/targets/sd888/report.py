@@ -3,6 +3,8 @@ peak memory while building, and whether each variant fits the phone's memory."""
 
 from __future__ import annotations
 
+from vlm_export.quality import table
+
 PHONE_RAM_GB = 8.0
 # Android, its services and the launcher keep about 2.5 GB resident on an 8 GB phone; what is left
 # is what one foreground app can count on (an assumption, stated in every report).
@@ -28,11 +30,12 @@ def phone_fit(report: dict, model: dict, context: int) -> dict:
             "budget_note": "8 GB phone minus ~2.5 GB kept by Android", "variants": fits}
 
 
-def _accuracy_cells(record: dict) -> list[str]:
-    acc = record.get("accuracy_vs_fp32")
-    if not acc:
-        return ["-"] * 3
-    return [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}"]
+# The quality budget each variant is held to (quality/metrics.py BUDGETS): shown, never failing the build.
+BUDGET = {"cpu-int8": "int8", "cpu-int4": "int4", "qnn": "npu-int8"}
+
+
+def _accuracy_cells(name: str, record: dict) -> list[str]:
+    return table.cells(record.get("accuracy_vs_fp32"), BUDGET.get(name))
 
 
 def _placement(name: str, record: dict) -> str:
@@ -47,17 +50,17 @@ def _placement(name: str, record: dict) -> str:
 def report_markdown(report: dict) -> str:
     lines = [f"Snapdragon target {report['soc']} ({report['device']}, HTP v{report['htp_arch']}); "
              f"peak RSS while building {report['peak_rss_mb']} MB", "",
-             "| variant | size MB | on the phone MB | fits 8 GB phone | build s | placement | greedy prefix agreement | top-1 | mean KL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | size MB | on the phone MB | fits 8 GB phone | build s | placement | " + " | ".join(table.HEADER) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(table.HEADER)]
     fit = report["memory"]["variants"]
     for name, record in report["variants"].items():
         if not record.get("built", True):
-            lines.append(f"| {name} | NOT built: {record['reason']} |" + " |" * 7)
+            lines.append(f"| {name} | NOT built: {record['reason']} |" + " |" * (4 + len(table.HEADER)))
             continue
         phone = f"{record['phone_bytes'] / 1e6:.0f}" if "phone_bytes" in record else "-"
         fits = ("yes" if fit[name]["fits_app_budget"] else "NO") + f" ({fit[name]['total_gb']} GB with KV)" if name in fit else "-"
         lines.append(f"| {name} | {record['bytes'] / 1e6:.0f} | {phone} | {fits} | {record['seconds']} | "
-                     f"{_placement(name, record)} | " + " | ".join(_accuracy_cells(record)) + " |")
+                     f"{_placement(name, record)} | " + " | ".join(_accuracy_cells(name, record)) + " |")
     per_graph = [(n, g, r["accuracy_vs_fp32"]) for n, v in report["variants"].items()
                  for g, r in v.get("graphs", {}).items() if isinstance(r, dict) and "accuracy_vs_fp32" in r]
     per_graph += [(n, "vision (int8 QDQ)", v["vision_accuracy_vs_fp32"]) for n, v in report["variants"].items()
@@ -69,6 +72,8 @@ def report_markdown(report: dict) -> str:
             top1 = acc.get("logits", {}).get("top1")
             lines.append(f"| {variant} | {graph} | {acc['cosine_min']:.5f} | {acc['max_abs_diff']:.3g} | "
                          f"{'-' if top1 is None else f'{top1:.3f}'} |")
+    quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
+    lines += ["", quality_note] if quality_note else []
     lines += ["", f"Phone budget: {report['memory']['app_budget_gb']} GB for the app ({report['memory']['budget_note']}); "
               f"KV cache counted at {report['memory']['context']} tokens, fp32."]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""Quality against full precision: metrics on hand-made logits, the eval chunks, the all-positions
+copy of the inplace decoder, and teacher-forced scoring of tiny models through the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests.checkpoints import tiny_spec
+from vlm_export.artifacts import write_manifest
+from vlm_export.errors import VlmExportError
+from vlm_export.quality.eval_set import Chunk, chunks, prose
+from vlm_export.quality.metrics import BUDGETS, Accumulator, Budget, Quality
+from vlm_export.quality.scoring import Settings, compare, logits_runner
+from vlm_export.runtime.artifact_set import ArtifactSet
+from vlm_export.runtime.generation import Generator
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_identical_logits_have_zero_kl_and_full_agreement():
+    logits = np.random.default_rng(0).normal(size=(5, 7))
+    acc = Accumulator()
+    acc.add(logits, logits.astype(np.float32), np.arange(5))
+    q = acc.result()
+    assert q.tokens == 5 and q.mean_kl == pytest.approx(0.0, abs=1e-7) and q.top1_agreement == 1.0
+    assert q.perplexity == pytest.approx(q.perplexity_reference, rel=1e-6)
+
+
+def test_kl_top1_and_perplexity_on_two_positions():
+    # position 0: reference (1/2, 1/2), candidate (3/4, 1/4): KL = 1/2 ln(4/3), top-1 agrees (token 0 on both)
+    # position 1: reference (3/4, 1/4), candidate (1/4, 3/4): KL = 1/2 ln 3, top-1 differs
+    reference = np.log([[0.5, 0.5], [0.75, 0.25]])
+    candidate = np.log([[0.75, 0.25], [0.25, 0.75]])
+    acc = Accumulator()
+    acc.add(reference, candidate, np.array([0, 1]))
+    q = acc.result()
+    assert q.mean_kl == pytest.approx((0.5 * math.log(4 / 3) + 0.5 * math.log(3)) / 2, rel=1e-9)
+    assert q.top1_agreement == 0.5
+    assert q.perplexity_reference == pytest.approx(math.exp(-(math.log(0.5) + math.log(0.25)) / 2))
+    assert q.perplexity == pytest.approx(math.exp(-(math.log(0.75) + math.log(0.75)) / 2))
+
+
+def test_uniform_distribution_has_perplexity_v():
+    acc = Accumulator()
+    acc.add(np.zeros((3, 50)), np.zeros((3, 50)), np.array([1, 7, 49]))
+    assert acc.result().perplexity == pytest.approx(50.0)
+
+
+def test_greedy_and_budget_verdict():
+    acc = Accumulator()
+    acc.add(np.zeros((1, 4)), np.zeros((1, 4)), np.array([0]))
+    acc.add_greedy([1, 2, 3], [1, 2, 3])
+    acc.add_greedy([1, 2, 3], [1, 2, 4])
+    q = acc.result()
+    assert q.greedy_identical == 0.5 and q.greedy_prompts == 2
+    assert BUDGETS["int8"].verdict(q).passed
+    bad = Quality(tokens=10, perplexity_reference=5.0, perplexity=6.0, mean_kl=0.02, kl_p99=0.1, top1_agreement=0.9)
+    verdict = Budget(max_mean_kl=0.01, min_top1=0.95, label="t").verdict(bad)
+    assert not verdict.passed and len(verdict.misses) == 2 and "OVER" in verdict.line()
+    assert {"npu-int8", "gpu-int8", "gpu-int4", "gpu-fp16"} <= set(BUDGETS)
+
+
+# -- the eval set ---------------------------------------------------------------------------------
+def test_chunks_score_the_second_half_of_each_chunk():
+    plan = chunks(available=100, n_ctx=16, tokens=20)
+    assert plan == [Chunk(0, 8, 8), Chunk(16, 8, 8), Chunk(32, 8, 4)]
+    scored = [c.start + c.context + i for c in plan for i in range(c.scored)]  # ids predicted, in the stream
+    assert scored == list(range(8, 16)) + list(range(24, 32)) + list(range(40, 44))
+    assert plan[1].ids(list(range(100)), bos=1) == [1] + list(range(17, 32))  # BOS replaces the chunk's first id
+    with pytest.raises(VlmExportError, match="need more text"):
+        chunks(available=100, n_ctx=16, tokens=49)  # 6 whole chunks of 16 score at most 48
+
+
+def test_the_eval_prose_is_long_enough():
+    from vlm_export.model.tokenizer import load_tokenizer
+    from vlm_export.spec.presets import BUNDLED_TOKENIZER
+
+    text = prose()  # 8,021 tokens under SmolLM2's tokenizer (measured; not bundled with the tests)
+    assert text.startswith("CHAPTER I. Down the Rabbit-Hole") and "Gutenberg" not in text and "\r" not in text
+    assert len(load_tokenizer(BUNDLED_TOKENIZER).encode_text(text)) >= 4000
+
+
+# -- scoring through the loop -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inplace(tmp_path_factory):
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("quality") / "inplace"
+    export_model(tiny_spec("ldpnet"), out, ExportOptions(layout="inplace"))
+    return out
+
+
+def _stepped(generator, embeds):
+    kv = generator.new_cache(1, embeds.shape[0])
+    return np.stack([generator.forward(embeds[i:i + 1][None], kv, np.array([[i]]))[0, -1] for i in range(embeds.shape[0])])
+
+
+def test_all_positions_copy_matches_one_token_per_call(inplace):
+    before = sorted(p.name for p in inplace.iterdir())
+    with Generator(ArtifactSet.open(inplace), "ort") as generator:
+        ids = generator.tokenizer.encode_text(prose())[:24]
+        embeds = generator.embed_ids(ids)
+        stepped = _stepped(generator, embeds)
+        with logits_runner(generator) as runner:
+            assert runner is not generator.runners["decoder"] and not generator.runners["decoder"].is_active
+            kv = generator.new_cache(1, 24)
+            prefill = generator.forward(embeds[None, :10], kv, np.arange(10)[None], runner)[0]
+            rest = generator.forward(embeds[None, 10:], kv, np.arange(10, 24)[None], runner)[0]
+        assert generator.runners["decoder"].is_active  # the loop's own session is back
+    assert prefill.shape == (10, stepped.shape[1]) and rest.shape == (14, stepped.shape[1])
+    np.testing.assert_allclose(np.concatenate([prefill, rest]), stepped, atol=1e-4)
+    assert sorted(p.name for p in inplace.iterdir()) == before  # nothing written beside the artifacts
+
+
+def test_a_model_against_itself_and_the_pytorch_reference(inplace):
+    settings = Settings(tokens=40, call_tokens=16, greedy_tokens=8)
+    with Generator(ArtifactSet.open(inplace), "ort") as ort_side, Generator(ArtifactSet.open(inplace), "ort") as same:
+        itself = compare(ort_side, same, settings)
+        with Generator(ArtifactSet.open(inplace), "torch") as torch_side:
+            against_torch = compare(torch_side, ort_side, settings)
+    q = itself.quality
+    assert q.tokens == 40 and q.mean_kl == 0.0 and q.top1_agreement == 1.0 and q.greedy_identical == 1.0
+    assert q.greedy_prompts == 3 and itself.greedy_prefix_agreement == 1.0 and itself.n_ctx == 512  # tiny's context
+    assert "skipped" in itself.long_context and "context (512 tokens)" in itself.long_context["skipped"]
+    assert against_torch.quality.mean_kl < 1e-6 and against_torch.quality.top1_agreement == 1.0
+    assert set(itself.to_dict()) >= set(Quality.__dataclass_fields__) | {"greedy_prefix_agreement", "long_context"}
+
+
+def test_dynamic_layout_scores_with_its_own_all_logits_decoder(tiny_graphs):
+    with Generator(ArtifactSet.open(tiny_graphs), "ort") as a, Generator(ArtifactSet.open(tiny_graphs), "ort") as b:
+        with logits_runner(a) as runner:
+            assert runner is a.runners["decoder"]
+        result = compare(a, b, Settings(tokens=20, greedy_tokens=0))
+    assert result.quality.tokens == 20 and result.quality.mean_kl == 0.0 and result.greedy_prefix_agreement is None
+
+
+def _perturb_lm_head(directory):
+    path = directory / "decoder_inplace.onnx"
+    model = onnx.load(str(path))
+    node = next(n for n in model.graph.node if n.name.startswith("/lm_head/"))
+    weight = next(i for i in model.graph.initializer if i.name == node.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * -20.0, weight.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
+
+
+def test_a_perturbed_candidate_goes_over_its_budget(inplace, tmp_path):
+    from vlm_export.quality.scoring import measure
+
+    broken = tmp_path / "perturbed"
+    shutil.copytree(inplace, broken)
+    _perturb_lm_head(broken)
+    q = measure(inplace, broken, tokens=24, greedy_tokens=4)
+    assert q.mean_kl > 0.01 and q.top1_agreement < 0.95 and q.perplexity_reference != q.perplexity
+    verdict = BUDGETS["int8"].verdict(q)
+    assert not verdict.passed and "mean KL" in verdict.misses[0]

@@ -141,6 +141,20 @@ def test_dynamic_layout_scores_with_its_own_all_logits_decoder(tiny_graphs):
     assert result.quality.tokens == 20 and result.quality.mean_kl == 0.0 and result.greedy_prefix_agreement is None
 
 
+def test_static_layout_is_scored_one_token_per_call(tmp_path):
+    from vlm_export.export.graph_specs import ExportOptions
+    from vlm_export.export.pipeline import export_model
+
+    out = tmp_path / "static"
+    export_model(tiny_spec("ldpnet"), out, ExportOptions(layout="static", prefill_chunk=32, kv_buffer=256))  # room for the image prompt
+    with Generator(ArtifactSet.open(out), "ort") as a, Generator(ArtifactSet.open(out), "ort") as b:
+        with logits_runner(a) as runner:
+            assert runner is None
+        result = compare(a, b, Settings(tokens=20, greedy_tokens=2))
+    assert result.n_ctx == 256 - 32 + 1  # the fixed buffer, less one chunk of front padding
+    assert result.quality.tokens == 20 and result.quality.mean_kl == 0.0 and result.quality.top1_agreement == 1.0
+
+
 def _perturb_lm_head(directory):
     path = directory / "decoder_inplace.onnx"
     model = onnx.load(str(path))

@@ -188,7 +188,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
     if not settings.long_prompt_tokens:
         return {"skipped": "not asked for (long_prompt_tokens 0)"}
     if settings.long_prompt_tokens + 64 > limit:
-        return {"skipped": f"the model's context ({limit} tokens) is shorter than the long prompt "
+        return {"skipped": f"the decoder's context ({limit} tokens) is shorter than the long prompt "
                            f"({settings.long_prompt_tokens} tokens of prose and the template)"}
     text = reference.tokenizer.decode(stream[:settings.long_prompt_tokens])
     out = {}

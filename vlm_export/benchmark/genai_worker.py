@@ -4,7 +4,7 @@ pin), with the repository on PYTHONPATH; it imports only numpy, onnxruntime_gena
 numpy-only quality modules, never the rest of vlm_export.
 
     speed MODEL_DIR SETTINGS_JSON     -> {"prefill_seconds": [...], "decode_seconds": {"128": [...]}}
-    quality REQUEST_JSON              -> {"quality": Quality.to_dict(), "tokens_per_call": ...}
+    quality REQUEST_JSON              -> {"quality": Quality.to_dict()}
 
 Decode at context L = one `generate_next_token()` (its greedy search included) after an L-token
 prompt; prefill = one `append_tokens` of the whole prompt on a fresh generator.
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _model(directory: str, threads: int):
+def _model(directory: str):
+    """Its CPU provider; threads come from its genai_config.json (genai_peer.build sets them)."""
     import onnxruntime_genai as og
 
     config = og.Config(directory)
@@ -29,16 +30,16 @@ def _model(directory: str, threads: int):
     return og, model
 
 
-def _generator(og, model, max_length: int, all_logits: bool = False):
+def _generator(og, model, max_length: int):
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, do_sample=False)
     return og.Generator(model, params)
 
 
 def speed(directory: str, settings: dict) -> dict:
-    og, model = _model(directory, settings["threads"])
+    og, model = _model(directory)
     rng = np.random.default_rng(0)
-    vocab = settings.get("vocab", 49152)
+    vocab = json.loads((Path(directory) / "genai_config.json").read_text())["model"]["vocab_size"]
     longest = max([*settings["contexts"], settings["prefill_tokens"]]) + settings["decode_steps"] + 8
 
     def tokens(n: int) -> np.ndarray:
@@ -75,35 +76,33 @@ def _peak_rss_mb() -> int:
     return 0
 
 
-def _chunk_logits(og, model, ids: list[int], context: int, scored: int) -> np.ndarray:
-    """Teacher-forced: the context half in one call, then the scored ids one call each (what its
-    decode reads through the KV cache); -> (scored, V) logits predicting ids[context:]."""
+def _chunk_logits(og, model, ids: list[int], context: int, scored: int, call_tokens: int) -> np.ndarray:
+    """Teacher-forced like quality/scoring.py: the context half in one call, then the scored ids
+    `call_tokens` per call through its KV cache; -> (scored, V) logits predicting ids[context:].
+    (Its prompt calls return every position's logits: (1, S, V).)"""
     generator = _generator(og, model, len(ids) + 1)
     generator.append_tokens(np.asarray(ids[:context], dtype=np.int32))
-    rows = [np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(-1, model_vocab(generator))[-1]]
-    for token in ids[context:context + scored - 1]:
-        generator.append_tokens(np.asarray([token], dtype=np.int32))
-        rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(-1, model_vocab(generator))[-1])
+    rows = [np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -1:]]
+    feed = ids[context:context + scored - 1]
+    for start in range(0, len(feed), call_tokens):
+        generator.append_tokens(np.asarray(feed[start:start + call_tokens], dtype=np.int32))
+        rows.append(np.asarray(generator.get_output("logits"), dtype=np.float32)[0])
     del generator
-    return np.stack(rows)
-
-
-def model_vocab(generator) -> int:
-    return int(np.asarray(generator.get_output("logits")).shape[-1])
+    return np.concatenate(rows)
 
 
 def quality(request: dict) -> dict:
     from vlm_export.quality.eval_set import chunks
     from vlm_export.quality.metrics import Accumulator
 
-    og, reference = _model(request["reference"], request["threads"])
-    _, candidate = _model(request["candidate"], request["threads"])
+    og, reference = _model(request["reference"])
+    _, candidate = _model(request["candidate"])
     ids, accumulator = request["ids"], Accumulator()
     for chunk in chunks(len(ids), request["n_ctx"], request["tokens"]):
         chunk_ids = chunk.ids(ids, request.get("bos"))
         targets = np.asarray(chunk_ids[chunk.context:chunk.context + chunk.scored])
-        accumulator.add(_chunk_logits(og, reference, chunk_ids, chunk.context, chunk.scored),
-                        _chunk_logits(og, candidate, chunk_ids, chunk.context, chunk.scored), targets)
+        accumulator.add(_chunk_logits(og, reference, chunk_ids, chunk.context, chunk.scored, request["call_tokens"]),
+                        _chunk_logits(og, candidate, chunk_ids, chunk.context, chunk.scored, request["call_tokens"]), targets)
     return {"quality": accumulator.result().to_dict()}
 
 

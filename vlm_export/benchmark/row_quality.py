@@ -24,6 +24,7 @@ from pathlib import Path
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality.metrics import BUDGETS, Quality
+from vlm_export.quality.scoring import CALL_TOKENS
 
 # the quality class of an engine name's variant: ours by name, llama.cpp's by its format
 LLAMA_CLASSES = {"F32": "fp32", "Q8_0": "int8", "source": "int4", "Q4_0": "int4", "Q4_K_M": "int4"}
@@ -173,25 +174,26 @@ def _llama_cpp(rows: list[dict], reference: Path, eval_ids: EvalIds, settings: Q
 
 
 # -- onnxruntime-genai ------------------------------------------------------------------------------
-def _genai(row: dict, reference: Path, eval_ids: EvalIds, settings: QualitySettings, threads: int,
-           cache: QualityCache, root: Path) -> dict:
+def _genai(row: dict, reference: Path, eval_ids: EvalIds, settings: QualitySettings, cache: QualityCache,
+           root: Path) -> dict:
     from vlm_export.benchmark.genai_peer import run_worker
 
     candidate = Path(row["artifact"])
     key = _key("ort-genai", *[_sha256(p) for d in (reference, candidate) for p in sorted(d.glob("*.onnx*"))],
-               eval_ids.text_sha, settings.tokens, settings.n_ctx)
+               eval_ids.text_sha, settings.tokens, settings.n_ctx, CALL_TOKENS)
     cached = cache.get(key)
     if cached is None:
         step(f"onnxruntime-genai: scoring {candidate.name} against {reference.name} ({settings.tokens} tokens)")
         with tempfile.TemporaryDirectory() as work:
             request = Path(work) / "request.json"
             request.write_text(json.dumps({"reference": str(reference), "candidate": str(candidate), "ids": eval_ids.ids,
-                                           "tokens": settings.tokens, "n_ctx": settings.n_ctx, "threads": threads,
-                                           "bos": eval_ids.bos}))
+                                           "tokens": settings.tokens, "n_ctx": settings.n_ctx, "bos": eval_ids.bos,
+                                           "call_tokens": CALL_TOKENS}))
             result = run_worker(root, ["quality", str(request)], timeout=3600)
         cached = cache.put(key, {**result["quality"], "n_ctx": settings.n_ctx,
-                                 "source": "onnxruntime-genai int4 vs its own fp32 build, context half in one call, "
-                                           "then one token per call; vlm-export's token ids"})
+                                 "source": f"onnxruntime-genai int4 vs its own fp32 build through its runtime, context "
+                                           f"half in one call, then {CALL_TOKENS} ids per call (as quality.scoring); "
+                                           "vlm-export's token ids"})
     return cached
 
 
@@ -213,7 +215,7 @@ def attach(workspace, rows: list[dict], settings: QualitySettings, threads: int,
                     results |= _llama_cpp(members, reference, eval_ids, settings, threads, cache)
                 elif family == "ort-genai":
                     reference = workspace.engine("ort-genai:fp32", threads)[1]
-                    results |= {r["engine"]: _genai(r, reference, eval_ids, settings, threads, cache, root) for r in members}
+                    results |= {r["engine"]: _genai(r, reference, eval_ids, settings, cache, root) for r in members}
                 elif family.startswith("ort"):
                     results |= {r["engine"]: _ours(r, settings, cache) for r in members if quality_class(r["engine"]) != BASELINE_CLASS}
             except VlmExportError as exc:

@@ -102,7 +102,22 @@ def _stepped(generator, embeds):
     return np.stack([generator.forward(embeds[i:i + 1][None], kv, np.array([[i]]))[0, -1] for i in range(embeds.shape[0])])
 
 
-def test_all_positions_copy_matches_one_token_per_call(inplace):
+def _with_external_weights(source, out):
+    """A copy of an artifact set whose decoder keeps its weights in a .data file (the int4
+    variants do, and a 1.4B fp32 decoder must)."""
+    shutil.copytree(source, out)
+    path = out / "decoder_inplace.onnx"
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="decoder_inplace.onnx.data",
+              size_threshold=1024)
+    assert (out / "decoder_inplace.onnx.data").stat().st_size > 100_000  # the weights moved out
+    manifest = json.loads((out / "manifest.json").read_text())
+    write_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
+    return out
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline-weights", "external-data"])
+def test_all_positions_copy_matches_one_token_per_call(inplace, external, tmp_path):
+    inplace = _with_external_weights(inplace, tmp_path / "external") if external else inplace
     before = sorted(p.name for p in inplace.iterdir())
     with Generator(ArtifactSet.open(inplace), "ort") as generator:
         ids = generator.tokenizer.encode_text(prose())[:24]

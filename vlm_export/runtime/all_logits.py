@@ -9,8 +9,11 @@ needs every position's logits, so the copy bypasses that gather and keeps everyt
     blocks.N/Add_1 (B, S, C) ------------------------------------------> norm -> lm_head -> logits (B, S, V)
 
 The copy lies in a temporary directory of its own: the graph file (small when the weights are
-external data) plus symlinks to the weights' data files and the kernel library, so nothing is
-written into the artifact directory and a 1.4B model costs no second copy of its weights.
+external data) and a symlink to the kernel library, so nothing is written into the artifact
+directory. External weights stay where they are: ONNX Runtime loads the copy from bytes and reads
+them from the artifact directory (`session.model_external_initializers_file_folder_path`; a
+symlinked data file is refused as a path that escapes the model's directory), so a 1.4B model
+costs no second copy of its weights.
 """
 
 from __future__ import annotations
@@ -40,20 +43,23 @@ def _last_row_gather(graph):
 
 
 def _prune_dead_nodes(graph) -> None:
-    """Drop nodes none of whose outputs is used (the gather's row-index arithmetic)."""
+    """Drop nodes none of whose outputs is used (the gather's row-index arithmetic), then the
+    initializers only they read."""
     outputs = {o.name for o in graph.output}
     while True:
         used = {name for node in graph.node for name in node.input} | outputs
         dead = [n for n in graph.node if not any(out in used for out in n.output)]
         if not dead:
-            return
+            break
         for node in dead:
             graph.node.remove(node)
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
 
 
-def all_logits_graph(source: Path, destination: Path) -> None:
-    """Write `source` (an inplace decoder) to `destination` with every position's logits; the
-    external data files it names are linked beside it."""
+def all_logits_graph(source: Path, destination: Path) -> bool:
+    """Write `source` (an inplace decoder) to `destination` with every position's logits; True when
+    its weights are external data (still named relative to `source`'s directory)."""
     import onnx
 
     model = onnx.load(str(source), load_external_data=False)
@@ -71,34 +77,31 @@ def all_logits_graph(source: Path, destination: Path) -> None:
     _prune_dead_nodes(graph)
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "sequence"  # (B, S, V), no longer (B, 1, V)
-    for tensor in graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and not (destination.parent / entry.value).exists():
-                (destination.parent / entry.value).symlink_to((source.parent / entry.value).resolve())
     onnx.save(model, str(destination))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 class AllLogitsCopy:
     """A temporary directory holding the all-positions copy of a decoder record's graph.
 
-        with AllLogitsCopy(directory, record) as (path, record):  # record: the copy's manifest record
-            ...
+        with AllLogitsCopy(directory, record) as (path, record, weights_dir):
+            ...  # record: the copy's manifest record; weights_dir: where its external data lies, or None
     """
 
     def __init__(self, directory: Path, record: dict):
         self.directory, self.record = Path(directory), record
         self.workdir = None
 
-    def __enter__(self) -> tuple[Path, dict]:
+    def __enter__(self) -> tuple[Path, dict, Path | None]:
         self.workdir = tempfile.TemporaryDirectory(prefix="vlm-export-all-logits-")
         work = Path(self.workdir.name)
         library = self.record.get("custom_op_library")
         if library:
             (work / library).symlink_to((self.directory / library).resolve())
         path = work / self.record["file"]
-        all_logits_graph(self.directory / self.record["file"], path)
+        external = all_logits_graph(self.directory / self.record["file"], path)
         record = {**self.record, "attrs": {**self.record.get("attrs", {}), "last_logits_only": False}}
-        return path, record
+        return path, record, (self.directory.resolve() if external else None)
 
     def __exit__(self, *exc) -> None:
         self.workdir.cleanup()

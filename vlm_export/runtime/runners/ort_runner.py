@@ -43,9 +43,11 @@ def register_kernels(options, library: Path, threads: int | None) -> None:
 
 
 class OrtRunner(Runner):
-    def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 weights_dir: Path | None = None):
         super().__init__(graph)
         self.path = Path(path)
+        self.weights_dir = weights_dir  # external data read from there, not beside the graph (an all-logits copy)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.qnn = graph.get("qnn")  # built for a Snapdragon NPU: {"soc": ..., "context_binary": ...}
@@ -74,8 +76,12 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = threads
         if self.graph.get("custom_op_library"):
             register_kernels(options, self.path.parent / self.graph["custom_op_library"], threads)
+        model = str(self.path)
+        if self.weights_dir is not None:  # from bytes, so the data's folder can be named
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))
+            model = self.path.read_bytes()
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+            self.session = ort.InferenceSession(model, options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise VlmExportError(f"onnxruntime cannot load {self.path} ({str(exc).splitlines()[0][:200]})",
                                  "re-export the graphs; check `vlm-export verify`") from exc
@@ -119,8 +125,8 @@ class OrtRunner(Runner):
         was_active = self.is_active
         self.deactivate()
         try:
-            with AllLogitsCopy(self.path.parent, self.graph) as (path, record), \
-                    OrtRunner(record, path, self.providers, self.threads) as runner:
+            with AllLogitsCopy(self.path.parent, self.graph) as (path, record, weights_dir), \
+                    OrtRunner(record, path, self.providers, self.threads, weights_dir) as runner:
                 yield runner
         finally:
             if was_active:

@@ -36,8 +36,15 @@ def test_variants_and_report(built):
         assert accuracy["prompts"] == 3 and 0.0 <= accuracy["greedy_prefix_agreement"] <= 1.0
         assert 0.0 <= accuracy["top1_agreement"] <= 1.0 and accuracy["mean_kl"] >= 0.0
         native = name == "int4" and unavailable_reason() is None  # --kernels auto
-        assert ("Int4MatMul" in ops, "MatMulNBits" in ops) == (native, not native)
-        assert report["variants"][name]["matmuls"].startswith(f"int{name[-1]} " + ("vlm-export kernel" if native else "MatMulNBits"))
+        assert ("Int4MatMul" in ops) == native
+        nbits = [{a.name: a.i for a in n.attribute}["bits"] for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits == ([8] if native else [int(name[-1])] * 8 + [8])  # lm_head stays 8-bit MatMulNBits
+        matmuls = report["variants"][name]["matmuls"]
+        assert matmuls.startswith(f"{name[-1]}-bit ") and matmuls.endswith("on " + ("vlm-export kernel" if native else "MatMulNBits"))
+        assert report["variants"][name]["quality_budget"] is None  # seeded-random LLM weights: measured, not judged
+        assert report["variants"][name]["weights"] == {
+            "int8": {"8-bit symmetric round-to-nearest": 9},  # 2 layers x (qkv, o, gate_up, down) + lm_head
+            "int4": {"4-bit asymmetric round-to-nearest": 8, "8-bit symmetric round-to-nearest": 1}}[name]
         assert (LIBRARY in json.loads((root / "cpu" / name / "manifest.json").read_text())["files"]) == native
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)
     assert "| int4 |" in stdout
@@ -166,7 +173,7 @@ def test_kernels_ort_and_native_without_a_compiler(built, tmp_path, monkeypatch)
     result = vlm("build", "tiny", "--kv", "fp32", "--variants", "fp32,int4", "--graphs", root / "graphs", "--out", tmp_path / "auto")
     assert result.returncode == 0, result.stderr  # --kernels auto without a compiler: MatMulNBits, and the report says so
     report = json.loads((tmp_path / "auto" / "report.json").read_text())
-    assert report["variants"]["int4"]["matmuls"] == "int4 MatMulNBits (block 128)"
+    assert report["variants"]["int4"]["matmuls"] == "4-bit Q4_1-style min/max, block 32, lm_head 8-bit on MatMulNBits"
     result = vlm("build", "tiny", "--kernels", "native", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
     assert result.returncode == 2 and "--kernels native" in result.stderr and "--kernels ort" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g").exists() and not (tmp_path / "x").exists()

@@ -27,6 +27,21 @@ def ensure_graphs(spec: ModelSpec, graphs: Path) -> Path:
     return graphs
 
 
+def budget_verdicts(report: dict) -> list[tuple[str, dict]]:
+    """(variant, quality_budget record) for every variant a target judged against its budget."""
+    return [(name, v["quality_budget"]) for name, v in report.get("variants", {}).items()
+            if isinstance(v, dict) and v.get("quality_budget")]
+
+
+def check_budgets(report: dict, out: Path) -> None:
+    """--strict: raises VlmExportError naming every variant that missed its quality budget (the
+    build itself is complete and stays written)."""
+    failed = [f"{name} {v['line']}" for name, v in budget_verdicts(report) if not v["passed"]]
+    if failed:
+        raise VlmExportError(f"--strict: {'; '.join(failed)} (the build is written to {out})",
+                             "ship a variant within its budget, or rebuild with more bits / --kv fp32")
+
+
 def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool) -> dict:
     module = target_module(target)
     try:

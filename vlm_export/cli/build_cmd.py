@@ -53,6 +53,9 @@ def build(
     soc: Annotated[Optional[str], typer.Option("--soc")] = None,
     qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration")] = None,
+    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero when a variant misses its quality budget "
+                                                        "(the build is still written).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,
@@ -61,7 +64,7 @@ def build(
     image_alpha: ImageAlphaOpt = None,
 ):
     """Build target artifacts (each variant runnable with `vlm-export run`) and a build report."""
-    from vlm_export.build import build_model
+    from vlm_export.build import budget_verdicts, build_model, check_budgets
     from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec
     from vlm_export.targets import target_module
@@ -73,9 +76,13 @@ def build(
     given = {"variants": tuple(variants.split(",")) if variants else None, "layout": layout, "vision": vision, "kv": kv, "kernels": kernels, "device": device, "vision_on_dla": dla,
              "max_prompt": max_prompt, "max_context": max_context, "prefill_chunk": prefill_chunk, "soc": soc,
              "qnn_graphs": tuple(qnn_graphs.split(",")) if qnn_graphs else None,
-             "calibration": str(calibration) if calibration else None}
+             "calibration": str(calibration) if calibration else None, "eval_tokens": eval_tokens}
     options = {k: v for k, v in given.items() if v is not None}
     configure(quiet=quiet)
     report = build_model(spec, target, out, graphs, options, force)
     typer.echo((out / "report.md").read_text().rstrip())
+    for name, verdict in budget_verdicts(report):
+        typer.echo(f"budget: {name} {verdict['line']}")
     typer.echo(f"wrote {out}: {report['message']}")
+    if strict:
+        check_budgets(report, out)

@@ -36,10 +36,16 @@ from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
+BUILD_RECIPE = "blocks-v2: gguf carry-over, min/max int4, Q8_0 int8, quality on eval prose"  # a format change rebuilds
 # The profile's choices and what each means: validation and `build --help` both read these.
 LAYOUTS = {"inplace": "GroupQueryAttention over an in-place KV buffer", "dynamic": "Concat KV, the diff baseline"}
 VISION = {"int8": "dynamic int8", "fp32": "float"}
-KV_CACHE = {"int8": "a calibrated scale per head and channel", "fp32": "float"}
+KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the eval set, else float",
+            "int8": "a calibrated scale per head and channel", "fp32": "float"}
+# Scored positions of the eval prose per variant: trained LLM weights get the field's usual sample;
+# seeded-random ones a token sample that only proves the path runs (their numbers mean nothing).
+EVAL_TOKENS = {"trained": 2048, "random": 64}
+BUDGET = {"int8": "int8", "int4": "int4"}  # variant -> quality.metrics.BUDGETS entry
 KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
            "native": "vlm-export's int4 kernel", "ort": "ONNX Runtime's MatMulNBits"}
 
@@ -56,10 +62,10 @@ def kernel_recipe() -> str:
 @dataclass(frozen=True)
 class Profile:
     variants: tuple[str, ...] = ("fp32", "int8", "int4")
-    eval_tokens: int = 16
+    eval_tokens: int | None = None  # scored eval tokens per variant (None: EVAL_TOKENS by the LLM's weights)
     layout: str = "inplace"  # decoder layout: inplace | dynamic
     vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
-    kv: str = "int8"  # the int8/int4 variants' KV cache (inplace layout): int8 | fp32
+    kv: str = "auto"  # the int8/int4 variants' KV cache (inplace layout): auto | int8 | fp32
     calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
     kernels: str = "auto"  # the int4 variant's matmuls: auto | native (kernels/) | ort (MatMulNBits)
 
@@ -70,6 +76,8 @@ class Profile:
             raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", f"use --vision {' or '.join(VISION)}")
         if self.kv not in KV_CACHE:
             raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", f"use --kv {' or '.join(KV_CACHE)}")
+        if self.eval_tokens is not None and self.eval_tokens < 2:
+            raise VlmExportError(f"--eval-tokens {self.eval_tokens} is too few to score", "pass --eval-tokens 2 or more (default 2048)")
         if self.kernels not in KERNELS:
             raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", f"use --kernels {', '.join(KERNELS)}")
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -94,6 +102,8 @@ def cli_help() -> dict[str, str]:
         "vision": f"vision tower of the quantized variants: {_choices(VISION, d.vision)}",
         "kv": f"KV cache of the quantized variants (inplace layout): {_choices(KV_CACHE, d.kv)}",
         "kernels": f"matmuls of the int4 variant: {_choices(KERNELS, d.kernels)}",
+        "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
+                       f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 KV scales are calibrated on "
                        "(default: the repository's calibration/)",
     }
@@ -106,8 +116,23 @@ def weight_config(name: str) -> WeightOnlyConfig | None:
 
 
 def int8_kv(profile: Profile, name: str) -> bool:
-    """Whether the variant's KV cache is int8: quantized variants of the inplace layout, unless --kv fp32."""
-    return VARIANTS[name] is not None and profile.layout == "inplace" and profile.kv == "int8"
+    """Whether the variant's KV cache may be int8: quantized variants of the inplace layout, unless
+    --kv fp32 (with `auto` the build keeps it only where the budget holds)."""
+    return VARIANTS[name] is not None and profile.layout == "inplace" and profile.kv in ("int8", "auto")
+
+
+def random_llm(model: dict) -> bool:
+    """Whether a manifest's `model` record has seeded-random LLM weights: quality budgets hold for
+    trained weights only, so such a build's variants are measured but not judged."""
+    weights = model.get("weights", {})
+    return weights.get("source", "random") == "random" or "llm" in weights.get("random_parts", [])
+
+
+def eval_tokens(profile: Profile, model: dict) -> int:
+    """--eval-tokens, else EVAL_TOKENS for the LLM's weights."""
+    if profile.eval_tokens is not None:
+        return profile.eval_tokens
+    return EVAL_TOKENS["random" if random_llm(model) else "trained"]
 
 
 def native_kernels(profile: Profile, name: str) -> bool:
@@ -134,7 +159,7 @@ def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool, model: d
     return rewrite
 
 
-def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales) -> dict:
+def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales, kv_int8: bool) -> dict:
     """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
     are); the others from fp32 (built and verified by this build just before)."""
     from vlm_export.artifacts import read_manifest
@@ -143,7 +168,7 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     if config is None and profile.layout != "dynamic":
         return export_layout(graphs, out, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
-    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if int8_kv(profile, name) else None,
+    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if kv_int8 else None,
                                                                         native_kernels(profile, name), manifest["model"])}
     if config is not None and profile.vision == "int8":
         rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
@@ -187,7 +212,6 @@ def preflight(profile: Profile) -> None:
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     from vlm_export.artifacts import verify
-    from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
     manifest = verify(graphs)
     preflight(profile)
@@ -201,36 +225,69 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
             scales.update(calibrate_kv_scales(staging.path / "fp32", *calibration_set(profile.calibration)))
         return scales
 
-    report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "variants": {},
+    tokens = eval_tokens(profile, manifest["model"])
+    report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "eval_tokens": tokens, "variants": {},
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     with atomic_directory(out, force) as staging:
         for name in profile.variants:
             config = weight_config(name)
             native = native_kernels(profile, name)
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
-                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and KV_RECIPE, native and kernel_recipe())
+                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and (KV_RECIPE, profile.kv),
+                            native and kernel_recipe(), VARIANTS[name] and tokens, BUILD_RECIPE)
             record = staging.cached(name, key)
             if record is not None:
                 step(f"{name}: unchanged inputs, reusing the finished stage")
             else:
-                shutil.rmtree(staging.path / name, ignore_errors=True)  # leftovers of an interrupted attempt
-                started = time.perf_counter()
-                with stage(f"building {name}"):
-                    built = _variant(graphs, manifest, staging.path / "fp32", staging.path / name, name, profile, kv_scales)
-                record = {"seconds": round(time.perf_counter() - started, 1),
-                          "bytes": sum(f["bytes"] for f in built["files"].values()),
-                          "kv_cache": "int8" if int8_kv(profile, name) else "fp32",
-                          "matmuls": matmul_kind(config, native)}
-                if name != "fp32":
-                    with stage(f"measuring {name} against fp32"):
-                        record["accuracy_vs_fp32"] = accuracy_vs_fp32(staging.path / "fp32", staging.path / name, profile.eval_tokens)
-                        record["vision_vs_fp32"] = vision_accuracy(staging.path / "fp32", staging.path / name)
+                record = _build_variant(graphs, manifest, staging.path, name, profile, kv_scales, tokens)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         staging.finish()
         write_json_atomic(staging.path / "report.json", report)
         (staging.path / "report.md").write_text(report_markdown(report))
     return report
+
+
+def _measure(fp32: Path, variant: Path, name: str, tokens: int, judge: bool) -> dict:
+    from vlm_export.diff.end_to_end import accuracy_vs_fp32
+    from vlm_export.quality.table import verdict
+
+    accuracy = accuracy_vs_fp32(fp32, variant, tokens)
+    judged = verdict(accuracy, BUDGET.get(name)) if judge else None
+    return {"accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}
+
+
+def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profile: Profile, kv_scales, tokens: int) -> dict:
+    """One variant built and measured; with --kv auto an int8 KV cache that costs the budget is
+    replaced by a float one (and the report says what the int8 cache scored). Seeded-random LLM
+    weights are not judged: auto keeps the int8 cache there."""
+    config, native = weight_config(name), native_kernels(profile, name)
+    attempts = [True, False] if int8_kv(profile, name) and profile.kv == "auto" else [int8_kv(profile, name)]
+    rejected = None
+    for kv_int8 in attempts:
+        shutil.rmtree(staging / name, ignore_errors=True)  # leftovers of an interrupted or rejected attempt
+        started = time.perf_counter()
+        with stage(f"building {name}" + (" (int8 KV cache)" if kv_int8 else "")):
+            built = _variant(graphs, manifest, staging / "fp32", staging / name, name, profile, kv_scales, kv_int8)
+        record = {"seconds": round(time.perf_counter() - started, 1), "bytes": sum(f["bytes"] for f in built["files"].values()),
+                  "kv_cache": "int8" if kv_int8 else "fp32", "matmuls": matmul_kind(config, native),
+                  "weights": next((r["weight_origins"] for r in built.get("rewrites", {}).values()
+                                   if isinstance(r, dict) and "weight_origins" in r), None)}
+        if name == "fp32":
+            return record
+        with stage(f"measuring {name} against fp32 ({tokens} eval tokens)"):
+            record.update(_measure(staging / "fp32", staging / name, name, tokens, not random_llm(manifest["model"])))
+            record["vision_vs_fp32"] = vision_accuracy(staging / "fp32", staging / name)
+        verdict = record["quality_budget"]
+        if verdict:
+            step(f"{name}: {verdict['line']}")
+        if rejected:
+            record["kv_int8_rejected"] = rejected
+        if not (kv_int8 and len(attempts) > 1 and verdict and not verdict["passed"]):
+            return record
+        rejected = f"int8 KV cache: {verdict['line']}"
+        step(f"{name}: the int8 KV cache misses the budget; rebuilding with a float KV cache")
+    return record
 
 
 def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
@@ -240,16 +297,25 @@ def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    lines = [("| variant | size MB | build s | matmuls | KV cache | greedy prefix agreement | identical | top-1 agreement | mean KL "
-              "| ppl | vision cosine |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, v in report["variants"].items():
-        acc = v.get("accuracy_vs_fp32")
-        cells = [f"{acc['greedy_prefix_agreement']:.2f}", f"{acc['identical_outputs']}/{acc['prompts']}",
-                 f"{acc['top1_agreement']:.3f}", f"{acc['mean_kl']:.2e}",
-                 "-" if acc["perplexity_candidate"] is None else f"{acc['perplexity_candidate']:.2f}"] if acc else ["baseline"] * 4 + ["-"]
-        vision = v.get("vision_vs_fp32")
-        cells.append(f"{vision['cosine_min']:.5f}" if vision else "baseline")
-        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['seconds']} | {v.get('matmuls', '-')} | {v.get('kv_cache', 'fp32')} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The variants table (size, matmul format, KV cache, quality columns and budget verdict against
+    fp32, vision cosine), then one verdict line per quantized variant and where its weights came from."""
+    from vlm_export.quality.table import HEADER, cells, note
 
+    head = ["variant", "size MB", "build s", "matmuls", "KV cache", *HEADER, "vision cosine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in report["variants"].items():
+        acc, vision = v.get("accuracy_vs_fp32"), v.get("vision_vs_fp32")
+        kv = v.get("kv_cache", "fp32") + (" (int8 missed the budget)" if v.get("kv_int8_rejected") else "")
+        row = [name, f"{v['bytes'] / 1e6:.0f}", str(v["seconds"]), v.get("matmuls", "-"), kv,
+               *cells(acc, BUDGET.get(name), missing="baseline" if acc is None else "-"),
+               f"{vision['cosine_min']:.5f}" if vision else "baseline"]
+        lines.append("| " + " | ".join(row) + " |")
+    variants = report["variants"].items()
+    footer = note([v["accuracy_vs_fp32"] for _, v in variants if v.get("accuracy_vs_fp32")])
+    lines += ["", footer] if footer else []
+    details = ([f"- {name}: {v['quality_budget']['line']}" for name, v in variants if v.get("quality_budget")]
+               + [f"- {name}: {v['kv_int8_rejected']} -> float KV cache" for name, v in variants if v.get("kv_int8_rejected")]
+               + [f"- {name} weights: " + ", ".join(f"{count} {origin}" for origin, count in v["weights"].items())
+                  for name, v in variants if v.get("weights")])
+    lines += ["", *details] if details else []
+    return "\n".join(lines) + "\n"

@@ -72,6 +72,7 @@ def cli_help() -> dict[str, str]:
         "max_context": f"KV cache length the decode profile takes (default {d.max_context}, at most the model's context)",
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 variant is calibrated on "
                        "(default: the repository's calibration/)",
+        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
     }
 
 

@@ -83,6 +83,7 @@ def cli_help() -> dict[str, str]:
         "prefill_chunk": f"prompt tokens per static prefill call (default {d.prefill_chunk})",
         "calibration": "folder (recipe.json, images/, prompts.txt) the QNN and CPU variants are calibrated on "
                        "(default: the repository's calibration/)",
+        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
     }
 
 

@@ -116,3 +116,13 @@ def dequantize_gguf(source: Path, destination: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return destination
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each llama.cpp type a GGUF holds (a K-quant on rows that are not
+    multiples of 256 falls back to q5_0/q8_0: this shows it)."""
+    gguf = require_module("gguf", "dev", "reading GGUF files")
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))

@@ -98,6 +98,14 @@ def quality_table(report: dict, model: dict) -> list[str]:
         budget = row.get("budget")
         quality[-1] = ("pass" if budget["passed"] else "OVER: " + "; ".join(budget["misses"])) if budget else "-"
         lines.append("| " + " | ".join(cells + quality) + " |")
+    mixes = [f"{r['engine']}: " + ", ".join(f"{n} {k}" for k, n in r["gguf_tensor_types"].items())
+             + f" ({8 * r['bytes'] / model['decoder_params']:.2f} bits per decoder parameter)"
+             for r in model["results"] if r.get("gguf_tensor_types")]
+    if mixes:
+        fallback = any("Q5_0" in r.get("gguf_tensor_types", {}) for r in model["results"] if r["engine"].endswith("Q4_K_M"))
+        lines += ["", "llama.cpp tensor types (count of tensors per type): " + "; ".join(mixes) + "." +
+                  (" llama.cpp's K-quants need rows that are multiples of 256; this model's are not (SmolLM2: 576), so its "
+                   "Q4_K_M falls back to q5_0/q8_0 for most tensors: not a 4-bit format here." if fallback else "")]
     sources = sorted({r["quality"].get("source") for r in model["results"] if r.get("quality", {}).get("source")})
     if sources:
         lines += ["", "Quality sources: " + "; ".join(sources) + "."]

@@ -288,6 +288,10 @@ def _run_suite(suite: dict, root: Path) -> dict:
             kv = _kv_bytes_per_token(workspace.spec, kind, location)
             limit = machine_limits["gpu"] if kind == "torch-cuda" else machine_limits
             roofline = {c: limit["memory_bandwidth_gbs"] * 1e9 / (weight_bytes + kv * int(c)) for c in measured["decode_tok_s"]}
+            if kind == "llama.cpp":
+                from vlm_export.benchmark.gguf_export import tensor_types
+
+                measured["gguf_tensor_types"] = tensor_types(location)
             rows.append({"engine": name, "artifact": str(location), "bytes": size, "bytes_read_per_token": weight_bytes,
                          **measured,
                          "decode_roofline_fraction": {c: measured["decode_tok_s"][c]["median"] / roofline[c] for c in roofline},

@@ -11,7 +11,7 @@ through numpy; `to_numpy` fetches what the host needs (logits).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Runner:
         return self.infer_impl(feeds)
 
     @contextmanager
-    def all_logits(self) -> Iterator["Runner | None"]:
+    def all_logits(self) -> Iterator[Runner | None]:
         """A runner of this decoder graph that returns every position's logits, for the block's
         duration; None where this backend cannot make one (the caller then scores one token per call)."""
         yield None

@@ -10,8 +10,8 @@ through numpy; `to_numpy` fetches what the host needs (logits).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 

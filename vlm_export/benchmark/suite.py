@@ -4,7 +4,8 @@ Engines, by name:
     torch             the exported graphs' reference, PyTorch eager (transformers modules), fp32
     torch-cuda        the same reference in fp16 on a CUDA GPU (no export needed)
     ort:fp32|int8|int4    `--target cpu` variants (inplace layout: GroupQueryAttention over an in-place
-                      KV buffer; an int8 KV cache for int8/int4; MatMulNBits weights for int8, and
+                      KV buffer; the build's KV cache choice (--kv auto: int8 where the variant keeps
+                      its quality budget); MatMulNBits weights for int8, and
                       for int4 vlm-export's int4 kernel where the CPU has it)
     ort-mlas:int4     the int4 variant with `--kernels ort` (ONNX Runtime's MatMulNBits / MLAS)
     ort-concat:fp32|int8|int4  the same with `--layout dynamic` (the KV cache is concatenated every step)
@@ -109,10 +110,10 @@ class Workspace:
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
-    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "int8", kernels: str = "auto") -> Path:
+    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "auto", kernels: str = "auto") -> Path:
         from vlm_export.build import build_model
 
-        differences = [layout] * (layout != "inplace") + [f"{kv}kv"] * (kv != "int8") + ["mlas"] * (kernels == "ort")
+        differences = [layout] * (layout != "inplace") + [f"{kv}kv"] * (kv != "auto") + ["mlas"] * (kernels == "ort")
         folder = "-".join(["cpu", *differences])
         out = self.root / "engines" / folder / self.spec.name
         if not (out / variant / "manifest.json").is_file():

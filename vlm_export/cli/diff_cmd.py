@@ -20,15 +20,17 @@ def diff(
     variants: Annotated[Optional[list[Path]], typer.Argument(help="Built variant directories to compare too.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default <graphs>-diff).")] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per end-to-end prompt.")] = 16,
+    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", min=2, help="Eval-prose positions scored end to end "
+                                                       "(perplexity, mean KL, top-1 against the baseline; default 512).")] = None,
     quiet: QuietOpt = False,
 ):
     """Per-graph (Polygraphy), per-layer and end-to-end diffs; exit code 1 when a tolerance fails."""
-    from vlm_export.diff.api import diff_artifacts, failure_summary, localisation_lines
+    from vlm_export.diff.api import DIFF_EVAL_TOKENS, diff_artifacts, failure_summary, localisation_lines
     from vlm_export.progress import configure
 
     out = out or graphs.with_name(graphs.name + "-diff")
     configure(quiet=quiet)
-    report = diff_artifacts(graphs, list(variants or []), out, new_tokens)
+    report = diff_artifacts(graphs, list(variants or []), out, new_tokens, eval_tokens or DIFF_EVAL_TOKENS)
     typer.echo((out / "diff.md").read_text().rstrip())
     where = localisation_lines(report)
     if where:  # after the report, so the last lines say where a decoder goes wrong

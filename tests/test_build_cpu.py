@@ -43,8 +43,8 @@ def test_variants_and_report(built):
         assert matmuls.startswith(f"{name[-1]}-bit ") and matmuls.endswith("on " + ("vlm-export kernel" if native else "MatMulNBits"))
         assert report["variants"][name]["quality_budget"] is None  # seeded-random LLM weights: measured, not judged
         assert report["variants"][name]["weights"] == {
-            "int8": {"8-bit symmetric round-to-nearest": 9},  # 2 layers x (qkv, o, gate_up, down) + lm_head
-            "int4": {"4-bit asymmetric round-to-nearest": 8, "8-bit symmetric round-to-nearest": 1}}[name]
+            "int8": {"8-bit asymmetric round-to-nearest": 9},  # 2 layers x (qkv, o, gate_up, down) + lm_head
+            "int4": {"4-bit asymmetric round-to-nearest": 8, "8-bit asymmetric round-to-nearest": 1}}[name]
         assert (LIBRARY in json.loads((root / "cpu" / name / "manifest.json").read_text())["files"]) == native
         assert not any(n.op_type == "MatMul" and n.input[1].startswith("onnx::MatMul") for n in decoder.graph.node)
     assert "| int4 |" in stdout

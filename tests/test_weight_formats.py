@@ -111,7 +111,11 @@ def test_lm_head_keeps_eight_bits_and_int8_requantizes_a_4_bit_source(gguf_file,
     q41 = dequantize(raw["Q4_1"], KINDS["Q4_1"])
     _matmul_model(tmp_path / "w.onnx", q41, "/blocks.0/attn/o_proj/MatMul")
     done = quantize_weights(tmp_path / "w.onnx", tmp_path / "w8.onnx", WeightOnlyConfig(bits=8), source)
-    assert done["weight_origins"] == {"8-bit symmetric round-to-nearest": 1}
+    assert done["weight_origins"] == {"8-bit asymmetric round-to-nearest": 1}
+    # min/max 8-bit blocks hold a 4-bit grid: codes 17 q, float16 scale d / 17 (to its rounding)
+    graph = onnx.load(str(tmp_path / "w8.onnx")).graph
+    codes = numpy_helper.to_array(next(t for t in graph.initializer if t.name == "w.nbits")).reshape(48, 64)
+    assert set(np.unique(codes) % 17) == {0}
 
 
 def test_min_max_blocks_beat_symmetric_on_an_offset_weight():

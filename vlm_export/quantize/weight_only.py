@@ -5,18 +5,19 @@ Formats (quantize/blocks.py), chosen for quality first (issue 17: the earlier sy
 blocks of 128 lost mean KL 0.47 / top-1 0.61 against fp32 on SmolLM2-135M, worse than llama.cpp's
 Q4_0):
     int4  blocks of 32 with a float16 scale and minimum (llama.cpp's Q4_1: 5 bits per weight);
-          `lm_head` at 8 bits (Q8_0), as llama.cpp keeps its output matrix at higher precision
-    int8  blocks of 32, symmetric, float16 scale (llama.cpp's Q8_0: 8.5 bits per weight)
+          `lm_head` at 8 bits, as llama.cpp keeps its output matrix at higher precision
+    int8  blocks of 32 with a float16 scale and minimum (8 bits: 9 bits per weight); min/max
+          rather than Q8_0's absmax because it holds a 4-bit source exactly (codes 17q) and uses
+          the whole code range of offset blocks (SmolLM2, 1,024 tokens of prose, positions
+          512-1023 against fp32: mean KL 0.0032 / top-1 0.980, absmax blocks 0.0037 / 0.963)
 Weights that arrive quantized (a GGUF model) keep their own blocks, bit for bit, where the variant
 stores that many bits (a Q4_1 tensor in the int4 variant, the Q8_0 token embedding as lm_head in
-both); otherwise their float values are quantized here (the int8 variant of a Q4_1 model holds
-Q8_0 blocks of its values, as llama.cpp's Q8_0 of the same weights does).
+both); otherwise their float values are quantized here.
 
 MatMulNBits holds the codes (`matmul_nbits` says how the minimums ride beside it); accuracy level 4
-quantizes activations to int8 per block, as llama.cpp does (measured on SmolLM2-135M, 1,024 tokens
-of prose, positions 512-1023 against fp32: int8 variant mean KL 0.0037 / top-1 0.963 at level 4,
-0.0012 / 0.978 at level 1, which ran 16x slower; the int4 variant on the native kernel 0.0028 /
-0.977).
+quantizes activations to int8 per block, as llama.cpp does (same measurement: with float
+activations, level 1, the int8 variant's mean KL is 0.0012 but MLAS ran 16x slower; the int4
+variant on the native kernel, int8 activations: 0.0028 / 0.977).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class WeightOnlyConfig:
     bits: int = 4
     block_size: int = 32
     accuracy_level: int = 4
-    symmetric: bool = False  # 4-bit only: absmax blocks (Q4_0) instead of min/max blocks (Q4_1)
+    symmetric: bool = False  # absmax blocks (Q4_0 / Q8_0) instead of min/max blocks (Q4_1-style)
     head_bits: int = 8  # lm_head's bits (at least `bits`)
 
     def __post_init__(self):
@@ -50,7 +51,7 @@ class WeightOnlyConfig:
             raise VlmExportError(f"block size {self.block_size} must be a power of two >= 16", "use 32, 64 or 128")
 
     def describe(self) -> str:
-        kind = "Q8_0-style symmetric" if self.bits == 8 else ("Q4_0-style symmetric" if self.symmetric else "Q4_1-style min/max")
+        kind = f"Q{self.bits}_0-style symmetric" if self.symmetric else f"Q{self.bits}_1-style min/max"
         return f"{self.bits}-bit {kind}, block {self.block_size}, lm_head {max(self.head_bits, self.bits)}-bit"
 
 
@@ -88,7 +89,7 @@ def choose_blocks(weight_t: np.ndarray, name: str, config: WeightOnlyConfig, sou
     found = source.find(weight_t) if source is not None else None
     if found is not None and found.bits == bits and found.block == config.block_size:
         return found
-    if bits == 8 or config.symmetric:
+    if config.symmetric:
         return quantize_symmetric(weight_t, bits, config.block_size)
     return quantize_asymmetric(weight_t, bits, config.block_size)
 

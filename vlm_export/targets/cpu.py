@@ -3,7 +3,7 @@
     fp32/  the graphs with the decoder in the inplace layout (default: one GroupQueryAttention per
            layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
            exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
-    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (llama.cpp's Q8_0: blocks of 32, symmetric)
+    int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (blocks of 32 with a scale and a minimum)
     int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (llama.cpp's Q4_1: blocks of 32 with a scale and
            a minimum; lm_head 8-bit; a GGUF's own Q4_1/Q8_0 blocks carried over exactly), then, on x86-64
            CPUs with AVX-512 VNNI, the same codes, scales and minimums repacked for vlm-export's own int4

@@ -103,7 +103,8 @@ def test_rows_get_their_quality_class_peer_ratio_and_budget(tmp_path):
     rows = [{"engine": "ort:fp32", "decode_tok_s": {"16": _speed(50)}, "prefill_tok_s": _speed(100)},
             {"engine": "ort:int4", "decode_tok_s": {"16": _speed(150)}, "prefill_tok_s": _speed(300), "quality": lossy},
             {"engine": "ort:int8", "decode_tok_s": {"16": _speed(120)}, "prefill_tok_s": _speed(200), "quality": close},
-            {"engine": "llama.cpp:source", "decode_tok_s": {"16": _speed(100)}, "prefill_tok_s": _speed(150), "quality": close},
+            {"engine": "llama.cpp:source", "decode_tok_s": {"16": _speed(100)}, "prefill_tok_s": _speed(150), "quality": close,
+             "bytes": 100, "gguf_tensor_types": {"Q4_1": 210, "F32": 61}},
             {"engine": "llama.cpp:F32", "decode_tok_s": {"16": _speed(40)}, "prefill_tok_s": _speed(80),
              "quality": {**close, "mean_kl": 0.0, "top1_agreement": 1.0}},
             {"engine": "ort-genai:int4", "decode_tok_s": {"16": _speed(90)}, "prefill_tok_s": _speed(90),
@@ -120,7 +121,9 @@ def test_rows_get_their_quality_class_peer_ratio_and_budget(tmp_path):
     assert "peer" not in by_name["ort:int8"]  # its peer (Q8_0) did not run: no ratio is made up
     assert by_name["ort:int8"]["budget"]["passed"] and "budget" not in by_name["llama.cpp:source"]  # budgets: our rows
     report = _quality_report(rows)
+    report["models"][0]["decoder_params"] = 200
     text = "\n".join(quality_table(report, report["models"][0]))
+    assert "llama.cpp:source: 210 Q4_1, 61 F32 (4.00 bits per decoder parameter)" in text
     assert "| ort:int4 | int4 |" in text and "| 1.50x |" in text and "OVER: mean KL 0.2000 > 0.01" in text
     assert "not measured: onnxruntime-genai's venv is missing" in text and "| llama.cpp:Q8_0 | not measured:" in text
     assert (frontier_chart(report, tmp_path / "f.png")).stat().st_size > 1000

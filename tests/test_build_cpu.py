@@ -185,3 +185,34 @@ def test_int8_kv_without_calibration_data_fails_first(tmp_path):
     result = vlm("build", "tiny", "--calibration", tmp_path / "nothing", "--graphs", tmp_path / "g", "--out", tmp_path / "x")
     assert result.returncode == 2 and "int8 KV cache needs calibration data" in result.stderr and "--kv fp32" in result.stderr
     assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()  # nothing exported, nothing built
+
+
+def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, tmp_path, monkeypatch):
+    """--kv auto on a trained LLM: an int8 KV cache whose screening verdict fails is replaced by a
+    float one, and the report says what the int8 cache scored. (tiny is seeded-random and never
+    judged, so the judge and the screening are stood in for here.)"""
+    from vlm_export.quality.metrics import BUDGETS, Quality
+    from vlm_export.targets import cpu
+
+    root, _ = built
+    monkeypatch.setattr(cpu, "random_llm", lambda model: False)
+    bad = Quality(tokens=512, perplexity_reference=10.0, perplexity=11.0, mean_kl=0.05, kl_p99=0.3, top1_agreement=0.9)
+    monkeypatch.setattr(cpu, "_screen_int8_kv", lambda fp32, variant, name, tokens: BUDGETS[cpu.BUDGET[name]].verdict(bad))
+    report = cpu.build(root / "graphs", tmp_path / "cpu", cpu.Profile(variants=("fp32", "int4"), eval_tokens=8))
+    int4 = report["variants"]["int4"]
+    assert int4["kv_cache"] == "fp32" and "mean KL 0.0500 > 0.01" in int4["kv_int8_rejected"]
+    assert int4["quality_budget"]["budget"] == "int4"  # the float-cache variant is judged in full
+    manifest = json.loads((tmp_path / "cpu" / "int4" / "manifest.json").read_text())
+    decoder = next(g for g in manifest["graphs"] if g["wrapper"] == "decoder")
+    assert {t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_")} == {"float32"}
+    assert "int8 missed the budget" in (tmp_path / "cpu" / "report.md").read_text()
+
+
+def test_strict_fails_on_a_missed_budget(tmp_path):
+    from vlm_export.build import check_budgets
+
+    report = {"variants": {"int4": {"quality_budget": {"passed": False, "line": "OVER the int4 budget: top-1 0.900 < 0.95"}},
+                           "int8": {"quality_budget": {"passed": True, "line": "within"}}, "fp32": {}}}
+    with pytest.raises(Exception, match="--strict: int4 OVER the int4 budget"):
+        check_budgets(report, tmp_path)
+    check_budgets({"variants": {"int8": report["variants"]["int8"]}}, tmp_path)  # all within: no error

@@ -257,12 +257,27 @@ def _measure(fp32: Path, variant: Path, name: str, tokens: int, judge: bool) -> 
     return {"accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}
 
 
+SCREEN_TOKENS = 512  # --kv auto: eval positions an int8 KV cache must first pass on (the cache's loss grows with context)
+
+
+def _screen_int8_kv(fp32: Path, variant: Path, name: str, tokens: int):
+    """A quick verdict on the eval prose alone (no greedy answers, no long prompt); a cache that
+    passes it is then measured in full like any variant."""
+    from vlm_export.quality.metrics import BUDGETS
+    from vlm_export.quality.scoring import measure
+
+    with stage(f"screening {name}'s int8 KV cache ({min(tokens, SCREEN_TOKENS)} eval tokens)"):
+        quality = measure(fp32, variant, min(tokens, SCREEN_TOKENS), greedy_tokens=0, long_prompt_tokens=0)
+    return BUDGETS[BUDGET[name]].verdict(quality)
+
+
 def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profile: Profile, kv_scales, tokens: int) -> dict:
     """One variant built and measured; with --kv auto an int8 KV cache that costs the budget is
     replaced by a float one (and the report says what the int8 cache scored). Seeded-random LLM
     weights are not judged: auto keeps the int8 cache there."""
     config, native = weight_config(name), native_kernels(profile, name)
-    attempts = [True, False] if int8_kv(profile, name) and profile.kv == "auto" else [int8_kv(profile, name)]
+    judge = not random_llm(manifest["model"])
+    attempts = [True, False] if int8_kv(profile, name) and profile.kv == "auto" and judge else [int8_kv(profile, name)]
     rejected = None
     for kv_int8 in attempts:
         shutil.rmtree(staging / name, ignore_errors=True)  # leftovers of an interrupted or rejected attempt
@@ -275,8 +290,14 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
                                    if isinstance(r, dict) and "weight_origins" in r), None)}
         if name == "fp32":
             return record
+        if kv_int8 and len(attempts) > 1 and judge:
+            screened = _screen_int8_kv(staging / "fp32", staging / name, name, tokens)
+            if not screened.passed:  # no full measurement of a cache already known to cost the budget
+                rejected = f"int8 KV cache: {screened.line()}"
+                step(f"{name}: the int8 KV cache misses the budget; rebuilding with a float KV cache")
+                continue
         with stage(f"measuring {name} against fp32 ({tokens} eval tokens)"):
-            record.update(_measure(staging / "fp32", staging / name, name, tokens, not random_llm(manifest["model"])))
+            record.update(_measure(staging / "fp32", staging / name, name, tokens, judge))
             record["vision_vs_fp32"] = vision_accuracy(staging / "fp32", staging / name)
         verdict = record["quality_budget"]
         if verdict:

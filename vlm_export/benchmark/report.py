@@ -51,6 +51,12 @@ def markdown(report: dict) -> str:
             cells += [f"{row.get('prefill_ratio_vs_baseline', float('nan')):.2f}x",
                       f"{row['vision_speedup_vs_torch']:.2f}x" if row.get("vision_speedup_vs_torch") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
+        loads = [f"{r['engine']} {r['load_average_1m'][0]:.1f}-{r['load_average_1m'][1]:.1f}" for r in model["results"]
+                 if r.get("load_average_1m")]
+        if loads:
+            lines += ["", "Machine load (1-minute load average before-after each row; the engines use "
+                      f"{report['settings']['threads']} threads, so more than that means other work shared the cores): "
+                      + ", ".join(loads) + "."]
         if model["build_seconds"]:
             lines += ["", "Built during this run: " + ", ".join(f"{k} {v} s" for k, v in model["build_seconds"].items())]
         lines.append("")

@@ -24,6 +24,7 @@ row its quality on the eval prose against its own full precision, and ratios to 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -282,7 +283,10 @@ def _run_suite(suite: dict, root: Path) -> dict:
                 rows.append({"engine": name, "skipped": exc.one_line()})
                 continue
             with stage(f"{workspace.spec.name}: measuring {name}"):
+                load_before = os.getloadavg()[0]
                 measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge, root)
+                # other work on the machine slows every engine, llama.cpp's spinning threads most: say how busy it was
+                measured["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
 
 from tests.checkpoints import tiny_spec
 from tests.cli import vlm
+from tests.graph_edits import scale_matmul_weight
 from vlm_export.artifacts import write_manifest
 from vlm_export.diff.api import diff_artifacts, localisation_lines
 from vlm_export.export.graph_specs import ExportOptions
@@ -28,19 +28,10 @@ def _rewrite_decoder(directory: Path, file: str, change) -> None:
     write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
 
 
-def _scale_down_proj(block: int):
-    """Scales the MLP down-projection weight of `block` (the ONNX initializer its MatMul reads)."""
-    def change(model: onnx.ModelProto) -> None:
-        node = next(n for n in model.graph.node if n.name.startswith(f"/blocks.{block}/") and "/down_proj/" in n.name)
-        weight = next(i for i in model.graph.initializer if i.name == node.input[1])
-        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
-    return change
-
-
 def test_perturbed_block_is_named_against_pytorch(tiny_graphs, tmp_path):
     broken = tmp_path / "graphs"
     shutil.copytree(tiny_graphs, broken)
-    _rewrite_decoder(broken, "decoder.onnx", _scale_down_proj(1))
+    scale_matmul_weight(broken, "decoder.onnx", "/blocks.1/", 1.5, "/down_proj/")
     result = vlm("diff", broken, "--out", tmp_path / "report", "--new-tokens", "4")
     assert result.returncode == 1, result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -66,7 +57,7 @@ def test_unperturbed_graphs_pass_without_naming_a_block(tiny_graphs, tmp_path):
 def test_inplace_decoder_is_localised_against_pytorch(tmp_path):
     graphs = tmp_path / "inplace"
     export_model(tiny_spec("ldpnet"), graphs, ExportOptions(layout="inplace"))
-    _rewrite_decoder(graphs, "decoder_inplace.onnx", _scale_down_proj(1))
+    scale_matmul_weight(graphs, "decoder_inplace.onnx", "/blocks.1/", 1.5, "/down_proj/")
     report = diff_artifacts(graphs, [], tmp_path / "report", new_tokens=2)
     assert not report["passed"]
     assert report["localisation"]["graphs"]["decoder"]["first_divergence"] == 1

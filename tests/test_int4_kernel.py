@@ -22,7 +22,7 @@ def _unrepack(weights: np.ndarray, params: np.ndarray, n: int, k: int, block: in
     for half, nibble in ((0, lines & 0x0F), (1, lines >> 4)):
         # (t, b, v, c, i) -> code[16t + c][b*block + 8v + 4*half + i]
         codes.reshape(tiles, TILE, blocks, block // 8, 2, 4)[:, :, :, :, half, :] = nibble.transpose(0, 3, 1, 2, 4)
-    per_output = lambda part: part.transpose(0, 2, 1).reshape(tiles * TILE, blocks)[:n].astype(np.float32)  # noqa: E731
+    per_output = lambda part: part.transpose(0, 2, 1).reshape(tiles * TILE, blocks)[:n].astype(np.float32)
     return codes[:n], per_output(params[..., :TILE]), per_output(params[..., TILE:])
 
 

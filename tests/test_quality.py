@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from tests.checkpoints import tiny_spec
+from tests.graph_edits import scale_matmul_weight
 from vlm_export.artifacts import write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.quality.eval_set import Chunk, chunks, prose
@@ -170,23 +170,12 @@ def test_static_layout_is_scored_one_token_per_call(tmp_path):
     assert result.quality.tokens == 20 and result.quality.mean_kl == 0.0 and result.quality.top1_agreement == 1.0
 
 
-def _perturb_lm_head(directory):
-    path = directory / "decoder_inplace.onnx"
-    model = onnx.load(str(path))
-    node = next(n for n in model.graph.node if n.name.startswith("/lm_head/"))
-    weight = next(i for i in model.graph.initializer if i.name == node.input[1])
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * -20.0, weight.name))
-    onnx.save(model, str(path))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
-
-
 def test_a_perturbed_candidate_goes_over_its_budget(inplace, tmp_path):
     from vlm_export.quality.scoring import measure
 
     broken = tmp_path / "perturbed"
     shutil.copytree(inplace, broken)
-    _perturb_lm_head(broken)
+    scale_matmul_weight(broken, "decoder_inplace.onnx", "/lm_head/", -20.0)
     q = measure(inplace, broken, tokens=24, greedy_tokens=4)
     assert q.mean_kl > 0.01 and q.top1_agreement < 0.95 and q.perplexity_reference != q.perplexity
     verdict = BUDGETS["int8"].verdict(q)

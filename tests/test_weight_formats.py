@@ -124,7 +124,7 @@ def test_min_max_blocks_beat_symmetric_on_an_offset_weight():
     weight = (rng.uniform(0.1, 0.2, (16, 64))).astype(np.float32)
     asym, sym = quantize_asymmetric(weight, 4, 32), quantize_symmetric(weight, 4, 32)
     assert asym.codes.min() == 0 and asym.codes.max() == 15
-    err = lambda b: np.abs(b.dequantize() - weight).max()  # noqa: E731
+    err = lambda b: np.abs(b.dequantize() - weight).max()
     assert err(asym) < err(sym) / 1.5
     assert err(asym) <= asym.scales.max() * 0.51 + 1e-6  # at most half a step (float16 parameters)
     assert np.array_equal(asym.scales, asym.scales.astype(np.float16).astype(np.float32))

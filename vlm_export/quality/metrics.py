@@ -43,7 +43,7 @@ class Quality:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: dict) -> "Quality":
+    def from_dict(cls, record: dict) -> Quality:
         return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
 
 
@@ -107,7 +107,7 @@ class Budget:
     min_top1: float
     label: str
 
-    def verdict(self, quality: Quality) -> "Verdict":
+    def verdict(self, quality: Quality) -> Verdict:
         misses = []
         if not quality.mean_kl <= self.max_mean_kl:  # NaN fails
             misses.append(f"mean KL {quality.mean_kl:.4f} > {self.max_mean_kl}")

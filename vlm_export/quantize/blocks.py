@@ -40,7 +40,7 @@ class Blocks:
 
     def dequantize(self) -> np.ndarray:
         """(N, K) float32, computed as llama.cpp computes it (d * q + m, float32)."""
-        rep = lambda v: np.repeat(v, self.block, axis=1)  # noqa: E731
+        rep = lambda v: np.repeat(v, self.block, axis=1)
         return rep(self.scales) * self.codes.astype(np.float32) + rep(self.minimums)
 
     def zero_points(self) -> np.ndarray:
@@ -154,7 +154,7 @@ class GgufBlocks:
         sources = [self.tensors[name] for name in dict.fromkeys(name for name, _ in hits)]
         if len({source.origin for source in sources}) != 1:
             return None
-        pick = lambda field: np.stack([getattr(self.tensors[name], field)[row] for name, row in hits])  # noqa: E731
+        pick = lambda field: np.stack([getattr(self.tensors[name], field)[row] for name, row in hits])
         found = Blocks(pick("codes"), pick("scales"), pick("minimums"), sources[0].bits, sources[0].block, sources[0].origin)
         if not np.array_equal(found.dequantize(), np.asarray(weight_t, np.float32)):
             return None

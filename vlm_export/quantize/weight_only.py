@@ -113,7 +113,7 @@ def matmul_nbits(node: onnx.NodeProto, blocks: Blocks, accuracy_level: int) -> t
     tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}.nbits"),
                numpy_helper.from_array(blocks.scales.reshape(-1).astype(np.float32), f"{base}.scales")]
     inputs = [node.input[0], tensors[0].name, tensors[1].name]
-    attrs = dict(K=k, N=n, bits=blocks.bits, block_size=blocks.block, accuracy_level=accuracy_level)
+    attrs = {"K": k, "N": n, "bits": blocks.bits, "block_size": blocks.block, "accuracy_level": accuracy_level}
     if np.array_equal(blocks.minimums, -2 ** (blocks.bits - 1) * blocks.scales):  # the default zero point
         return [helper.make_node("MatMulNBits", inputs, [out], name=node.name, domain="com.microsoft", **attrs)], tensors
     # The codes keep the default (centred) zero point and the term carries the rest, m + z s: with

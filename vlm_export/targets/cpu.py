@@ -19,7 +19,6 @@ the build report.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from dataclasses import dataclass

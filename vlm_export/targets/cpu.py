@@ -233,7 +233,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
             native = native_kernels(profile, name)
             key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
                             VARIANTS[name] and profile.vision, int8_kv(profile, name) and (KV_RECIPE, profile.kv),
-                            native and kernel_recipe(), VARIANTS[name] and tokens, BUILD_RECIPE)
+                            native and kernel_recipe(), VARIANTS[name] and (tokens, BUILD_RECIPE))
             record = staging.cached(name, key)
             if record is not None:
                 step(f"{name}: unchanged inputs, reusing the finished stage")

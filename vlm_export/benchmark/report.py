@@ -175,15 +175,16 @@ def frontier_chart(report: dict, path: Path) -> Path | None:
             x = max(quality["mean_kl"], KL_FLOOR)
             y = row["decode_tok_s"][context]["median"]
             family = row["engine"].partition(":")[0]
-            axis.scatter([x], [y], marker=markers.get(family, "o"), s=50)
-            label = row["engine"] + (" (baseline)" if quality.get("baseline") else "")
-            axis.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            label = row["engine"] + (" (baseline)" if quality.get("baseline") or quality["mean_kl"] == 0 else "")
+            axis.scatter([x], [y], marker=markers.get(family, "o"), s=50, label=label)  # the legend tells close points apart
+            axis.annotate(row["engine"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         axis.set_xscale("log")
         axis.axvline(KL_FLOOR, color="grey", linewidth=0.5, linestyle=":")
         axis.set_xlabel(f"mean KL vs its own full precision (nats; baselines at {KL_FLOOR:g})")
         axis.set_ylabel("decode tokens/s")
         axis.set_title(f"{model['model']}, decode @{context} ({report['settings']['threads']} threads)")
         axis.grid(True, which="both", linewidth=0.3)
+        axis.legend(fontsize=6, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -111,11 +111,20 @@ def test_lm_head_keeps_eight_bits_and_int8_requantizes_a_4_bit_source(gguf_file,
     q41 = dequantize(raw["Q4_1"], KINDS["Q4_1"])
     _matmul_model(tmp_path / "w.onnx", q41, "/blocks.0/attn/o_proj/MatMul")
     done = quantize_weights(tmp_path / "w.onnx", tmp_path / "w8.onnx", WeightOnlyConfig(bits=8), source)
-    assert done["weight_origins"] == {"8-bit asymmetric round-to-nearest": 1}
-    # min/max 8-bit blocks hold a 4-bit grid: codes 17 q, float16 scale d / 17 (to its rounding)
+    assert done["weight_origins"] == {"8-bit gguf Q4_1 (exact, in 8-bit codes)": 1}
+    # the GGUF's own codes, centred on the 8-bit zero point 128: q + 120, same scales
     graph = onnx.load(str(tmp_path / "w8.onnx")).graph
-    codes = numpy_helper.to_array(next(t for t in graph.initializer if t.name == "w.nbits")).reshape(48, 64)
-    assert set(np.unique(codes) % 17) == {0}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    qs = raw["Q4_1"].reshape(-1, 20)[:, 4:]
+    assert np.array_equal(inits["w.nbits"].reshape(48, 64), np.concatenate([qs & 0x0F, qs >> 4], axis=1).reshape(48, 64) + 120)
+    d, m = _fields("Q4_1", raw["Q4_1"])
+    assert np.array_equal(inits["w.scales"].reshape(48, 2), d)
+    assert np.allclose(inits["w.block_offsets"].T - 8 * d, m, rtol=0, atol=1e-7)
+    # float weights: min/max 8-bit blocks of their own
+    other = dequantize(raw["Q4_1"], KINDS["Q4_1"]) + 1e-3
+    _matmul_model(tmp_path / "f.onnx", other, "/blocks.0/attn/o_proj/MatMul")
+    done = quantize_weights(tmp_path / "f.onnx", tmp_path / "f8.onnx", WeightOnlyConfig(bits=8), source)
+    assert done["weight_origins"] == {"8-bit asymmetric round-to-nearest": 1}
 
 
 def test_min_max_blocks_beat_symmetric_on_an_offset_weight():

@@ -35,7 +35,7 @@ from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
-BUILD_RECIPE = "blocks-v3: gguf carry-over, min/max int4 and int8, quality on eval prose"  # a format change rebuilds
+BUILD_RECIPE = "blocks-v4: gguf carry-over (widened into int8), min/max int4 and int8, quality on eval prose"  # a format change rebuilds
 # The profile's choices and what each means: validation and `build --help` both read these.
 LAYOUTS = {"inplace": "GroupQueryAttention over an in-place KV buffer", "dynamic": "Concat KV, the diff baseline"}
 VISION = {"int8": "dynamic int8", "fp32": "float"}

@@ -53,7 +53,7 @@ def test_every_target_option_of_build_is_described():
     from vlm_export.cli.build_cmd import OPTION_FIELDS, build
 
     described = option_help()
-    common = {"model", "target", "graphs", "out", "force", "vision_tower", "lora", "seed", "quiet", "image_alpha"}
+    common = {"model", "target", "graphs", "out", "force", "strict", "vision_tower", "lora", "seed", "quiet", "image_alpha"}
     for name in inspect.signature(build).parameters:
         if name not in common:
             assert OPTION_FIELDS.get(name, name) in described, name

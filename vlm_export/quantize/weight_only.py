@@ -52,7 +52,10 @@ class WeightOnlyConfig:
             raise VlmExportError(f"block size {self.block_size} must be a power of two >= 16", "use 32, 64 or 128")
 
     def describe(self) -> str:
-        kind = f"Q{self.bits}_0-style symmetric" if self.symmetric else f"Q{self.bits}_1-style min/max"
+        if self.bits == 4:
+            kind = "Q4_0-style symmetric" if self.symmetric else "Q4_1-style min/max"
+        else:
+            kind = "Q8_0-style symmetric" if self.symmetric else "min/max"
         return f"{self.bits}-bit {kind}, block {self.block_size}, lm_head {max(self.head_bits, self.bits)}-bit"
 
 

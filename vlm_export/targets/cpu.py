@@ -123,8 +123,9 @@ def int8_kv(profile: Profile, name: str) -> bool:
 def random_llm(model: dict) -> bool:
     """Whether a manifest's `model` record has seeded-random LLM weights: quality budgets hold for
     trained weights only, so such a build's variants are measured but not judged."""
-    weights = model.get("weights", {})
-    return weights.get("source", "random") == "random" or "llm" in weights.get("random_parts", [])
+    from vlm_export.spec.model_spec import spec_from_dict
+
+    return "llm" in spec_from_dict(model).weights.untrained()
 
 
 def eval_tokens(profile: Profile, model: dict) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
@@ -38,22 +38,22 @@ class BuildCommand(TyperCommand):
 def build(
     model: ModelArg = "smol",
     target: Annotated[str, typer.Option("--target", help=f"Build target: {' | '.join(TARGETS)}.")] = "cpu",
-    graphs: Annotated[Optional[Path], typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants")] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout")] = None,
-    vision: Annotated[Optional[str], typer.Option("--vision")] = None,
-    kv: Annotated[Optional[str], typer.Option("--kv")] = None,
-    kernels: Annotated[Optional[str], typer.Option("--kernels")] = None,
-    device: Annotated[Optional[str], typer.Option("--device")] = None,
-    dla: Annotated[Optional[bool], typer.Option("--dla/--no-dla")] = None,
-    max_prompt: Annotated[Optional[int], typer.Option("--max-prompt")] = None,
-    max_context: Annotated[Optional[int], typer.Option("--max-context")] = None,
-    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk")] = None,
-    soc: Annotated[Optional[str], typer.Option("--soc")] = None,
-    qnn_graphs: Annotated[Optional[str], typer.Option("--qnn-graphs")] = None,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration")] = None,
-    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens")] = None,
+    graphs: Annotated[Path | None, typer.Option("--graphs", help="Exported graphs to build from (default graphs/<model>; exported if absent).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory (default engines/<target>/<model>).")] = None,
+    variants: Annotated[str | None, typer.Option("--variants")] = None,
+    layout: Annotated[str | None, typer.Option("--layout")] = None,
+    vision: Annotated[str | None, typer.Option("--vision")] = None,
+    kv: Annotated[str | None, typer.Option("--kv")] = None,
+    kernels: Annotated[str | None, typer.Option("--kernels")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    dla: Annotated[bool | None, typer.Option("--dla/--no-dla")] = None,
+    max_prompt: Annotated[int | None, typer.Option("--max-prompt")] = None,
+    max_context: Annotated[int | None, typer.Option("--max-context")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option("--prefill-chunk")] = None,
+    soc: Annotated[str | None, typer.Option("--soc")] = None,
+    qnn_graphs: Annotated[str | None, typer.Option("--qnn-graphs")] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration")] = None,
+    eval_tokens: Annotated[int | None, typer.Option("--eval-tokens")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero when a variant misses its quality budget "
                                                         "(the build is still written).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,

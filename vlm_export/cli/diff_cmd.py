@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,10 +17,10 @@ DIFF_FAILED_EXIT = 1
 @handles_errors
 def diff(
     graphs: Annotated[Path, typer.Argument(help="Exported graphs (`vlm-export export`), the fp32 baseline.")],
-    variants: Annotated[Optional[list[Path]], typer.Argument(help="Built variant directories to compare too.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default <graphs>-diff).")] = None,
+    variants: Annotated[list[Path] | None, typer.Argument(help="Built variant directories to compare too.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report directory (default <graphs>-diff).")] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per end-to-end prompt.")] = 16,
-    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", min=2, help="Eval-prose positions scored end to end "
+    eval_tokens: Annotated[int | None, typer.Option("--eval-tokens", min=2, help="Eval-prose positions scored end to end "
                                                        "(perplexity, mean KL, top-1 against the baseline; default 512).")] = None,
     quiet: QuietOpt = False,
 ):

@@ -29,7 +29,7 @@ def handles_errors(command):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+        except Exception as exc:  # the last line of defence for users
             if STATE["debug"]:
                 raise
             if is_interruption(exc):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,12 +14,12 @@ from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, R
 @handles_errors
 def export(
     model: ModelArg = "smol",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default graphs/<model>[-static][-fp16]).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory (default graphs/<model>[-static][-fp16]).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16")] = "fp32",
     layout: Annotated[str, typer.Option("--layout", help="dynamic (TensorRT, the diff baseline) | static (NPUs) | inplace (ORT CPU: GroupQueryAttention, in-place KV)")] = "dynamic",
     logits: Annotated[str, typer.Option("--logits", help="all | last: logits of every position or only the last (dynamic layout)")] = "all",
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="static layout: tokens per prefill graph call")] = 128,
-    kv_buffer: Annotated[Optional[int], typer.Option("--kv-buffer", help="static layout: KV buffer length (default min(1024, context))")] = None,
+    kv_buffer: Annotated[int | None, typer.Option("--kv-buffer", help="static layout: KV buffer length (default min(1024, context))")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
     vision_tower: VisionTowerOpt = None,
     lora: LoraOpt = None,

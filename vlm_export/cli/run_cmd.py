@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,16 +15,16 @@ from vlm_export.cli.notes import artifact_spec, note_random_vision
 def run(
     artifacts: Annotated[Path, typer.Argument(help="Directory written by `vlm-export export` (has manifest.json).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="User message; repeat for a batch.")] = ["Describe the image."],  # noqa: B006
-    image: Annotated[Optional[str], typer.Option("--image", help="Image for every prompt (omit for text-only).")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Image for every prompt (omit for text-only).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="torch | torch-cuda | ort | trt")] = "ort",
-    providers: Annotated[Optional[str], typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
+    providers: Annotated[str | None, typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help=">= 1; checked with the sampling settings (one-line error).")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
 ):
     """Run the generation loop on exported artifacts; prints the answer, then a one-line timing summary."""

@@ -16,9 +16,10 @@ from vlm_export.runtime.api import physical_cores
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -93,11 +94,15 @@ def gpu_limits(repeats: int = 10) -> dict:
             torch.cuda.synchronize()
         return run
 
-    matrix = torch.rand(16384, 65536, device="cuda", dtype=torch.float16)
-    vector = torch.rand(65536, device="cuda", dtype=torch.float16)
-    gemv = _best_seconds(synced(lambda: torch.mv(matrix, vector)), repeats)
-    bandwidth = matrix.numel() * 2 / gemv / 1e9
-    del matrix
+    def gemv_bandwidth() -> float:
+        # its own scope: the 2 GiB matrix (and the closure over it) is freed on return, before the
+        # GEMM's operands are allocated
+        matrix = torch.rand(16384, 65536, device="cuda", dtype=torch.float16)
+        vector = torch.rand(65536, device="cuda", dtype=torch.float16)
+        gemv = _best_seconds(synced(lambda: torch.mv(matrix, vector)), repeats)
+        return matrix.numel() * 2 / gemv / 1e9
+
+    bandwidth = gemv_bandwidth()
     a, b = (torch.rand(8192, 8192, device="cuda", dtype=torch.float16) for _ in range(2))
     gemm = _best_seconds(synced(lambda: torch.mm(a, b)), repeats)
     return {"device": torch.cuda.get_device_name(), "memory_bandwidth_gbs": round(bandwidth, 1),

@@ -7,8 +7,8 @@ Layouts: `model.safetensors`, `model.safetensors.index.json` + shards, `pytorch_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from vlm_export.errors import VlmExportError
 
@@ -50,7 +50,7 @@ def _read_safetensors(path: Path, shapes_only: bool):
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable (no __iter__): keys() is its listing
                 yield key, (tuple(handle.get_slice(key).get_shape()) if shapes_only else handle.get_tensor(key))
     except (SafetensorError, OSError, ValueError) as exc:
         raise VlmExportError(

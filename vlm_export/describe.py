@@ -24,12 +24,12 @@ def _format(spec: ModelSpec, counts: dict[str, int], origins: dict[str, str]) ->
     lines = [
         f"model          {spec.name}",
         f"weights        {weights}",
-        f"vision tower   {v.name}: ViT {v.image_size}px/{v.patch_size}, width {v.hidden_size}, {v.num_layers} layers, "
-        f"{v.num_heads} heads; select layer {v.select_layer} ({v.layers_used} layers run), feature '{v.select_feature}'",
+        (f"vision tower   {v.name}: ViT {v.image_size}px/{v.patch_size}, width {v.hidden_size}, {v.num_layers} layers, "
+         f"{v.num_heads} heads; select layer {v.select_layer} ({v.layers_used} layers run), feature '{v.select_feature}'"),
         f"projector      {spec.projector_type}: {v.num_patches} patch tokens -> {spec.num_image_tokens} visual tokens",
-        f"LLM            LLaMA: hidden {llm.hidden_size}, {llm.num_layers} layers, {llm.num_heads} heads "
-        f"({llm.num_kv_heads} KV), FFN {llm.intermediate_size}, vocab {llm.vocab_size}, "
-        f"RMSNorm eps {llm.rms_norm_eps:g}, RoPE {rope}, tied embeddings {llm.tie_word_embeddings}",
+        (f"LLM            LLaMA: hidden {llm.hidden_size}, {llm.num_layers} layers, {llm.num_heads} heads "
+         f"({llm.num_kv_heads} KV), FFN {llm.intermediate_size}, vocab {llm.vocab_size}, "
+         f"RMSNorm eps {llm.rms_norm_eps:g}, RoPE {rope}, tied embeddings {llm.tie_word_embeddings}"),
         f"context        {llm.max_context} tokens",
         f"tokenizer      {spec.tokenizer.kind}: {spec.tokenizer.path}",
         f"template       {t.name} ({t.kind})",

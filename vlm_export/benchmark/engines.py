@@ -181,9 +181,10 @@ def peak_rss_mb() -> int:
     """This process's own peak RSS. Not ru_maxrss: Linux carries that across execve from the forking
     parent, so a freshly spawned worker would report its parent's peak."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) // 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

@@ -22,17 +22,17 @@ def markdown(report: dict) -> str:
     gpu_text = (f"GPU {gpu['device']}: memory bandwidth {gpu['memory_bandwidth_gbs']} GB/s (fp16 GEMV), fp16 matmul "
                 f"{gpu['fp16_matmul_gflops']} GFLOP/s (the limits of torch-cuda rows). " if gpu else "")
     lines = [f"# Benchmark `{report['suite']}`", "",
-             f"{machine['cpu']}, {machine['physical_cores']} physical / {machine['logical_cores']} logical cores, "
-             f"{machine['memory_gb']} GB ({machine.get('pages', 'pages not recorded')}); threads {report['settings']['threads']}; "
-             f"measured memory bandwidth {limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul "
-             f"{limits['fp32_matmul_gflops']} GFLOP/s. " + gpu_text +
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
-             "Median (min-max) over repeats. Decode = one token after a prompt of the given context; roofline = "
-             "bandwidth / (weight bytes + KV bytes read per token); ratios = tok/s over the baseline's; vision speed-up = "
-             "PyTorch eager's vision + LDP latency over the engine's.", ""]
+             (f"{machine['cpu']}, {machine['physical_cores']} physical / {machine['logical_cores']} logical cores, "
+              f"{machine['memory_gb']} GB ({machine.get('pages', 'pages not recorded')}); threads {report['settings']['threads']}; "
+              f"measured memory bandwidth {limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul "
+              f"{limits['fp32_matmul_gflops']} GFLOP/s. ") + gpu_text
+             + "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
+             ("Median (min-max) over repeats. Decode = one token after a prompt of the given context; roofline = "
+              "bandwidth / (weight bytes + KV bytes read per token); ratios = tok/s over the baseline's; vision speed-up = "
+              "PyTorch eager's vision + LDP latency over the engine's."), ""]
     for model in report["models"]:
-        lines += [f"## {model['model']} (decoder {model['decoder_params'] / 1e6:.0f} M parameters; baseline "
-                  f"{model['baseline']})", ""]
+        lines += [(f"## {model['model']} (decoder {model['decoder_params'] / 1e6:.0f} M parameters; baseline "
+                   f"{model['baseline']})"), ""]
         header = (["engine", "size MB", "peak RSS MB", "vision ms", "TTFT ms", f"prefill tok/s ({report['settings']['prefill_tokens']})"]
                   + [f"decode tok/s @{c}" for c in contexts] + [f"roofline @{c}" for c in contexts]
                   + ["prefill % of matmul"] + [f"decode ratio @{c}" for c in contexts]

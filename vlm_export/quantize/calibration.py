@@ -63,7 +63,7 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
         for request in calibration_requests(images, prompts):
             image = request.image
             image_embeds = generator._image_embeds([image])[0] if image is not None else None
-            embeds, ids = generator.encode(request, image_embeds)
+            embeds, _ = generator.encode(request, image_embeds)
             kv = DynamicKV(llm.num_layers, 1, llm.num_kv_heads, llm.head_dim, generator.float_dtype)
             keep = np.ones((1, embeds.shape[0]), np.int64)
             positions = np.arange(embeds.shape[0], dtype=np.int64)[None]

@@ -37,7 +37,7 @@ class ArtifactSet:
     spec: ModelSpec
 
     @classmethod
-    def open(cls, directory: str | Path, check_hashes: bool = True) -> "ArtifactSet":
+    def open(cls, directory: str | Path, check_hashes: bool = True) -> ArtifactSet:
         directory = Path(directory)
         if not directory.is_dir():
             raise VlmExportError(f"artifact directory {directory} does not exist", "run `vlm-export export MODEL` first")
@@ -47,7 +47,7 @@ class ArtifactSet:
         return cls(directory, manifest, spec_from_dict(manifest["model"]))
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "ArtifactSet":
+    def from_spec(cls, spec: ModelSpec) -> ArtifactSet:
         """The dynamic-layout graphs of `spec` without their files: enough for the PyTorch backends,
         which run the reference's graph-shaped modules and read no graph file."""
         from vlm_export.export.graph_specs import ExportOptions, graphs_for

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Request:
     image: object = None  # path or PIL image
 
     @classmethod
-    def ask(cls, prompt: str, image=None) -> "Request":
+    def ask(cls, prompt: str, image=None) -> Request:
         return cls([user_turn(prompt, with_image=image is not None)], image)
 
 

@@ -12,9 +12,9 @@ from vlm_export.spec.presets import PRESETS, preset_names
 from vlm_export.spec.resolve import resolve_spec
 
 __all__ = [
+    "PRESETS",
     "LLMSpec",
     "ModelSpec",
-    "PRESETS",
     "TemplateSpec",
     "TokenizerSpec",
     "VisionSpec",

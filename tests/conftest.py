@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.checkpoints import tiny_spec, write_checkpoint  # noqa: E402
+# imported only after the settings above, in case a library it loads reads them on import
+from tests.checkpoints import tiny_spec, write_checkpoint
 
 
 @pytest.fixture(scope="session")

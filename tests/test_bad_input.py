@@ -39,7 +39,7 @@ def broken_copy(checkpoint, tmp_path, edit):
 
 
 def _first_shard(ckpt):
-    return sorted(ckpt.glob("model-*.safetensors"))[0]
+    return min(ckpt.glob("model-*.safetensors"))
 
 
 def _rename_key(ckpt):

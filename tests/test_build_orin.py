@@ -110,7 +110,7 @@ def test_int4_is_blocked_weight_only_dequantize_that_runs_in_ort(built):
     weights = {i.name: i.data_type for i in decoder.graph.initializer}
     blocked = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear"]
     assert blocked and all(weights[n.input[0]] == onnx.TensorProto.INT4 for n in blocked)
-    assert all(dict((a.name, a.i) for a in n.attribute)["block_size"] == 32 for n in blocked)
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in blocked)
     assert not any(n.op_type == "MatMulNBits" for n in decoder.graph.node)  # standard ONNX only, for TensorRT
     report = json.loads((root / "orin" / "report.json").read_text())
     int4 = report["variants"]["int4"]

@@ -22,7 +22,7 @@ def test_v2_sharded_safetensors_bf16(v2_checkpoint):
     spec = resolve_spec(str(v2_checkpoint))
     assert spec.projector_type == "ldpnetv2" and spec.vision.hidden_size == 64 and spec.tokenizer.kind == "sentencepiece"
     model = load_reference(spec)
-    shard = sorted(v2_checkpoint.glob("model-*.safetensors"))[0]
+    shard = min(v2_checkpoint.glob("model-*.safetensors"))
     for name, tensor in load_file(shard).items():
         torch.testing.assert_close(model.state_dict()[name], tensor.float())
     _forward_runs(model)
@@ -47,14 +47,14 @@ def scratch_checkpoint(tmp_path):
 def _edit_shard(ckpt, edit):
     from safetensors.torch import load_file, save_file
 
-    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    shard = min(ckpt.glob("model-*.safetensors"))
     tensors = load_file(shard)
     edit(tensors)
     save_file(tensors, shard)
 
 
 def test_missing_weights_are_named(scratch_checkpoint):
-    _edit_shard(scratch_checkpoint, lambda t: t.pop(sorted(k for k in t if "layers" in k)[0]))
+    _edit_shard(scratch_checkpoint, lambda t: t.pop(min(k for k in t if "layers" in k)))
     with pytest.raises(VlmExportError, match="missing weights model"):
         load_reference(resolve_spec(str(scratch_checkpoint)))
 
@@ -67,7 +67,7 @@ def test_unexpected_and_wrong_shape_weights(scratch_checkpoint):
 
 def test_wrong_shape_weights(scratch_checkpoint):
     def shrink(t):
-        key = sorted(k for k in t if k.endswith("mlp.gate_proj.weight"))[0]
+        key = min(k for k in t if k.endswith("mlp.gate_proj.weight"))
         t[key] = t[key][:-1].clone()
     _edit_shard(scratch_checkpoint, shrink)
     with pytest.raises(VlmExportError, match="wrong-shape weights"):
@@ -75,7 +75,7 @@ def test_wrong_shape_weights(scratch_checkpoint):
 
 
 def test_truncated_safetensors(scratch_checkpoint):
-    shard = sorted(scratch_checkpoint.glob("model-*.safetensors"))[0]
+    shard = min(scratch_checkpoint.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(VlmExportError, match="truncated or corrupt"):
         resolve_spec(str(scratch_checkpoint))

@@ -72,7 +72,7 @@ def test_vision_graph_stops_at_the_selected_layer(dynamic_graphs, spec):
 def test_polygraphy_lint_is_clean(dynamic_graphs, static_graphs, graph):
     directory = dynamic_graphs if (dynamic_graphs / graph).is_file() else static_graphs
     result = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "check", "lint", str(directory / graph)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -168,7 +168,7 @@ def test_bad_options():
 
 
 def test_failed_validation_leaves_nothing(tmp_path, spec, monkeypatch):
-    import vlm_export.export.pipeline as pipeline
+    from vlm_export.export import pipeline
 
     monkeypatch.setattr(pipeline, "validate_graph", lambda *a, **k: {"passed": False, "outputs": {"x": {"max_abs_diff": 1.0}}})
     with pytest.raises(VlmExportError, match="validation against PyTorch failed"):
@@ -179,7 +179,7 @@ def test_failed_validation_leaves_nothing(tmp_path, spec, monkeypatch):
 def test_disk_full_is_a_clear_error(tmp_path, spec, monkeypatch):
     import errno
 
-    import vlm_export.export.pipeline as pipeline
+    from vlm_export.export import pipeline
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -34,7 +34,7 @@ def test_torch_cuda_decodes_like_the_cpu_reference(photo):
     for backend in ("torch", "torch-cuda"):
         with Generator(artifacts, backend) as generator:
             embeds, _ = generator.encode(request, generator._image_embeds([photo])[0])
-            kv, logits, _ = generator._prefill([embeds], 4)
+            _, logits, _ = generator._prefill([embeds], 4)
             result = generator.generate([request], SamplingParams(max_new_tokens=8))[0]
             runs[backend] = (logits[0], result.token_ids)
     (cpu_logits, cpu_ids), (gpu_logits, gpu_ids) = runs["torch"], runs["torch-cuda"]

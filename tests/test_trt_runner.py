@@ -28,7 +28,7 @@ def test_engines_build_and_match_ort(tmp_path):  # pragma: no cover - runs on Te
 
     out = tmp_path / "orin"
     result = subprocess.run([sys.executable, "-m", "vlm_export", "build", "tiny", "--target", "orin", "--variants", "fp16",
-                             "--graphs", str(tmp_path / "graphs"), "--out", str(out)], capture_output=True, text=True)
+                             "--graphs", str(tmp_path / "graphs"), "--out", str(out)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "fp16").glob("*.engine")) == ["decoder.engine", "embed.engine", "vision.engine"]
 

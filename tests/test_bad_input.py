@@ -90,7 +90,12 @@ def test_bad_checkpoint_export(checkpoint, tmp_path, case):
 
 def test_unknown_training_fields_are_ignored(checkpoint, tmp_path):
     ckpt = broken_copy(checkpoint, tmp_path, _config_edit(freeze_mm_mlp_adapter=True, tune_mm_mlp_adapter=False))
-    assert vlm("inspect", ckpt).returncode == 0
+    result = vlm("inspect", ckpt)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # the checkpoint, read as if the training fields were not there
+    assert lines[1] == f"weights        checkpoint ({ckpt})"
+    assert "projector      ldpnetv2: 576 patch tokens -> 144 visual tokens" in lines
+    assert [line.split()[-1] for line in lines if line.startswith(("  vision tower", "  projector", "  LLM"))] == ["trained"] * 3
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +112,8 @@ def test_odd_image_modes_run(graphs, tmp_path, mode):
     Image.new(mode, (50, 40)).save(path)
     result = vlm("run", graphs, "--image", path, "--prompt", "hi", "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
+    # 207 = tiny's 144 image tokens + 63 of text: the image went in, whatever its mode
+    assert "207 prompt tokens, 2 new (max_new_tokens)" in result.stderr
 
 
 RUN_CASES = {

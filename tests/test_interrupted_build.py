@@ -1,5 +1,6 @@
 """Ctrl-C during an export leaves nothing `verify` accepts; the same command resumes from the finished stages."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -22,11 +23,14 @@ def test_interrupt_then_resume(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and not out.exists()
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in stderr
-    refused = subprocess.run(vlm("verify", str(tmp_path / "tiny.partial")), capture_output=True, text=True)
+    refused = subprocess.run(vlm("verify", str(tmp_path / "tiny.partial")), capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "no manifest.json" in refused.stderr
 
-    resumed = subprocess.run(vlm("export", "tiny", "--out", str(out)), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(vlm("export", "tiny", "--out", str(out)), capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "vision.onnx" in resumed.stdout and "cached" in resumed.stdout.split("vision.onnx")[1].splitlines()[0]
-    assert subprocess.run(vlm("verify", str(out)), capture_output=True, text=True).returncode == 0
+    verified = subprocess.run(vlm("verify", str(out)), capture_output=True, text=True, check=False)
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(f"ok: {out} — {len(files)} files, ") and "checksums match" in verified.stdout
     assert not (tmp_path / "tiny.partial").exists()

@@ -1,14 +1,13 @@
 """`vlm-export build --target cpu` on tiny: fp32/int8/int4 variants, each a runnable artifact set."""
 
 import json
-import subprocess
-import sys
 
 import onnx
 import pytest
 
 from tests.cli import vlm
 from vlm_export.kernels.library import LIBRARY, unavailable_reason
+from vlm_export.targets.cpu import weight_config
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,9 @@ def test_variants_and_report(built):
         nbits = [{a.name: a.i for a in n.attribute}["bits"] for n in decoder.graph.node if n.op_type == "MatMulNBits"]
         assert nbits == ([8] if native else [int(name[-1])] * 8 + [8])  # lm_head stays 8-bit MatMulNBits
         matmuls = report["variants"][name]["matmuls"]
-        assert matmuls.startswith(f"{name[-1]}-bit ") and matmuls.endswith("on " + ("vlm-export kernel" if native else "MatMulNBits"))
+        assert matmuls == weight_config(name).describe() + (" on vlm-export kernel (8-bit ones on MatMulNBits)" if native
+                                                             else " on MatMulNBits")
+        assert report["variants"][name]["attention"] == "ONNX Runtime"  # an int8 KV cache: ORT's attention keeps it
         assert report["variants"][name]["quality_budget"] is None  # seeded-random LLM weights: measured, not judged
         assert report["variants"][name]["weights"] == {
             "int8": {"8-bit asymmetric round-to-nearest": 9},  # 2 layers x (qkv, o, gate_up, down) + lm_head
@@ -81,6 +82,14 @@ def test_comparison_variants(built, tmp_path, option, value, decoder_file):
     decoder = onnx.load(str(tmp_path / "cpu" / "int4" / decoder_file))
     assert ("GroupQueryAttention" in [n.op_type for n in decoder.graph.node]) == (option == "--kv")
     assert {i.type.tensor_type.elem_type for i in decoder.graph.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
+    if option == "--kv":  # a float cache: the attention moves to vlm-export's kernel where it can be built
+        native = unavailable_reason() is None
+        domains = {n.domain for n in decoder.graph.node if n.op_type == "GroupQueryAttention"}
+        assert domains == {"vlm_export.cpu" if native else "com.microsoft"}
+        report = json.loads((tmp_path / "cpu" / "report.json").read_text())
+        assert report["variants"]["int4"]["attention"] == ("vlm-export kernel (2 layers)" if native else "ONNX Runtime")
+        ran = vlm("run", tmp_path / "cpu" / "int4", "--prompt", "hello", "--max-new-tokens", "3")
+        assert ran.returncode == 0, ran.stderr
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int4"])
@@ -88,7 +97,9 @@ def test_each_variant_runs(built, variant):
     root, _ = built
     result = vlm("run", root / "cpu" / variant, "--prompt", "hello", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
-    assert subprocess.run([sys.executable, "-m", "vlm_export", "verify", str(root / "cpu" / variant)]).returncode == 0
+    verified = vlm("verify", root / "cpu" / variant)
+    files = len(json.loads((root / "cpu" / variant / "manifest.json").read_text())["files"])
+    assert verified.returncode == 0 and f"{files} files" in verified.stdout and "checksums match" in verified.stdout
 
 
 def test_graphs_are_reused(built):
@@ -169,8 +180,10 @@ def test_kernels_ort_and_native_without_a_compiler(built, tmp_path, monkeypatch)
     result = vlm("build", "tiny", "--kernels", "ort", "--kv", "fp32", "--variants", "fp32,int4",
                  "--graphs", root / "graphs", "--out", tmp_path / "ort")
     assert result.returncode == 0, result.stderr
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "int4" / "decoder_inplace.onnx")).graph.node}
+    nodes = onnx.load(str(tmp_path / "ort" / "int4" / "decoder_inplace.onnx")).graph.node
+    ops = {n.op_type for n in nodes}
     assert "MatMulNBits" in ops and "Int4MatMul" not in ops
+    assert {n.domain for n in nodes if n.op_type == "GroupQueryAttention"} == {"com.microsoft"}
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     result = vlm("build", "tiny", "--kv", "fp32", "--variants", "fp32,int4", "--graphs", root / "graphs", "--out", tmp_path / "auto")
     assert result.returncode == 0, result.stderr  # --kernels auto without a compiler: MatMulNBits, and the report says so

@@ -6,8 +6,8 @@ Names are defined here once; everything downstream reads them from the manifest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class GraphSpec:
         return axes
 
     @classmethod
-    def from_dict(cls, record: dict, cases: tuple[dict, ...] = ()) -> "GraphSpec":
+    def from_dict(cls, record: dict, cases: tuple[dict, ...] = ()) -> GraphSpec:
         """A manifest record back into a spec (tensor names, shapes and layout attrs)."""
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)

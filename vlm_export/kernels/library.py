@@ -16,7 +16,8 @@ LIBRARY = "libvlm_export_cpu_kernels.so"
 DOMAIN = "vlm_export.cpu"
 SOURCE_DIR = Path(__file__).parent
 # Only the kernel is built for AVX-512; the op glue checks the CPU before anything runs it.
-SOURCES = {"int4_matmul.c": ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"], "ort_custom_op.c": []}
+SOURCES = {"int4_matmul.c": ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"], "attention.c": ["-mavx512f", "-mfma"],
+           "ort_custom_op.c": []}
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 
 
@@ -80,3 +81,11 @@ def set_threads(path: Path, threads: int | None) -> None:
     """Parts the kernel splits each matmul into, run on the session's thread pool: its intra-op
     thread count (None: ORT's default, one per core this process may use)."""
     load(path).vx_threads(int(threads or len(os.sched_getaffinity(0))))
+
+
+def ship_library(library: Path, directory: Path, record: dict) -> None:
+    """Puts the built `library` in the variant's `directory` (unless it was built there) and names it
+    in the graph's manifest `record`, so that the runtime registers it for that graph."""
+    if Path(library).resolve() != (Path(directory) / LIBRARY).resolve():
+        shutil.copyfile(library, Path(directory) / LIBRARY)
+    record["custom_op_library"] = LIBRARY

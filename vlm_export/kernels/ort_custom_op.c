@@ -1,4 +1,5 @@
-/* ONNX Runtime custom-op library: `vlm_export.cpu::Int4MatMul` runs int4_matmul.c inside a session.
+/* ONNX Runtime custom-op library: `vlm_export.cpu::Int4MatMul` and `::GroupQueryAttention` run
+ * int4_matmul.c and attention.c inside a session.
  *
  * ONNX Runtime's C API is a table of function pointers whose order never changes once shipped;
  * the ORT wheel ships no headers, so this file declares only the handful of entries it calls, by
@@ -9,6 +10,8 @@
  *
  *   Int4MatMul(A float[..., K], B uint8[ceil(N/16) * K * 8], params float16[ceil(N/16), K/block, 32])
  *     attributes K, N, block  ->  Y float[..., N]
+ *   GroupQueryAttention: com.microsoft's inputs, outputs and head attributes, packed q|k|v with
+ *     rotary (half split) inside, float32 caches (below; attention.c)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -18,6 +21,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "attention.h"
 #include "int4_matmul.h"
 
 typedef struct OrtStatus OrtStatus;
@@ -53,7 +57,8 @@ typedef struct {
   const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_FLOAT16 = 10, ORT_FAIL = 1 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_FLOAT16 = 10, ORT_FAIL = 1 };
+enum { REQUIRED = 0, OPTIONAL = 1 };
 
 /* Version-16 layout of OrtCustomOp. */
 typedef struct CustomOp {
@@ -328,6 +333,104 @@ static const CustomOp int4_matmul_op = {
     destroy_kernel, zero_at, zero_at, zero_at, zero, zero, zero, zero, create_kernel_v2, compute_v2,
 };
 
+/* GroupQueryAttention(query float[B, S, (H + 2 Hkv) D], key, value (omitted: query is packed),
+ *   past_key float[B, Hkv, C, D], past_value, seqlens_k int32[B], total_sequence_length int32[1],
+ *   cos_cache float[R, D/2], sin_cache) attributes num_heads, kv_num_heads
+ *   -> output float[B, S, H D], present_key, present_value (past_key's shape; the same buffers
+ *   when bound to them, else copies of the past with the new rows written). attention.c. */
+typedef struct {
+  const ApiEntry *api;
+  int64_t heads, kv_heads;
+} AttentionKernel;
+
+static OrtStatus *create_attention_v2(const CustomOp *op, const ApiEntry *api, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  AttentionKernel *kernel = calloc(1, sizeof(AttentionKernel));
+  if (!kernel) return error(api, "GroupQueryAttention: out of memory");
+  kernel->api = api;
+  GetAttrIntFn attr = CALL(api, KernelInfoGetAttribute_int64, GetAttrIntFn);
+  OrtStatus *status = attr(info, "num_heads", &kernel->heads);
+  if (!status) status = attr(info, "kv_num_heads", &kernel->kv_heads);
+  if (!status && (kernel->kv_heads <= 0 || kernel->heads % kernel->kv_heads))
+    status = error(api, "GroupQueryAttention: num_heads must be a multiple of kv_num_heads");
+  if (status) {
+    free(kernel);
+    return status;
+  }
+  *out = kernel;
+  return NULL;
+}
+
+static void *create_attention(const CustomOp *op, const ApiEntry *api, const OrtKernelInfo *info) {
+  void *kernel = NULL;
+  OrtStatus *status = create_attention_v2(op, api, info, &kernel);
+  if (status) CALL(api, ReleaseStatus, ReleaseStatusFn)(status);
+  return kernel;
+}
+
+static OrtStatus *attention_v2(void *opaque, OrtKernelContext *context) {
+  AttentionKernel *kernel = (AttentionKernel *)opaque;
+  const ApiEntry *api = kernel->api;
+  const OrtValue *values[9] = {0};
+  void *data[9] = {0};
+  int64_t query[8], cache[8], rotary[8], lengths[8];
+  size_t query_rank = 0, cache_rank = 0, rotary_rank = 0, lengths_rank = 0;
+  OrtStatus *status = NULL;
+  for (size_t i = 1; i < 3 && !status; i++) {
+    status = CALL(api, KernelContext_GetInput, GetInputFn)(context, i, &values[i]);
+    if (!status && values[i]) status = error(api, "GroupQueryAttention: this kernel takes packed q|k|v only (key and value omitted)");
+  }
+  for (size_t i = 0; i < 9 && !status; i++)
+    if (i != 1 && i != 2) status = input_data(api, context, i, &values[i], &data[i]);
+  if (!status) status = shape_of(api, values[0], query, &query_rank);
+  if (!status) status = shape_of(api, values[3], cache, &cache_rank);
+  if (!status) status = shape_of(api, values[7], rotary, &rotary_rank);
+  if (!status) status = shape_of(api, values[5], lengths, &lengths_rank);
+  if (status) return status;
+  const int64_t H = kernel->heads, Hkv = kernel->kv_heads;
+  if (query_rank != 3 || cache_rank != 4 || rotary_rank != 2 || lengths_rank != 1)
+    return error(api, "GroupQueryAttention: query must be [B, S, W], the caches [B, Hkv, C, D], the rotary tables [R, D/2]");
+  const int64_t B = query[0], S = query[1], C = cache[2], D = cache[3];
+  if (cache[0] != B || cache[1] != Hkv || query[2] != (H + 2 * Hkv) * D || rotary[1] * 2 != D || lengths[0] != B)
+    return error(api, "GroupQueryAttention: query, caches, seqlens_k and rotary tables disagree on B, heads or head size");
+  int64_t out_dims[3] = {B, S, H * D};
+  OrtValue *outputs[3] = {0};
+  void *out[3] = {0};
+  for (size_t i = 0; i < 3 && !status; i++) {
+    status = CALL(api, KernelContext_GetOutput, GetOutputFn)(context, i, i ? cache : out_dims, i ? 4 : 3, &outputs[i]);
+    if (!status) status = CALL(api, GetTensorMutableData, GetDataFn)(outputs[i], &out[i]);
+  }
+  if (status) return status;
+  size_t cache_bytes = sizeof(float) * (size_t)(B * Hkv * C * D);
+  for (size_t i = 1; i < 3; i++)  /* not bound to the past's buffer: start from a copy of it */
+    if (out[i] != data[2 + i]) memcpy(out[i], data[2 + i], cache_bytes);
+  SessionTask task = {api, context, NULL, NULL, 0, 1};
+  int failed = vx_cached_attention((const float *)data[0], B, S, H, Hkv, D, (float *)out[1], (float *)out[2], C,
+                                   (const int32_t *)data[5], (const float *)data[7], (const float *)data[8], rotary[0],
+                                   (float *)out[0], parallel_parts > 1 ? on_session_threads : NULL, &task);
+  if (failed == -3) return error(api, "GroupQueryAttention: a seqlens_k is outside the KV cache or the rotary tables");
+  if (failed == -2) return error(api, "GroupQueryAttention: out of memory");
+  if (failed) return error(api, "GroupQueryAttention: unsupported head count or head size (at most 32 query heads per KV head, head size even and <= 256)");
+  return NULL;
+}
+
+static void attention(void *kernel, OrtKernelContext *context) {
+  OrtStatus *status = attention_v2(kernel, context);
+  if (status) CALL(((const AttentionKernel *)kernel)->api, ReleaseStatus, ReleaseStatusFn)(status);
+}
+
+static const char *attention_name(const CustomOp *op) { (void)op; return "GroupQueryAttention"; }
+static int attention_input_type(const CustomOp *op, size_t index) { (void)op; return index == 5 || index == 6 ? TYPE_INT32 : TYPE_FLOAT; }
+static size_t attention_input_count(const CustomOp *op) { (void)op; return 9; }
+static size_t attention_output_count(const CustomOp *op) { (void)op; return 3; }
+static int attention_input_kind(const CustomOp *op, size_t index) { (void)op; return index == 1 || index == 2 ? OPTIONAL : REQUIRED; }
+
+static const CustomOp attention_op = {
+    16, create_attention, attention_name, op_provider, attention_input_type, attention_input_count, output_type,
+    attention_output_count, attention, free, attention_input_kind, zero_at, zero_at, zero, zero, zero, zero,
+    create_attention_v2, attention_v2,
+};
+
 /* The only file built without AVX-512, so that this check runs on any x86-64 CPU. */
 int vx_cpu_supported(void) {
   __builtin_cpu_init();
@@ -347,6 +450,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *status = CALL(api, CreateCustomOpDomain, CreateDomainFn)("vlm_export.cpu", &domain);
   if (!status) status = CALL(api, CustomOpDomain_Add, DomainAddFn)(domain, &int4_matmul_op);
+  if (!status) status = CALL(api, CustomOpDomain_Add, DomainAddFn)(domain, &attention_op);
   if (!status) status = CALL(api, AddCustomOpDomain, AddDomainFn)(options, domain);
   return status;
 }

@@ -15,14 +15,13 @@ parent block's scale and minimum, which is the same matrix.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vlm_export.kernels.library import DOMAIN, LIBRARY
+from vlm_export.kernels.library import DOMAIN, ship_library
 
 TILE = 16  # outputs per 64-byte line
 
@@ -142,8 +141,6 @@ def use_int4_kernel(path: Path, record: dict, library: Path) -> dict:
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=1024)
-    if Path(library).resolve() != (path.parent / LIBRARY).resolve():
-        shutil.copyfile(library, path.parent / LIBRARY)
-    record["custom_op_library"] = LIBRARY
+    ship_library(library, path.parent, record)
     return {"int4_kernel": "vlm_export.cpu::Int4MatMul (AVX-512 VNNI)", "int4_kernel_matmuls": rewritten,
             "matmul_nbits_kept": kept}

@@ -10,6 +10,9 @@
            kernel (kernels/, shipped in the variant as an ORT custom-op library; --kernels ort keeps
            MatMulNBits: the variant then runs on any ORT)
 
+With the native kernels, int8/ and int4/ also run the decoder's attention on vlm-export's kernel
+(the same GroupQueryAttention contract, each K/V row read once for the query heads that share it).
+
 int8/ and int4/ also carry the vision tower in dynamic int8 (MatMul weights per-channel int8,
 activations quantized per call; --vision fp32 keeps it float) and, in the inplace layout, an int8
 KV cache (a scale per head and channel, calibrated on fp32's K/V; --kv fp32 keeps it float). Each
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
+from vlm_export.kernels.attention_graph import use_attention_kernel_file
 from vlm_export.progress import stage, step
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.int4_kernel import use_int4_kernel
@@ -46,7 +50,8 @@ KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the
 EVAL_TOKENS = {"trained": 2048, "random": 64}
 BUDGET = {"int8": "int8", "int4": "int4"}  # variant -> quality.metrics.BUDGETS entry
 KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
-           "native": "vlm-export's int4 kernel", "ort": "ONNX Runtime's MatMulNBits"}
+           "native": "vlm-export's kernels (int4 matmuls, decoder attention)",
+           "ort": "ONNX Runtime's MatMulNBits and GroupQueryAttention"}
 
 
 def kernel_recipe() -> str:
@@ -55,7 +60,8 @@ def kernel_recipe() -> str:
 
     from vlm_export.kernels.library import SOURCE_DIR, SOURCES
 
-    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in sorted(SOURCES))).hexdigest()[:16]
+    files = sorted(SOURCES) + sorted(p.name for p in SOURCE_DIR.glob("*.h"))
+    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in files)).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Profile:
     vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
     kv: str = "auto"  # the int8/int4 variants' KV cache (inplace layout): auto | int8 | fp32
     calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
-    kernels: str = "auto"  # the int4 variant's matmuls: auto | native (kernels/) | ort (MatMulNBits)
+    kernels: str = "auto"  # the quantized variants' kernels: auto | native (kernels/) | ort (its own ops)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -100,7 +106,7 @@ def cli_help() -> dict[str, str]:
         "layout": f"decoder layout: {_choices(LAYOUTS, d.layout)}",
         "vision": f"vision tower of the quantized variants: {_choices(VISION, d.vision)}",
         "kv": f"KV cache of the quantized variants (inplace layout): {_choices(KV_CACHE, d.kv)}",
-        "kernels": f"matmuls of the int4 variant: {_choices(KERNELS, d.kernels)}",
+        "kernels": f"kernels of the int8/int4 variants: {_choices(KERNELS, d.kernels)}",
         "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
                        f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 KV scales are calibrated on "
@@ -136,12 +142,12 @@ def eval_tokens(profile: Profile, model: dict) -> int:
 
 
 def native_kernels(profile: Profile, name: str) -> bool:
-    """Whether the variant's int4 matmuls run on vlm-export's kernel: `auto` takes it where it can be
-    built and run (`preflight` has already refused `native` where it cannot)."""
+    """Whether the quantized variant ships vlm-export's kernels (int4 matmuls, attention): `auto`
+    takes them where they can be built and run (`preflight` has already refused `native` where they
+    cannot). fp32 stays on ONNX Runtime's own ops: it is the plain-ORT baseline of the others."""
     from vlm_export.kernels.library import unavailable_reason
 
-    config = VARIANTS[name]
-    if config is None or config.bits != 4 or profile.kernels == "ort":
+    if VARIANTS[name] is None or profile.kernels == "ort":
         return False
     return profile.kernels == "native" or unavailable_reason() is None
 
@@ -154,7 +160,12 @@ def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool, model: d
         if kv_scales is not None:
             done.update(quantize_kv_cache(out / graph["file"], kv_scales(), graph))
         if native:
-            done.update(use_int4_kernel(out / graph["file"], graph, compile_library(out)))
+            library = compile_library(out)
+            if config.bits == 4:
+                done.update(use_int4_kernel(out / graph["file"], graph, library))
+            done.update(use_attention_kernel_file(out / graph["file"], graph, library))
+            if "custom_op_library" not in graph:  # nothing took a kernel (an int8 KV cache keeps ORT's attention)
+                library.unlink()
         return done
     return rewrite
 
@@ -198,7 +209,8 @@ def preflight(profile: Profile) -> None:
     from vlm_export.kernels.library import unavailable_reason
     from vlm_export.quantize.calibration import check_calibration
 
-    reason = unavailable_reason() if profile.kernels == "native" and "int4" in profile.variants else None
+    quantized = any(VARIANTS[name] is not None for name in profile.variants)
+    reason = unavailable_reason() if profile.kernels == "native" and quantized else None
     if reason:
         raise VlmExportError(f"--kernels native: {reason}", "use --kernels ort (or auto)")
     if not any(int8_kv(profile, name) for name in profile.variants):
@@ -286,6 +298,7 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
             built = _variant(graphs, manifest, staging / "fp32", staging / name, name, profile, kv_scales, kv_int8)
         record = {"seconds": round(time.perf_counter() - started, 1), "bytes": sum(f["bytes"] for f in built["files"].values()),
                   "kv_cache": "int8" if kv_int8 else "fp32", "matmuls": matmul_kind(config, native),
+                  "attention": attention_kind(built),
                   "weights": next((r["weight_origins"] for r in built.get("rewrites", {}).values()
                                    if isinstance(r, dict) and "weight_origins" in r), None)}
         if name == "fp32":
@@ -314,7 +327,15 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
 def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
     if config is None:
         return "fp32 MatMul"
-    return f"{config.describe()} on {'vlm-export kernel' if native else 'MatMulNBits'}"
+    if native and config.bits == 4:  # the kernel takes 4-bit matmuls; 8-bit ones (lm_head) stay on MatMulNBits
+        return f"{config.describe()} on vlm-export kernel (8-bit ones on MatMulNBits)"
+    return f"{config.describe()} on MatMulNBits"
+
+
+def attention_kind(manifest: dict) -> str:
+    """Which kernel runs the built variant's decoder attention (from its rewrite records)."""
+    moved = sum(r.get("attention_kernel_nodes", 0) for r in manifest.get("rewrites", {}).values() if isinstance(r, dict))
+    return f"vlm-export kernel ({moved} layers)" if moved else "ONNX Runtime"
 
 
 def report_markdown(report: dict) -> str:
@@ -337,6 +358,7 @@ def report_markdown(report: dict) -> str:
     details = ([f"- {name}: {v['quality_budget']['line']}" for name, v in variants if v.get("quality_budget")]
                + [f"- {name}: {v['kv_int8_rejected']} -> float KV cache" for name, v in variants if v.get("kv_int8_rejected")]
                + [f"- {name} weights: " + ", ".join(f"{count} {origin}" for origin, count in v["weights"].items())
-                  for name, v in variants if v.get("weights")])
+                  for name, v in variants if v.get("weights")]
+               + [f"- {name} attention: {v['attention']}" for name, v in variants if v.get("attention")])
     lines += ["", *details] if details else []
     return "\n".join(lines) + "\n"

@@ -34,14 +34,20 @@ def test_variants_and_report(built):
         accuracy = report["variants"][name]["accuracy_vs_fp32"]
         assert accuracy["prompts"] == 3 and 0.0 <= accuracy["greedy_prefix_agreement"] <= 1.0
         assert 0.0 <= accuracy["top1_agreement"] <= 1.0 and accuracy["mean_kl"] >= 0.0
-        native = name == "int4" and unavailable_reason() is None  # --kernels auto
-        assert ("Int4MatMul" in ops) == native
+        native = unavailable_reason() is None  # --kernels auto
+        kernel_ops = {"int8": {"Int8MatMul": 9}, "int4": {"Int4MatMul": 8, "Int8MatMul": 1}}[name]  # lm_head 8-bit
+        assert {op: ops.count(op) for op in ("Int4MatMul", "Int8MatMul") if op in ops} == (kernel_ops if native else {})
         nbits = [{a.name: a.i for a in n.attribute}["bits"] for n in decoder.graph.node if n.op_type == "MatMulNBits"]
-        assert nbits == ([8] if native else [int(name[-1])] * 8 + [8])  # lm_head stays 8-bit MatMulNBits
+        assert nbits == ([] if native else [int(name[-1])] * 8 + [8])
         matmuls = report["variants"][name]["matmuls"]
-        assert matmuls == weight_config(name).describe() + (" on vlm-export kernel (8-bit ones on MatMulNBits)" if native
-                                                             else " on MatMulNBits")
+        assert matmuls == weight_config(name).describe() + (" on vlm-export kernel" if native else " on MatMulNBits")
         assert report["variants"][name]["attention"] == "ONNX Runtime"  # an int8 KV cache: ORT's attention keeps it
+        rewrites = json.loads((root / "cpu" / name / "manifest.json").read_text())["rewrites"]["decoder_inplace.onnx"]
+        if native:  # the MLP activation in the matmul; the norms fused, with their residual Add where they read
+            # one (not block 0's input norm, nor the final norm: it reads the last-row gather)
+            assert {k: rewrites[k] for k in ("swiglu_fused", "rms_norms", "skip_rms_norms")} == \
+                {"swiglu_fused": 2, "rms_norms": 5, "skip_rms_norms": 3}
+            assert ops.count("SkipSimplifiedLayerNormalization") == 3 and "Sigmoid" not in ops
         assert report["variants"][name]["quality_budget"] is None  # seeded-random LLM weights: measured, not judged
         assert report["variants"][name]["weights"] == {
             "int8": {"8-bit asymmetric round-to-nearest": 9},  # 2 layers x (qkv, o, gate_up, down) + lm_head

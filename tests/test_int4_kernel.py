@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.errors import VlmExportError
 from vlm_export.kernels.library import LIBRARY, compile_library, unavailable_reason
-from vlm_export.quantize.int4_kernel import TILE, minimums_of, repack, unpack_matmul_nbits, use_int4_kernel
+from vlm_export.quantize.matmul_kernel import TILE, minimums_of, repack, unpack_matmul_nbits, use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"int4 kernel: {unavailable_reason()}")
@@ -41,14 +41,31 @@ def test_repack_is_a_permutation(n, k, block):
     assert (back_codes == codes).all() and (back_scales == scales).all() and (back_minimums == minimums).all()
 
 
+def test_8bit_repack_follows_the_documented_layout():
+    """8-bit: byte 4c + i of line v of block b of tile t = code[16t + c][b*block + 4v + i]."""
+    n, k, block = 20, 64, 32
+    codes = np.random.default_rng(3).integers(0, 256, (n, k), dtype=np.uint8)
+    ones = np.ones((n, k // block), np.float32)
+    weights, params = repack(codes, ones, -ones, block, bits=8)
+    assert weights.size == 2 * TILE * k and params.shape == (2, k // block, 2 * TILE)
+    lines = weights.reshape(2, k // block, block // 4, TILE, 4)
+    for t, b, v, c, i in [(0, 0, 0, 0, 0), (0, 1, 7, 15, 3), (1, 0, 3, 3, 2), (1, 1, 5, 2, 1)]:
+        assert lines[t, b, v, c, i] == codes[16 * t + c, b * block + 4 * v + i]
+    assert not lines[1, :, :, n - 16:].any()  # outputs past N: code 0
+    packed = codes.reshape(n, k // block, block)  # MatMulNBits 8-bit: one code per byte
+    assert (unpack_matmul_nbits(packed, n, k, bits=8) == codes).all()
+
+
 def test_zero_points_become_minimums():
     scales = np.array([[0.5, 0.25]], np.float32)
+    assert minimums_of(scales, None, 1, 2, bits=8).tolist() == [[-64.0, -32.0]]  # the 8-bit default 128
+    assert minimums_of(scales, np.array([10, 200], np.uint8), 1, 2, bits=8).tolist() == [[-5.0, -50.0]]
     assert minimums_of(scales, None, 1, 2).tolist() == [[-4.0, -2.0]]  # the symmetric default 8
     assert minimums_of(scales, np.array([0x3A], np.uint8), 1, 2).tolist() == [[-5.0, -0.75]]  # 10, 3 (low nibble first)
     assert minimums_of(scales, np.array([1.5, -2.0], np.float32), 1, 2).tolist() == [[-0.75, 0.5]]
 
 
-def _matmul_model(directory, k: int, n: int, block: int, symmetric: bool):
+def _matmul_model(directory, k: int, n: int, block: int, symmetric: bool, bits: int = 4):
     rng = np.random.default_rng(1)
     weight = (rng.standard_normal((k, n)) * 0.05 + 0.01).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/mlp/down_proj/MatMul")], "g",
@@ -56,11 +73,11 @@ def _matmul_model(directory, k: int, n: int, block: int, symmetric: bool):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
                               [numpy_helper.from_array(weight, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), directory / "fp32.onnx")
-    quantize_weights(directory / "fp32.onnx", directory / "nbits.onnx", WeightOnlyConfig(bits=4, block_size=block, symmetric=symmetric))
+    quantize_weights(directory / "fp32.onnx", directory / "nbits.onnx", WeightOnlyConfig(bits=bits, block_size=block, symmetric=symmetric))
     onnx.save(onnx.load(str(directory / "nbits.onnx")), str(directory / "kernel.onnx"))
     record = {}
-    done = use_int4_kernel(directory / "kernel.onnx", record, compile_library(directory))
-    assert done["int4_kernel_matmuls"] == 1 and record["custom_op_library"] == LIBRARY
+    done = use_matmul_kernel(directory / "kernel.onnx", record, compile_library(directory))
+    assert done[f"int{bits}_kernel_matmuls"] == 1 and record["custom_op_library"] == LIBRARY
     return weight
 
 
@@ -81,11 +98,11 @@ def _dequantized_weight(directory) -> np.ndarray:
     graph = onnx.load(str(directory / "nbits.onnx")).graph
     node = next(node for node in graph.node if node.op_type == "MatMulNBits")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    n, k, block, bits = attrs["N"], attrs["K"], attrs["block_size"], attrs["bits"]
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    codes = unpack_matmul_nbits(inits[node.input[1]], n, k).astype(np.float64)
+    codes = unpack_matmul_nbits(inits[node.input[1]], n, k, bits).astype(np.float64)
     scales = inits[node.input[2]].reshape(n, -1).astype(np.float64)
-    minimums = minimums_of(inits[node.input[2]], inits.get(node.input[3]) if len(node.input) > 3 else None, n, k // block)
+    minimums = minimums_of(inits[node.input[2]], inits.get(node.input[3]) if len(node.input) > 3 else None, n, k // block, bits)
     if "w.block_offsets" in inits:  # the offset term beside MatMulNBits
         minimums = minimums + inits["w.block_offsets"].T
     return (codes * np.repeat(scales, block, 1) + np.repeat(minimums.astype(np.float64), block, 1)).T
@@ -99,17 +116,18 @@ def _int8_activations(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("k, n, block", [(256, 4096, 128), (64, 100, 32), (96, 40, 32)])
-def test_kernel_computes_the_blocks_with_int8_activations(tmp_path, k, n, block, symmetric):
+def test_kernel_computes_the_blocks_with_int8_activations(tmp_path, k, n, block, symmetric, bits):
     """The kernel = int8 activations per block (llama.cpp's Q8_1) times exactly the weight MatMulNBits
     holds (min/max blocks with float zero points, or symmetric ones): equal to float rounding, and
     within the activations' rounding of MatMulNBits itself. N=100 ends in a partial tile; 4096
     outputs are split across two threads."""
-    _matmul_model(tmp_path, k, n, block, symmetric)
+    _matmul_model(tmp_path, k, n, block, symmetric, bits)
     nbits, native = _sessions(tmp_path, threads=2)
     graph = onnx.load(str(tmp_path / "kernel.onnx"))
-    assert [(node.domain, node.op_type) for node in graph.graph.node] == [("vlm_export.cpu", "Int4MatMul")]
+    assert [(node.domain, node.op_type) for node in graph.graph.node] == [("vlm_export.cpu", f"Int{bits}MatMul")]
     weight = _dequantized_weight(tmp_path)
     rng = np.random.default_rng(2)
     for shape in [(1, 1, k), (1, 7, k), (2, 3, k)]:  # decode, prefill, batch

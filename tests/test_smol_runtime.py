@@ -100,7 +100,7 @@ def test_smol_int4_keeps_the_budget(smol_dynamic, tmp_path):
     from vlm_export.kernels.library import compile_library, unavailable_reason
     from vlm_export.quality.eval_set import prose
     from vlm_export.quality.metrics import BUDGETS, Accumulator
-    from vlm_export.quantize.int4_kernel import use_int4_kernel
+    from vlm_export.quantize.matmul_kernel import use_matmul_kernel
     from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
 
     artifacts = ArtifactSet.open(smol_dynamic, check_hashes=False)
@@ -113,7 +113,8 @@ def test_smol_int4_keeps_the_budget(smol_dynamic, tmp_path):
     library = None
     if unavailable_reason() is None:
         library = compile_library(tmp_path / "kernel")
-        assert use_int4_kernel(tmp_path / "decoder.onnx", {}, library)["int4_kernel_matmuls"] == 210
+        moved = use_matmul_kernel(tmp_path / "decoder.onnx", {}, library)
+        assert (moved["int4_kernel_matmuls"], moved["int8_kernel_matmuls"], moved["matmul_nbits_kept"]) == (210, 1, 0)
     reference = _all_logits(smol_dynamic / "decoder.onnx", ids, embeds, artifacts.spec)
     candidate = _all_logits(tmp_path / "decoder.onnx", ids, embeds, artifacts.spec, library)
     accumulator = Accumulator()

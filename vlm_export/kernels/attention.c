@@ -14,8 +14,7 @@
  * Per batch row b (seqlens_k[b] + 1 = T tokens cached after the call, Q = min(S, T) valid query
  * rows, P = T - Q cached before): new K (rotated) and V rows land at slots [P, T); query row s,
  * rotated at position P + s, attends to slots [0, P + s]; output rows [Q, S) are zero.
- * Softmax in float32 with a max shift, exp by a degree-6 polynomial after range reduction
- * (relative error < 2e-7 on the reduced range).
+ * Softmax in float32 with a max shift, exp from vector_math.h.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -24,6 +23,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "vector_math.h"
 
 #define CHUNK 128   /* cache positions per task: ~24 tasks at 1,024 positions and 3 KV heads */
 #define MAX_GROUP 32 /* query heads per KV head this kernel takes */
@@ -41,21 +41,8 @@ typedef struct {
 
 /* e^x for x <= 0 (scores minus their maximum); below -87 it is 0. */
 static inline __m512 exp_negative(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693145751953125f),
-               ln2_lo = _mm512_set1_ps(1.428606765330187e-06f);
   __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-  r = _mm512_fnmadd_ps(n, ln2_lo, r);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
+  return _mm512_maskz_mov_ps(~tiny, vx_exp(x));
 }
 
 static inline __mmask16 lanes(int64_t left) {

@@ -9,12 +9,10 @@ model/gqa.py's; tests/test_attention_kernel.py holds the kernel to ONNX Runtime'
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 from onnx import helper
 
-from vlm_export.kernels.library import DOMAIN, ship_library
+from vlm_export.kernels.library import DOMAIN
 
 ORT_DOMAIN = "com.microsoft"
 # Attributes the kernel implements, with the only values it implements (None: any value).
@@ -47,13 +45,3 @@ def use_attention_kernel(model: onnx.ModelProto) -> int:
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return moved
 
-
-def use_attention_kernel_file(path: Path, record: dict, library: Path) -> dict:
-    """The pass on the graph at `path` (its external weights untouched); where it moved a node, the
-    kernel library is shipped beside the graph and named in its manifest `record`."""
-    model = onnx.load(str(path), load_external_data=False)
-    moved = use_attention_kernel(model)
-    if moved:
-        onnx.save_model(model, str(path))
-        ship_library(library, Path(path).parent, record)
-    return {"attention_kernel_nodes": moved}

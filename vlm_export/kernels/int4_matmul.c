@@ -1,4 +1,4 @@
-/* int4 weight-only MatMul for x86-64 with AVX-512 VNNI: y[M,N] = x[M,K] @ W[K,N].
+/* int4 (and int8) weight-only MatMul for x86-64 with AVX-512 VNNI: y[M,N] = x[M,K] @ W[K,N].
  *
  * Why this exists: decode is a chain of GEMVs that should stream the int4 weights at the memory's
  * rate. ORT's MLAS kernel for MatMulNBits reaches ~20 GB/s of the ~30 GB/s a 2-core VM reads; its
@@ -15,6 +15,11 @@
  *   byte 4c+i: low nibble = q[16t+c][b*block+8v+i], high nibble = q[16t+c][b*block+8v+4+i]
  *   params[t][b][0..15] = d of outputs 16t+c, params[t][b][16..31] = m (float16: one 64-byte line)
  *
+ * 8-bit codes (q in 0..255, value = d * q + m: Q8_1-style min/max, and MatMulNBits 8-bit with its
+ * zero point folded into m) use the same tiles with one code per byte, no unpacking:
+ *
+ *   line v (inputs b*block + 4v .. +3) -> byte 4c+i = q[16t+c][b*block+4v+i]
+ *
  * Activations are quantized to int8 per block (absmax / 127), as llama.cpp's Q8_1 and MLAS at
  * accuracy level 4 do, so VPDPBUSD multiplies the unsigned nibbles by the signed activations 4 at
  * a time; the minimum comes back as m * (x scale * sum(x_q)) per block (llama.cpp's Q4_1 x Q8_1 dot).
@@ -26,6 +31,7 @@
 #include <string.h>
 
 #include "int4_matmul.h"
+#include "vector_math.h"
 
 #define PREFETCH_BYTES 2048
 #define SERIAL_BYTES (64 << 10) /* less weight than this: waking a second thread costs more than it saves */
@@ -38,6 +44,7 @@ typedef struct {
   const uint16_t *params; /* float16 scales and minimums, as above */
   float *y;              /* [M][N] */
   int64_t M, K, N, block;
+  int bits;              /* 4 or 8 */
 } MatMulJob;
 
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, int8_t *xq, float *xscale, float *xsum) {
@@ -97,41 +104,95 @@ static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job
   }
 }
 
+/* tile_rows for 8-bit codes: one code per byte, two lines (8 inputs) per step on two chains. */
+static inline __attribute__((always_inline)) void tile_rows8(const MatMulJob *job, const uint8_t *wt, const uint16_t *pt,
+                                                             int64_t row, const int rows, __m512 *acc) {
+  const int64_t nb = job->K / job->block, lines = job->block / 4;
+  const int32_t *xq[MAX_ROWS];
+  for (int r = 0; r < rows; r++) {
+    xq[r] = (const int32_t *)(job->xq + (row + r) * job->K);
+    acc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t *wb = wt + b * lines * 64;
+    __m512i even[MAX_ROWS], odd[MAX_ROWS];
+    for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm512_setzero_si512();
+    for (int64_t v = 0; v < lines; v += 2) {
+      _mm_prefetch((const char *)(wb + v * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+      _mm_prefetch((const char *)(wb + v * 64 + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+      __m512i w0 = _mm512_loadu_si512(wb + v * 64), w1 = _mm512_loadu_si512(wb + v * 64 + 64);
+      int64_t at = b * lines + v;
+      for (int r = 0; r < rows; r++) {
+        even[r] = _mm512_dpbusd_epi32(even[r], w0, _mm512_set1_epi32(xq[r][at]));
+        odd[r] = _mm512_dpbusd_epi32(odd[r], w1, _mm512_set1_epi32(xq[r][at + 1]));
+      }
+    }
+    __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32)));
+    __m512 wmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32 + 16)));
+    for (int r = 0; r < rows; r++) {
+      int64_t at = (row + r) * nb + b;
+      __m512i dot = _mm512_add_epi32(even[r], odd[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, _mm512_set1_ps(job->xscale[at])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(wmin, _mm512_set1_ps(job->xsum[at]), acc[r]);
+    }
+  }
+}
+
 static void run_tiles(void *arg, int64_t first, int64_t last) {
   const MatMulJob *job = (const MatMulJob *)arg;
-  const int64_t nb = job->K / job->block;
+  const int64_t nb = job->K / job->block, tile_bytes = job->K * 2 * job->bits; /* 16 outputs x K codes */
   __m512 acc[MAX_ROWS];
   for (int64_t t = first; t < last; t++) {
-    const uint8_t *wt = job->w + t * nb * (job->block / 8) * 64;
+    const uint8_t *wt = job->w + t * tile_bytes;
     const uint16_t *pt = job->params + t * nb * 32;
     int64_t n0 = t * 16, valid = job->N - n0 < 16 ? job->N - n0 : 16;
     __mmask16 mask = (__mmask16)((1u << valid) - 1u);
     int64_t m = 0;
     for (; m + MAX_ROWS <= job->M; m += MAX_ROWS) {
-      tile_rows(job, wt, pt, m, MAX_ROWS, acc);
+      if (job->bits == 8)
+        tile_rows8(job, wt, pt, m, MAX_ROWS, acc);
+      else
+        tile_rows(job, wt, pt, m, MAX_ROWS, acc);
       for (int r = 0; r < MAX_ROWS; r++) _mm512_mask_storeu_ps(job->y + (m + r) * job->N + n0, mask, acc[r]);
     }
     for (; m < job->M; m++) {
-      tile_rows(job, wt, pt, m, 1, acc);
+      if (job->bits == 8)
+        tile_rows8(job, wt, pt, m, 1, acc);
+      else
+        tile_rows(job, wt, pt, m, 1, acc);
       _mm512_mask_storeu_ps(job->y + m * job->N + n0, mask, acc[0]);
     }
   }
 }
 
-int vx_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t block, const uint8_t *w,
+int vx_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t block, int bits, const uint8_t *w,
                    const uint16_t *params, float *y, vx_parallel_fn parallel, void *runner) {
-  if (block % 32 || K % block || M < 1) return -1;
+  if (block % 32 || K % block || M < 1 || (bits != 4 && bits != 8)) return -1;
   int64_t nb = K / block;
   int8_t *xq = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
   float *xscale = malloc(sizeof(float) * M * nb);
   float *xsum = malloc(sizeof(float) * M * nb);
   if (!xq || !xscale || !xsum) { free(xq); free(xscale); free(xsum); return -2; }
   quantize_rows(x, M, K, block, xq, xscale, xsum);
-  MatMulJob job = {xq, xscale, xsum, w, params, y, M, K, N, block};
-  if (!parallel || (N + 15) / 16 * K * 8 < SERIAL_BYTES)
+  MatMulJob job = {xq, xscale, xsum, w, params, y, M, K, N, block, bits};
+  if (!parallel || (N + 15) / 16 * K * 2 * bits < SERIAL_BYTES)
     run_tiles(&job, 0, (N + 15) / 16);
   else
     parallel(runner, run_tiles, &job, (N + 15) / 16);
   free(xq); free(xscale); free(xsum);
   return 0;
+}
+
+void vx_swiglu(const float *gate_up, int64_t rows, int64_t width, float *out) {
+  const int64_t half = width / 2;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *gate = gate_up + r * width, *up = gate + half;
+    float *y = out + r * half;
+    for (int64_t j = 0; j < half; j += 16) {
+      __mmask16 m = half - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - j)) - 1u);
+      __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+      __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), vx_exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_mask_storeu_ps(y + j, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + j)));
+    }
+  }
 }

@@ -10,6 +10,8 @@
  *
  *   Int4MatMul(A float[..., K], B uint8[ceil(N/16) * K * 8], params float16[ceil(N/16), K/block, 32])
  *     attributes K, N, block  ->  Y float[..., N]
+ *   Int8MatMul: the same with 8-bit codes, B uint8[ceil(N/16) * K * 16]
+ *   either with attribute swiglu=1: Y float[..., N/2] = silu(P[..., :N/2]) * P[..., N/2:], P the product
  *   GroupQueryAttention: com.microsoft's inputs, outputs and head attributes, packed q|k|v with
  *     rotary (half split) inside, float32 caches (below; attention.c)
  */
@@ -106,6 +108,8 @@ static const ApiEntry *api_18;
 typedef struct {
   const ApiEntry *api;
   int64_t K, N, block;
+  int bits; /* 4: Int4MatMul, 8: Int8MatMul */
+  int64_t swiglu; /* attribute swiglu=1: Y = silu(first half) * second half of the product, N/2 wide */
   /* The weights, copied once into memory of our own (ensure_own_copy). */
   pthread_mutex_t lock;
   const void *source;
@@ -158,7 +162,7 @@ static int ensure_own_copy(Kernel *kernel, const void *b, const void *params) {
   if (kernel->source != b) {
     drop_copy(kernel);
     int64_t tiles = (kernel->N + 15) / 16;
-    size_t weight_bytes = (size_t)(tiles * kernel->K * 8), scale_bytes = (size_t)(tiles * (kernel->K / kernel->block) * 32) * sizeof(uint16_t);
+    size_t weight_bytes = (size_t)(tiles * kernel->K * 2 * kernel->bits), scale_bytes = (size_t)(tiles * (kernel->K / kernel->block) * 32) * sizeof(uint16_t);
     size_t bytes = (weight_bytes + 63) / 64 * 64 + scale_bytes;
     kernel->mapped = (bytes + 4095) / 4096 * 4096;
     void *memory = map_aligned(kernel->mapped);
@@ -180,18 +184,37 @@ static OrtStatus *error(const ApiEntry *api, const char *message) {
   return CALL(api, CreateStatus, CreateStatusFn)(ORT_FAIL, message);
 }
 
+static const char *matmul_name(int bits) { return bits == 8 ? "Int8MatMul" : "Int4MatMul"; }
+
+/* "<op>: message" (ORT copies the text). */
+static OrtStatus *matmul_error(const ApiEntry *api, int bits, const char *message) {
+  char text[256];
+  snprintf(text, sizeof text, "%s: %s", matmul_name(bits), message);
+  return error(api, text);
+}
+
 static OrtStatus *create_kernel_v2(const CustomOp *op, const ApiEntry *api, const OrtKernelInfo *info, void **out) {
-  (void)op;
+  int bits = strcmp(op->GetName(op), matmul_name(8)) == 0 ? 8 : 4;
   Kernel *kernel = calloc(1, sizeof(Kernel));
-  if (!kernel) return error(api, "Int4MatMul: out of memory");
+  if (!kernel) return matmul_error(api, bits, "out of memory");
   kernel->api = api;
+  kernel->bits = bits;
   pthread_mutex_init(&kernel->lock, NULL);
   GetAttrIntFn attr = CALL(api, KernelInfoGetAttribute_int64, GetAttrIntFn);
   OrtStatus *status = attr(info, "K", &kernel->K);
   if (!status) status = attr(info, "N", &kernel->N);
   if (!status) status = attr(info, "block", &kernel->block);
+  if (!status) {
+    OrtStatus *absent = attr(info, "swiglu", &kernel->swiglu); /* optional: 0 when absent */
+    if (absent) {
+      CALL(api, ReleaseStatus, ReleaseStatusFn)(absent);
+      kernel->swiglu = 0;
+    }
+  }
   if (!status && (kernel->block <= 0 || kernel->block % 32 || kernel->K % kernel->block || kernel->N <= 0))
-    status = error(api, "Int4MatMul: block must be a multiple of 32 dividing K, and N positive");
+    status = matmul_error(api, bits, "block must be a multiple of 32 dividing K, and N positive");
+  if (!status && kernel->swiglu && kernel->N % 2)
+    status = matmul_error(api, bits, "swiglu needs an even N (gate and up halves)");
   if (status) {
     free(kernel);
     return status;
@@ -209,7 +232,7 @@ static void *create_kernel(const CustomOp *op, const ApiEntry *api, const OrtKer
 
 static OrtStatus *input_data(const ApiEntry *api, OrtKernelContext *context, size_t index, const OrtValue **value, void **data) {
   OrtStatus *status = CALL(api, KernelContext_GetInput, GetInputFn)(context, index, value);
-  if (!status && !*value) status = error(api, "Int4MatMul: missing input");
+  if (!status && !*value) status = error(api, "vlm_export.cpu: a required input is missing");
   return status ? status : CALL(api, GetTensorMutableData, GetDataFn)((OrtValue *)*value, data);
 }
 
@@ -219,7 +242,7 @@ static OrtStatus *shape_of(const ApiEntry *api, const OrtValue *value, int64_t *
   OrtStatus *status = CALL(api, GetTensorTypeAndShape, GetShapeInfoFn)(value, &info);
   if (status) return status;
   status = CALL(api, GetDimensionsCount, GetDimCountFn)(info, rank);
-  if (!status && (*rank < 1 || *rank > 8)) status = error(api, "Int4MatMul: A must have rank 1 to 8");
+  if (!status && (*rank < 1 || *rank > 8)) status = error(api, "vlm_export.cpu: inputs must have rank 1 to 8");
   if (!status) status = CALL(api, GetDimensions, GetDimsFn)(info, dims, *rank);
   CALL(api, ReleaseTensorTypeAndShapeInfo, ReleaseShapeInfoFn)(info);
   return status;
@@ -273,8 +296,8 @@ static OrtStatus *check_weights(const Kernel *kernel, const OrtValue *b_value, c
   int64_t tiles = (kernel->N + 15) / 16;
   OrtStatus *status = element_count(api, b_value, &b_count);
   if (!status) status = element_count(api, s_value, &s_count);
-  if (!status && ((int64_t)b_count != tiles * kernel->K * 8 || (int64_t)s_count != tiles * (kernel->K / kernel->block) * 32))
-    status = error(api, "Int4MatMul: B or params does not have the size K, N and block imply");
+  if (!status && ((int64_t)b_count != tiles * kernel->K * 2 * kernel->bits || (int64_t)s_count != tiles * (kernel->K / kernel->block) * 32))
+    status = matmul_error(api, kernel->bits, "B or params does not have the size K, N and block imply");
   return status;
 }
 
@@ -291,20 +314,22 @@ static OrtStatus *compute_v2(void *opaque, OrtKernelContext *context) {
   if (!status) status = shape_of(api, a_value, dims, &rank);
   if (!status && kernel->source != b) status = check_weights(kernel, b_value, s_value);
   if (status) return status;
-  if (dims[rank - 1] != kernel->K) return error(api, "Int4MatMul: the last dimension of A is not the node's K");
+  if (dims[rank - 1] != kernel->K) return matmul_error(api, kernel->bits, "the last dimension of A is not the node's K");
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
-  dims[rank - 1] = kernel->N;
+  dims[rank - 1] = kernel->swiglu ? kernel->N / 2 : kernel->N;
   OrtValue *y_value = NULL;
   status = CALL(api, KernelContext_GetOutput, GetOutputFn)(context, 0, dims, rank, &y_value);
   if (!status) status = CALL(api, GetTensorMutableData, GetDataFn)(y_value, &y);
   if (status || rows == 0) return status;
   SessionTask task = {api, context, NULL, NULL, 0, 1};
-  if (!ensure_own_copy(kernel, b, params) ||
-      vx_int4_matmul((const float *)a, rows, kernel->K, kernel->N, kernel->block, kernel->weights, kernel->params, (float *)y,
-                     parallel_parts > 1 ? on_session_threads : NULL, &task))
-    return error(api, "Int4MatMul: out of memory");
-  return NULL;
+  float *product = kernel->swiglu ? malloc(sizeof(float) * (size_t)(rows * kernel->N)) : (float *)y;
+  int failed = !product || !ensure_own_copy(kernel, b, params) ||
+               vx_int4_matmul((const float *)a, rows, kernel->K, kernel->N, kernel->block, kernel->bits, kernel->weights,
+                              kernel->params, product, parallel_parts > 1 ? on_session_threads : NULL, &task);
+  if (!failed && kernel->swiglu) vx_swiglu(product, rows, kernel->N, (float *)y);
+  if (kernel->swiglu) free(product);
+  return failed ? matmul_error(api, kernel->bits, "out of memory") : NULL;
 }
 
 static void compute(void *kernel, OrtKernelContext *context) {
@@ -319,7 +344,8 @@ static void destroy_kernel(void *opaque) {
   pthread_mutex_destroy(&kernel->lock);
   free(kernel);
 }
-static const char *op_name(const CustomOp *op) { (void)op; return "Int4MatMul"; }
+static const char *op_name(const CustomOp *op) { (void)op; return matmul_name(4); }
+static const char *op_name8(const CustomOp *op) { (void)op; return matmul_name(8); }
 static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const CustomOp *op, size_t index) { (void)op; return index == 1 ? TYPE_UINT8 : index == 2 ? TYPE_FLOAT16 : TYPE_FLOAT; }
 static size_t input_count(const CustomOp *op) { (void)op; return 3; }
@@ -330,6 +356,10 @@ static int zero(const CustomOp *op) { (void)op; return 0; }
 
 static const CustomOp int4_matmul_op = {
     16, create_kernel, op_name, op_provider, input_type, input_count, output_type, output_count, compute,
+    destroy_kernel, zero_at, zero_at, zero_at, zero, zero, zero, zero, create_kernel_v2, compute_v2,
+};
+static const CustomOp int8_matmul_op = {
+    16, create_kernel, op_name8, op_provider, input_type, input_count, output_type, output_count, compute,
     destroy_kernel, zero_at, zero_at, zero_at, zero, zero, zero, zero, create_kernel_v2, compute_v2,
 };
 
@@ -450,6 +480,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *status = CALL(api, CreateCustomOpDomain, CreateDomainFn)("vlm_export.cpu", &domain);
   if (!status) status = CALL(api, CustomOpDomain_Add, DomainAddFn)(domain, &int4_matmul_op);
+  if (!status) status = CALL(api, CustomOpDomain_Add, DomainAddFn)(domain, &int8_matmul_op);
   if (!status) status = CALL(api, CustomOpDomain_Add, DomainAddFn)(domain, &attention_op);
   if (!status) status = CALL(api, AddCustomOpDomain, AddDomainFn)(options, domain);
   return status;

@@ -5,13 +5,13 @@
            exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
     int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (blocks of 32 with a scale and a minimum)
     int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (llama.cpp's Q4_1: blocks of 32 with a scale and
-           a minimum; lm_head 8-bit; a GGUF's own Q4_1/Q8_0 blocks carried over exactly), then, on x86-64
-           CPUs with AVX-512 VNNI, the same codes, scales and minimums repacked for vlm-export's own int4
-           kernel (kernels/, shipped in the variant as an ORT custom-op library; --kernels ort keeps
-           MatMulNBits: the variant then runs on any ORT)
+           a minimum; lm_head 8-bit; a GGUF's own Q4_1/Q8_0 blocks carried over exactly)
 
-With the native kernels, int8/ and int4/ also run the decoder's attention on vlm-export's kernel
-(the same GroupQueryAttention contract, each K/V row read once for the query heads that share it).
+On x86-64 CPUs with AVX-512 VNNI, int8/ and int4/ then run on vlm-export's own kernels (kernels/,
+shipped in the variant as an ORT custom-op library): the same codes, scales and minimums repacked
+for its int4/int8 matmul, and the decoder's attention on its GroupQueryAttention (the same contract,
+each K/V row read once for the query heads that share it). --kernels ort keeps ONNX Runtime's
+MatMulNBits and attention: the variant then runs on any ORT.
 
 int8/ and int4/ also carry the vision tower in dynamic int8 (MatMul weights per-channel int8,
 activations quantized per call; --vision fp32 keeps it float) and, in the inplace layout, an int8
@@ -29,11 +29,11 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
-from vlm_export.kernels.attention_graph import use_attention_kernel_file
+from vlm_export.kernels.native_graph import use_native_graph
 from vlm_export.progress import stage, step
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
-from vlm_export.quantize.int4_kernel import use_int4_kernel
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
+from vlm_export.quantize.matmul_kernel import use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
@@ -50,7 +50,7 @@ KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the
 EVAL_TOKENS = {"trained": 2048, "random": 64}
 BUDGET = {"int8": "int8", "int4": "int4"}  # variant -> quality.metrics.BUDGETS entry
 KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
-           "native": "vlm-export's kernels (int4 matmuls, decoder attention)",
+           "native": "vlm-export's kernels (int4/int8 matmuls, decoder attention)",
            "ort": "ONNX Runtime's MatMulNBits and GroupQueryAttention"}
 
 
@@ -161,9 +161,8 @@ def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool, model: d
             done.update(quantize_kv_cache(out / graph["file"], kv_scales(), graph))
         if native:
             library = compile_library(out)
-            if config.bits == 4:
-                done.update(use_int4_kernel(out / graph["file"], graph, library))
-            done.update(use_attention_kernel_file(out / graph["file"], graph, library))
+            done.update(use_matmul_kernel(out / graph["file"], graph, library))
+            done.update(use_native_graph(out / graph["file"], graph, library))
             if "custom_op_library" not in graph:  # nothing took a kernel (an int8 KV cache keeps ORT's attention)
                 library.unlink()
         return done
@@ -327,9 +326,7 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
 def matmul_kind(config: WeightOnlyConfig | None, native: bool) -> str:
     if config is None:
         return "fp32 MatMul"
-    if native and config.bits == 4:  # the kernel takes 4-bit matmuls; 8-bit ones (lm_head) stay on MatMulNBits
-        return f"{config.describe()} on vlm-export kernel (8-bit ones on MatMulNBits)"
-    return f"{config.describe()} on MatMulNBits"
+    return f"{config.describe()} on {'vlm-export kernel' if native else 'MatMulNBits'}"
 
 
 def attention_kind(manifest: dict) -> str:

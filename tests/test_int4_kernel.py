@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.errors import VlmExportError
 from vlm_export.kernels.library import LIBRARY, compile_library, unavailable_reason
-from vlm_export.quantize.matmul_kernel import TILE, minimums_of, repack, unpack_matmul_nbits, use_matmul_kernel
+from vlm_export.quantize.matmul_kernel import TILE, exact_minimums, minimums_of, repack, unpack_matmul_nbits, use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"int4 kernel: {unavailable_reason()}")
@@ -54,6 +54,22 @@ def test_8bit_repack_follows_the_documented_layout():
     assert not lines[1, :, :, n - 16:].any()  # outputs past N: code 0
     packed = codes.reshape(n, k // block, block)  # MatMulNBits 8-bit: one code per byte
     assert (unpack_matmul_nbits(packed, n, k, bits=8) == codes).all()
+
+
+def test_minimums_stay_float16_exact():
+    """A Q4_1 block widened to 8-bit codes (q + 120, minimum m - 120 d) gets its own q and m back;
+    a symmetric Q8_0-like block (q + 128, minimum -128 d: already exact) keeps its codes."""
+    rng = np.random.default_rng(4)
+    n, k, block = 4, 64, 32
+    d = rng.random((n, 2)).astype(np.float16).astype(np.float32)
+    m = -rng.random((n, 2)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (n, k))
+    q[:, ::block] = 0  # min/max blocks hold their minimum
+    codes, minimums = exact_minimums((q + 120).astype(np.uint8), d, m - 120 * d, block)
+    assert (codes == q).all() and (minimums == m).all()
+    symmetric = rng.integers(3, 250, (n, k)).astype(np.uint8)
+    codes, minimums = exact_minimums(symmetric, d, -128 * d, block)
+    assert (codes == symmetric).all() and (minimums == -128 * d).all()
 
 
 def test_zero_points_become_minimums():

@@ -170,3 +170,22 @@ def test_llama_cpp_quality_of_a_gguf_against_itself_is_lossless(tmp_path, tiny_m
     quality = result["quality"][str(path)]
     assert quality["tokens"] == 16 and quality["mean_kl"] == 0.0 and quality["top1_agreement"] == 1.0
     assert quality["perplexity"] == quality["perplexity_reference"] > 1
+
+
+def test_rounds_merge_into_one_row():
+    """Rounds of one engine: the median of the rounds' medians, min/max/n over all samples, the
+    largest peak RSS, the widest load span; a failed round makes the row skipped, naming the round."""
+    from vlm_export.benchmark.suite import merge_rounds
+
+    def measured(median, rss, load):
+        stat = {"median": median, "min": median - 1, "max": median + 1, "n": 3}
+        return {"prefill_tok_s": stat, "decode_tok_s": {"128": stat}, "peak_rss_mb": rss, "load_average_1m": load}
+
+    merged = merge_rounds([measured(10.0, 100, [1.0, 2.0]), measured(30.0, 120, [0.5, 1.5]), measured(20.0, 110, [1.0, 3.0])])
+    assert merged["decode_tok_s"]["128"] == {"median": 20.0, "min": 9.0, "max": 31.0, "n": 9, "rounds": [10.0, 30.0, 20.0]}
+    assert merged["prefill_tok_s"]["median"] == 20.0 and merged["peak_rss_mb"] == 120
+    assert merged["load_average_1m"] == [0.5, 3.0]
+    assert merge_rounds([measured(10.0, 1, [0, 0]), {"skipped": "engine process failed"}]) == \
+        {"skipped": "round 2 of 2: engine process failed"}
+    single = measured(5.0, 1, [0, 0])
+    assert merge_rounds([single]) is single

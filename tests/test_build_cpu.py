@@ -208,25 +208,50 @@ def test_int8_kv_without_calibration_data_fails_first(tmp_path):
     assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()  # nothing exported, nothing built
 
 
-def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, tmp_path, monkeypatch):
-    """--kv auto on a trained LLM: an int8 KV cache whose screening verdict fails is replaced by a
-    float one, and the report says what the int8 cache scored. (tiny is seeded-random and never
-    judged, so the judge and the screening are stood in for here.)"""
+@pytest.mark.parametrize("fails", ["alone", "in the variant"])
+def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, tmp_path, monkeypatch, fails):
+    """--kv auto on a trained LLM: an int8 KV cache that misses the budget on fp32 weights alone is
+    never built into a variant; one that passes alone but fails inside the variant's screening is
+    replaced; either way the float-cache variant is judged in full and the report says what the int8
+    cache scored. (tiny is seeded-random and never judged, so the judge and the screens are stood in
+    for here.)"""
     from vlm_export.quality.metrics import BUDGETS, Quality
     from vlm_export.targets import cpu
 
     root, _ = built
     monkeypatch.setattr(cpu, "random_llm", lambda model: False)
     bad = Quality(tokens=512, perplexity_reference=10.0, perplexity=11.0, mean_kl=0.05, kl_p99=0.3, top1_agreement=0.9)
-    monkeypatch.setattr(cpu, "_screen_int8_kv", lambda fp32, variant, name, tokens: BUDGETS[cpu.BUDGET[name]].verdict(bad))
+    good = Quality(tokens=512, perplexity_reference=10.0, perplexity=10.0, mean_kl=0.001, kl_p99=0.01, top1_agreement=0.99)
+    monkeypatch.setattr(cpu, "_kv_alone", lambda staging, scales, tokens: bad if fails == "alone" else good)
+    variant_screens = []
+    monkeypatch.setattr(cpu, "_screen_int8_kv", lambda fp32, variant, name, tokens:
+                        variant_screens.append(name) or BUDGETS[cpu.BUDGET[name]].verdict(bad))
     report = cpu.build(root / "graphs", tmp_path / "cpu", cpu.Profile(variants=("fp32", "int4"), eval_tokens=8))
     int4 = report["variants"]["int4"]
     assert int4["kv_cache"] == "fp32" and "mean KL 0.0500 > 0.01" in int4["kv_int8_rejected"]
+    assert int4["kv_int8_rejected"].startswith("int8 KV cache alone (fp32 weights): " if fails == "alone" else "int8 KV cache: OVER")
+    assert variant_screens == ([] if fails == "alone" else ["int4"])  # alone: no int8-KV copy of the variant built
     assert int4["quality_budget"]["budget"] == "int4"  # the float-cache variant is judged in full
     manifest = json.loads((tmp_path / "cpu" / "int4" / "manifest.json").read_text())
     decoder = next(g for g in manifest["graphs"] if g["wrapper"] == "decoder")
     assert {t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_")} == {"float32"}
     assert "int8 missed the budget" in (tmp_path / "cpu" / "report.md").read_text()
+    assert not (tmp_path / "cpu" / "kv-int8-screen").exists()
+
+
+def test_kv_alone_screen_scores_fp32_with_an_int8_cache(built, tmp_path):
+    """The screen itself: fp32's graphs with only the cache made int8, scored against fp32, then removed."""
+    import shutil
+
+    from vlm_export.quantize.calibration import calibration_set
+    from vlm_export.quantize.kv_int8 import calibrate_kv_scales
+    from vlm_export.targets import cpu
+
+    root, _ = built
+    shutil.copytree(root / "cpu" / "fp32", tmp_path / "fp32", symlinks=True)
+    quality = cpu._kv_alone(tmp_path, calibrate_kv_scales(tmp_path / "fp32", *calibration_set(None)), 16)
+    assert quality.tokens == 16 and 0 < quality.mean_kl < 0.05  # an int8 cache costs something, not everything
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32"]
 
 
 def test_strict_fails_on_a_missed_budget(tmp_path):

@@ -28,6 +28,10 @@ class Settings:
     image: str | None = None
     prompt: str = "Describe the image in detail."
     threads: int = 2
+    # Passes over the whole engine list (the suite runner's, not an engine's): this VM's speed drifts
+    # by up to 1.5x from minute to minute, so rows measured minutes apart are compared only when every
+    # engine was measured in every round (rows: the median of the rounds' medians).
+    rounds: int = 1
 
 
 def _timed(fn) -> float:

@@ -27,7 +27,10 @@ def markdown(report: dict) -> str:
               f"measured memory bandwidth {limits['memory_bandwidth_gbs']} GB/s (fp32 GEMV), fp32 matmul "
               f"{limits['fp32_matmul_gflops']} GFLOP/s. ") + gpu_text
              + "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".", "",
-             ("Median (min-max) over repeats. Decode = one token after a prompt of the given context; roofline = "
+             (("Median (min-max) over repeats. " if report["settings"].get("rounds", 1) == 1 else
+               f"Each value: the median of {report['settings']['rounds']} rounds' medians (min-max over every sample); a round "
+               "measures every engine once, in the table's order, so the machine's drift over minutes hits every row alike. ")
+              + "Decode = one token after a prompt of the given context; roofline = "
               "bandwidth / (weight bytes + KV bytes read per token); ratios = tok/s over the baseline's; vision speed-up = "
               "PyTorch eager's vision + LDP latency over the engine's."), ""]
     for model in report["models"]:

@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
+
 from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
@@ -250,6 +252,34 @@ def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(measured: list[dict]) -> dict:
+    """One engine's rounds -> one row: each timing's median is the median of the rounds' medians
+    (min, max and sample count over all of them; "rounds" keeps each round's median), peak RSS the
+    largest, the load average from the lowest before to the highest after. A round that failed
+    makes the row skipped, saying which."""
+    if len(measured) == 1:
+        return measured[0]
+    failed = next((i for i, m in enumerate(measured) if "skipped" in m), None)
+    if failed is not None:
+        return {"skipped": f"round {failed + 1} of {len(measured)}: {measured[failed]['skipped']}"}
+
+    def merge(values: list):
+        first = values[0]
+        if isinstance(first, dict) and {"median", "min", "max"} <= set(first):
+            return {"median": float(np.median([v["median"] for v in values])), "min": min(v["min"] for v in values),
+                    "max": max(v["max"] for v in values), "n": sum(v.get("n", 1) for v in values),
+                    "rounds": [v["median"] for v in values]}
+        if isinstance(first, dict):
+            return {k: merge([v[k] for v in values]) for k in first}
+        return first
+
+    merged = {key: merge([m[key] for m in measured]) for key in measured[0]}
+    if "peak_rss_mb" in merged:
+        merged["peak_rss_mb"] = max(m["peak_rss_mb"] for m in measured)
+    merged["load_average_1m"] = [min(m["load_average_1m"][0] for m in measured), max(m["load_average_1m"][1] for m in measured)]
+    return merged
+
+
 def run_suite(suite: dict, root: Path = Path(".")) -> dict:
     """Every engine of `suite` measured side by side; `root`: where graphs/, engines/ and
     bench/cache/ are found or built."""
@@ -274,19 +304,25 @@ def _run_suite(suite: dict, root: Path) -> dict:
     for entry in suite["models"]:
         workspace = Workspace(entry["model"], root)
         flops_per_token = 2 * _decoder_params(workspace.spec)
-        rows = []
+        rows, engines = [], []
         for name in entry["engines"]:
             base, huge = split_pages(name)
             try:
-                kind, location, size, weight_bytes = workspace.engine(base, settings.threads)
+                engines.append((name, huge, *workspace.engine(base, settings.threads)))
             except VlmExportError as exc:  # e.g. llama-cpp-python absent: say so in the report, measure the rest
                 rows.append({"engine": name, "skipped": exc.one_line()})
-                continue
-            with stage(f"{workspace.spec.name}: measuring {name}"):
-                load_before = os.getloadavg()[0]
-                measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge, root)
-                # other work on the machine slows every engine, llama.cpp's spinning threads most: say how busy it was
-                measured["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        rounds: dict[str, list[dict]] = {name: [] for name, *_ in engines}
+        for index in range(settings.rounds):  # every engine once per round, so drift hits all rows alike
+            for name, huge, kind, location, _, _ in engines:
+                label = f" (round {index + 1} of {settings.rounds})" if settings.rounds > 1 else ""
+                with stage(f"{workspace.spec.name}: measuring {name}{label}"):
+                    load_before = os.getloadavg()[0]
+                    measured = _measure_in_child(kind, location, settings, entry.get("timeout_s", 900), huge, root)
+                    # other work on the machine slows every engine, llama.cpp's spinning threads most: say how busy it was
+                    measured["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+                rounds[name].append(measured)
+        for name, huge, kind, location, size, weight_bytes in engines:
+            measured = merge_rounds(rounds[name])
             if "skipped" in measured:
                 rows.append({"engine": name, **measured})
                 continue
@@ -302,6 +338,7 @@ def _run_suite(suite: dict, root: Path) -> dict:
                          "decode_roofline_fraction": {c: measured["decode_tok_s"][c]["median"] / roofline[c] for c in roofline},
                          "prefill_matmul_fraction": measured["prefill_tok_s"]["median"] * flops_per_token
                          / (limit["fp16_matmul_gflops" if kind == "torch-cuda" else "fp32_matmul_gflops"] * 1e9)})
+        rows.sort(key=lambda row: entry["engines"].index(row["engine"]))
         baseline = next((r for r in rows if r["engine"] == entry.get("baseline") and "skipped" not in r),
                         next((r for r in rows if "skipped" not in r), None))
         for row in rows:

@@ -180,3 +180,26 @@ def test_a_perturbed_candidate_goes_over_its_budget(inplace, tmp_path):
     assert q.mean_kl > 0.01 and q.top1_agreement < 0.95 and q.perplexity_reference != q.perplexity
     verdict = BUDGETS["int8"].verdict(q)
     assert not verdict.passed and "mean KL" in verdict.misses[0]
+
+
+def test_the_reference_side_is_scored_once_per_process(inplace, tmp_path, monkeypatch):
+    """A second candidate against the same reference replays the reference's recorded logits and
+    greedy answers (reference_cache.py): the same numbers as scoring it afresh, no reference run."""
+    from vlm_export.quality import scoring
+    from vlm_export.quality.reference_cache import CACHE, Recording
+    from vlm_export.quality.scoring import measure
+
+    broken = tmp_path / "perturbed"
+    shutil.copytree(inplace, broken)
+    scale_matmul_weight(broken, "decoder_inplace.onnx", "/lm_head/", -3.0)
+    CACHE.clear()
+    fresh = measure(inplace, broken, tokens=24, greedy_tokens=4)
+    assert len(CACHE.logits) == 1 and len(CACHE.answers) == 3  # one eval chunk, three greedy prompts
+    recordings = []
+    monkeypatch.setattr(scoring, "Recording", lambda side: recordings.append(side) or Recording(side))
+    replayed = measure(inplace, broken, tokens=24, greedy_tokens=4)
+    assert recordings == [] and replayed == fresh
+    itself = measure(inplace, inplace, tokens=24, greedy_tokens=4)  # another candidate, the same recorded reference
+    assert recordings == [] and itself.mean_kl == 0.0 and itself.top1_agreement == 1.0
+    CACHE.clear()
+    assert CACHE.directory is None and not CACHE.logits

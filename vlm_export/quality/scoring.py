@@ -32,6 +32,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.progress import step
 from vlm_export.quality.eval_set import chunks, eval_image, eval_requests, prose
 from vlm_export.quality.metrics import Accumulator, Quality
+from vlm_export.quality.reference_cache import CACHE, Recording, Replay, identity, key
 
 DEFAULT_N_CTX = 1024
 CALL_TOKENS = 16  # ids per decoder call over the scored half (decode-like: each call reads the cache)
@@ -141,6 +142,19 @@ def score_sequence(sides: tuple[_Side, _Side], embeds: tuple[np.ndarray, np.ndar
         accumulator.add(ref.feed(embeds[0][start:end]), cand.feed(embeds[1][start:end]), ids[start + 1:end + 1])
 
 
+def _score_against_reference(reference, candidate, runners, sequence: str | None, embeds, ids, context: int,
+                             call_tokens: int, accumulator: Accumulator) -> None:
+    """score_sequence with the reference's side replayed when this process already scored the same
+    sequence against the same reference (reference_cache.py), recorded otherwise."""
+    recorded = CACHE.replay(sequence)
+    side = Replay(recorded) if recorded is not None else Recording(_Side(reference, runners[0]))
+    if embeds[0] is None:  # a replay reads no embeddings: the reference's were not computed
+        embeds = (embeds[1], embeds[1])
+    score_sequence((side, _Side(candidate, runners[1])), embeds, ids, context, call_tokens, accumulator)
+    if recorded is None:
+        CACHE.record(sequence, side.calls)
+
+
 def _same_ids(reference, candidate, text: str) -> list[int]:
     ids = reference.tokenizer.encode_text(text)
     if candidate.tokenizer.encode_text(text) != ids:
@@ -150,14 +164,18 @@ def _same_ids(reference, candidate, text: str) -> list[int]:
 
 
 def greedy(reference, candidate, new_tokens: int, accumulator: Accumulator) -> float | None:
-    """Greedy answers to the eval prompts from both sides -> mean agreeing prefix share."""
+    """Greedy answers to the eval prompts from both sides -> mean agreeing prefix share (the
+    reference's answers kept per process: reference_cache.py)."""
     from vlm_export.runtime.sampling import SamplingParams
 
     if not new_tokens:
         return None
-    params, prefixes = SamplingParams(max_new_tokens=new_tokens), []
+    params, prefixes, reference_id = SamplingParams(max_new_tokens=new_tokens), [], identity(reference, None)
     for request in eval_requests():
-        expected = reference.generate([request], params)[0].token_ids
+        answer = key(reference_id, "greedy", repr(request.messages), str(request.image), new_tokens)
+        if answer not in CACHE.answers:
+            CACHE.answers[answer] = reference.generate([request], params)[0].token_ids
+        expected = CACHE.answers[answer]
         got = candidate.generate([request], params)[0].token_ids
         accumulator.add_greedy(expected, got)
         same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
@@ -197,17 +215,21 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
             out[label] = {"skipped": "no eval image"}
             continue
         request = Request.ask(text, image)
-        (ref_embeds, ids), (cand_embeds, cand_ids) = prompt_rows(reference, request), prompt_rows(candidate, request)
-        if ids != cand_ids:
-            raise VlmExportError("the candidate's tokenizer gives other ids than the reference's on the long prompt",
-                                 "compare artifact sets of the same model")
+        cand_embeds, ids = prompt_rows(candidate, request)
         if len(ids) > limit:
             out[label] = {"skipped": f"{len(ids)} rows exceed the context of {limit}"}
             continue
         scored = min(settings.tokens, len(ids) // 2)
+        sequence = key(identity(reference, runners[0]), "long", ids, str(image), len(ids) - scored, settings.call_tokens)
+        ref_embeds = None
+        if CACHE.replay(sequence) is None:  # recorded sequences were checked against these ids when recorded
+            ref_embeds, ref_ids = prompt_rows(reference, request)
+            if ref_ids != ids:
+                raise VlmExportError("the candidate's tokenizer gives other ids than the reference's on the long prompt",
+                                     "compare artifact sets of the same model")
         accumulator = Accumulator()
-        score_sequence(tuple(_Side(g, r) for g, r in zip((reference, candidate), runners)), (ref_embeds, cand_embeds),
-                       ids, len(ids) - scored, settings.call_tokens, accumulator)
+        _score_against_reference(reference, candidate, runners, sequence, (ref_embeds, cand_embeds), ids,
+                                 len(ids) - scored, settings.call_tokens, accumulator)
         out[label] = accumulator.result().to_dict()
         out["prompt_tokens"] = max(out.get("prompt_tokens", 0), len(ids))
     return out
@@ -225,11 +247,12 @@ def compare(reference, candidate, settings: Settings) -> Comparison:
     with ExitStack() as stack:
         runners = [stack.enter_context(logits_runner(g)) for g in (reference, candidate)]
         step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {settings.call_tokens} per call")
+        reference_id = identity(reference, runners[0])
         for chunk in plan:
             ids = chunk.ids(stream, bos)
-            sides = tuple(_Side(g, r) for g, r in zip((reference, candidate), runners))
-            score_sequence(sides, (reference.embed_ids(ids), candidate.embed_ids(ids)), ids, chunk.context,
-                           settings.call_tokens, accumulator)
+            sequence = key(reference_id, "chunk", ids, chunk.context, settings.call_tokens)
+            _score_against_reference(reference, candidate, runners, sequence, (reference.embed_ids(ids), candidate.embed_ids(ids)),
+                                     ids, chunk.context, settings.call_tokens, accumulator)
         long = long_context(reference, candidate, stream, settings, runners)
     return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings)
 

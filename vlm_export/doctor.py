@@ -86,13 +86,13 @@ def probe_compiler() -> Finding:
 
 
 def probe_cpu_features() -> Finding:
-    """What `--kernels auto` asks of the CPU for vlm-export's int4 kernel."""
+    """What `--kernels auto` asks of the CPU for vlm-export's kernels (int4/int8 matmuls, attention)."""
     from vlm_export.kernels.library import CPU_FLAGS, unavailable_reason
 
     reason = unavailable_reason()
     arch = f"{platform.system()} {platform.machine()}"
     if reason and ("CPU lacks" in reason or "x86-64" in reason):
-        return Finding("cpu features", False, f"{arch}: {reason}", "none needed: int4 runs on ONNX Runtime's MatMulNBits")
+        return Finding("cpu features", False, f"{arch}: {reason}", "none needed: int8/int4 run on ONNX Runtime's MatMulNBits")
     return Finding("cpu features", True, f"{arch} with {', '.join(CPU_FLAGS)}")
 
 
@@ -120,10 +120,10 @@ PROBES: dict[str, Callable[[], Finding]] = {
 def _capabilities(f: dict[str, Finding]) -> dict[str, list[Finding]]:
     """From the findings: what `build` produces and what `run` executes here."""
     native = f["c compiler"].usable and f["cpu features"].usable
-    int4 = "int4 on vlm-export's int4 kernel" if native else "int4 on MatMulNBits (--kernels auto falls back)"
+    int4 = "int8, int4 on vlm-export's kernels" if native else "int8, int4 on MatMulNBits (--kernels auto falls back)"
     engines = f["tensorrt"].usable and f["cuda gpu"].usable
     build = [
-        Finding("build --target cpu", True, f"fp32, int8, {int4}"),
+        Finding("build --target cpu", True, f"fp32, {int4}"),
         Finding("build --target orin", True, "fp16, int8, int4: " + (
             "plans and TensorRT engines" if engines else "plans and build_engines.sh, engines NOT built here"),
             "" if engines else (f["tensorrt"].fix if not f["tensorrt"].usable else f["cuda gpu"].fix)),
@@ -133,7 +133,7 @@ def _capabilities(f: dict[str, Finding]) -> dict[str, list[Finding]]:
     ]
     run = [
         Finding("run --backend ort", True, "cpu fp32/int8/int4 (MatMulNBits), sd888 cpu-int8/cpu-int4, orin graphs in ORT"),
-        Finding("run cpu int4 on the native kernel", f["cpu features"].usable,
+        Finding("run cpu int8/int4 on the native kernels", f["cpu features"].usable,
                 "yes" if f["cpu features"].usable else f["cpu features"].detail, f["cpu features"].fix),
         Finding("run sd888 qnn", f["qnn"].usable, "on the emulated HTP" if f["qnn"].usable else "no", f["qnn"].fix),
         Finding("run --backend trt", engines, "orin engines" if engines else "no",

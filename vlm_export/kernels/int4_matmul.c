@@ -67,64 +67,41 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, i
 
 #define MAX_ROWS 4 /* rows sharing each weight load (prefill): 4 x 2 accumulators fit the 32 registers */
 
-/* One tile of 16 outputs for `rows` consecutive rows (a constant at each call, so the loops over r
- * unroll): each 64-byte line is loaded and unpacked once for all of them. Two accumulators per row
- * (low and high nibbles) keep two VPDPBUSD chains in flight even for a single row (decode). */
+/* One tile of 16 outputs for `rows` consecutive rows and `bits`-wide codes (both constants at each
+ * call, so the branches fold and the loops over r unroll): each weight line is loaded (and, 4-bit,
+ * unpacked) once for all rows. A step covers 8 inputs: one 4-bit line (low nibbles = inputs 0-3,
+ * high = 4-7) or two 8-bit lines; two accumulators per row keep two VPDPBUSD chains in flight even
+ * for a single row (decode). */
 static inline __attribute__((always_inline)) void tile_rows(const MatMulJob *job, const uint8_t *wt, const uint16_t *pt,
-                                                            int64_t row, const int rows, __m512 *acc) {
+                                                            int64_t row, const int rows, const int bits, __m512 *acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int64_t nb = job->K / job->block, lines = job->block / 8;
+  const int64_t nb = job->K / job->block, steps = job->block / 8, step_bytes = bits == 8 ? 128 : 64;
   const int32_t *xq[MAX_ROWS];
   for (int r = 0; r < rows; r++) {
     xq[r] = (const int32_t *)(job->xq + (row + r) * job->K);
     acc[r] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t *wb = wt + b * lines * 64;
-    __m512i lo[MAX_ROWS], hi[MAX_ROWS];
-    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm512_setzero_si512();
-    for (int64_t v = 0; v < lines; v++) {
-      _mm_prefetch((const char *)(wb + v * 64 + PREFETCH_BYTES), _MM_HINT_T0);
-      __m512i packed = _mm512_loadu_si512(wb + v * 64);
-      __m512i low = _mm512_and_si512(packed, low4), high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-      int64_t at = b * (job->block / 4) + 2 * v;
-      for (int r = 0; r < rows; r++) {
-        lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_set1_epi32(xq[r][at]));
-        hi[r] = _mm512_dpbusd_epi32(hi[r], high, _mm512_set1_epi32(xq[r][at + 1]));
-      }
-    }
-    __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32)));
-    __m512 wmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32 + 16)));
-    for (int r = 0; r < rows; r++) {
-      int64_t at = (row + r) * nb + b;
-      __m512i dot = _mm512_add_epi32(lo[r], hi[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, _mm512_set1_ps(job->xscale[at])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(wmin, _mm512_set1_ps(job->xsum[at]), acc[r]);
-    }
-  }
-}
-
-/* tile_rows for 8-bit codes: one code per byte, two lines (8 inputs) per step on two chains. */
-static inline __attribute__((always_inline)) void tile_rows8(const MatMulJob *job, const uint8_t *wt, const uint16_t *pt,
-                                                             int64_t row, const int rows, __m512 *acc) {
-  const int64_t nb = job->K / job->block, lines = job->block / 4;
-  const int32_t *xq[MAX_ROWS];
-  for (int r = 0; r < rows; r++) {
-    xq[r] = (const int32_t *)(job->xq + (row + r) * job->K);
-    acc[r] = _mm512_setzero_ps();
-  }
-  for (int64_t b = 0; b < nb; b++) {
-    const uint8_t *wb = wt + b * lines * 64;
+    const uint8_t *wb = wt + b * steps * step_bytes;
     __m512i even[MAX_ROWS], odd[MAX_ROWS];
     for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm512_setzero_si512();
-    for (int64_t v = 0; v < lines; v += 2) {
-      _mm_prefetch((const char *)(wb + v * 64 + PREFETCH_BYTES), _MM_HINT_T0);
-      _mm_prefetch((const char *)(wb + v * 64 + 64 + PREFETCH_BYTES), _MM_HINT_T0);
-      __m512i w0 = _mm512_loadu_si512(wb + v * 64), w1 = _mm512_loadu_si512(wb + v * 64 + 64);
-      int64_t at = b * lines + v;
+    for (int64_t v = 0; v < steps; v++) {
+      const uint8_t *w = wb + v * step_bytes;
+      __m512i first, second;
+      _mm_prefetch((const char *)(w + PREFETCH_BYTES), _MM_HINT_T0);
+      if (bits == 8) {
+        _mm_prefetch((const char *)(w + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+        first = _mm512_loadu_si512(w);
+        second = _mm512_loadu_si512(w + 64);
+      } else {
+        __m512i packed = _mm512_loadu_si512(w);
+        first = _mm512_and_si512(packed, low4);
+        second = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      }
+      int64_t at = b * (job->block / 4) + 2 * v;  /* the step's 8 activations, as two int32 of 4 */
       for (int r = 0; r < rows; r++) {
-        even[r] = _mm512_dpbusd_epi32(even[r], w0, _mm512_set1_epi32(xq[r][at]));
-        odd[r] = _mm512_dpbusd_epi32(odd[r], w1, _mm512_set1_epi32(xq[r][at + 1]));
+        even[r] = _mm512_dpbusd_epi32(even[r], first, _mm512_set1_epi32(xq[r][at]));
+        odd[r] = _mm512_dpbusd_epi32(odd[r], second, _mm512_set1_epi32(xq[r][at + 1]));
       }
     }
     __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pt + b * 32)));
@@ -150,16 +127,16 @@ static void run_tiles(void *arg, int64_t first, int64_t last) {
     int64_t m = 0;
     for (; m + MAX_ROWS <= job->M; m += MAX_ROWS) {
       if (job->bits == 8)
-        tile_rows8(job, wt, pt, m, MAX_ROWS, acc);
+        tile_rows(job, wt, pt, m, MAX_ROWS, 8, acc);
       else
-        tile_rows(job, wt, pt, m, MAX_ROWS, acc);
+        tile_rows(job, wt, pt, m, MAX_ROWS, 4, acc);
       for (int r = 0; r < MAX_ROWS; r++) _mm512_mask_storeu_ps(job->y + (m + r) * job->N + n0, mask, acc[r]);
     }
     for (; m < job->M; m++) {
       if (job->bits == 8)
-        tile_rows8(job, wt, pt, m, 1, acc);
+        tile_rows(job, wt, pt, m, 1, 8, acc);
       else
-        tile_rows(job, wt, pt, m, 1, acc);
+        tile_rows(job, wt, pt, m, 1, 4, acc);
       _mm512_mask_storeu_ps(job->y + m * job->N + n0, mask, acc[0]);
     }
   }

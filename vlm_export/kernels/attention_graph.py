@@ -29,7 +29,8 @@ def kernel_takes(node: onnx.NodeProto, float_inputs: set[str]) -> bool:
     packed = not inputs[1] and not inputs[2]
     return (packed and len(node.input) <= 9 and set(attrs) <= set(TAKEN)
             and all(attrs.get(name, value) == value for name, value in TAKEN.items() if value is not None)
-            and attrs.get("do_rotary") == 1 and inputs[3] in float_inputs and inputs[4] in float_inputs)
+            and attrs.get("do_rotary") == 1  # absent means 0 (no rotary) to ORT: required, not defaulted
+            and inputs[3] in float_inputs and inputs[4] in float_inputs)
 
 
 def use_attention_kernel(model: onnx.ModelProto) -> int:

@@ -19,16 +19,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from vlm_export.kernels.attention_graph import ORT_DOMAIN
 from vlm_export.quantize.matmul_kernel import OPS
-
-ORT_DOMAIN = "com.microsoft"
 
 
 class _Graph:
     """Producers, readers and constant values of a graph, for pattern matching."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
         # inline initializers only (the small constants patterns check); external ones are weights
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
                           if t.data_location != onnx.TensorProto.EXTERNAL}

@@ -78,6 +78,34 @@ def test_inplace_buffers_are_written_where_they_are(graphs):
     assert kv.length == length + 1
 
 
+def test_inplace_binding_follows_the_cache_it_is_given(graphs):
+    """The runner keeps one IO binding per KV cache it was last handed: two caches stepped in
+    turn give each cache's own logits, and logits returned earlier are not overwritten later."""
+    with Generator(ArtifactSet.open(graphs / "inplace")) as generator:
+        prompts = [generator.encode(Request.ask(q), None)[0] for q in ("hello", "A longer question about cats?")]
+        tokens = generator.embed_ids(list(range(5, 11)))
+
+        def steps(kv, start, picks):
+            return [generator.forward(tokens[None, i:i + 1], kv, np.array([[start + i]]))[0, -1] for i in picks]
+
+        alone = []
+        for prompt in prompts:
+            kv = generator.new_cache(1, 128)
+            generator.forward(prompt[None], kv, np.arange(prompt.shape[0])[None])
+            alone.append(steps(kv, prompt.shape[0], range(6)))
+        caches = []
+        for prompt in prompts:
+            caches.append(generator.new_cache(1, 128))
+            generator.forward(prompt[None], caches[-1], np.arange(prompt.shape[0])[None])
+        turns = [[], []]
+        for i in range(6):  # a, b, a, b, ...: the binding is rebuilt at every switch
+            for which, (kv, prompt) in enumerate(zip(caches, prompts)):
+                turns[which] += steps(kv, prompt.shape[0], [i])
+    for mine, expected in zip(turns, alone):
+        np.testing.assert_allclose(np.stack(mine), np.stack(expected), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(alone[0][0], alone[0][1])  # each step's logits were kept, not one buffer
+
+
 def test_sampling_is_reproducible_with_a_seed(graphs):
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7)
     with Generator(ArtifactSet.open(graphs / "dynamic")) as generator:

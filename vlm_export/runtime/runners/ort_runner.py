@@ -56,6 +56,9 @@ class OrtRunner(Runner):
         in_place = graph.get("attrs", {}).get("kv_update") == "in_place_shared_buffer"
         self.shared = {n: n.replace("present.", "past_key_values.", 1) for n in self.output_names
                        if in_place and n.startswith("present.")}
+        self.shared_inputs = frozenset(self.shared.values())
+        self.fresh_outputs = [n for n in self.output_names if n not in self.shared]
+        self._bound = None  # (IO binding, the cache arrays bound in it)
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
@@ -88,26 +91,42 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+        self._bound = None
 
     def infer_impl(self, feeds: dict) -> dict:
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
-        shared = {past: ort.OrtValue.ortvalue_from_numpy(feeds[past]) for past in self.shared.values()}  # no copy
+        binding = self._binding_for(feeds)
         for name, value in feeds.items():
-            if name in shared:
-                binding.bind_ortvalue_input(name, shared[name])
-            elif isinstance(value, ort.OrtValue):
+            if name in self.shared_inputs:
+                continue  # bound once for as long as the cache's arrays are these
+            if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        fresh = [n for n in self.output_names if n not in self.shared]
-        for name in fresh:
+        for name in self.fresh_outputs:  # re-bound: a new buffer each call, so earlier results stay valid
             binding.bind_output(name, "cpu")
-        for present, past in self.shared.items():
-            binding.bind_ortvalue_output(present, shared[past])
         self.session.run_with_iobinding(binding)
-        return dict(zip(fresh, binding.get_outputs()))  # the shared buffers were written where they are
+        return dict(zip(self.fresh_outputs, binding.get_outputs()))  # the shared buffers were written where they are
+
+    def _binding_for(self, feeds: dict):
+        """The IO binding with the KV cache's arrays bound as both past and present. Kept while
+        the caller passes the same arrays (one cache through a whole generation): wrapping and
+        binding 2 x layers buffers on every decode step cost ~1 ms of a ~10 ms step on smol."""
+        import onnxruntime as ort
+
+        arrays = [feeds[past] for past in self.shared.values()]
+        if self._bound is not None and all(a is b for a, b in zip(arrays, self._bound[1])):
+            return self._bound[0]  # (the previous cache stays referenced until another one comes)
+        binding = self.session.io_binding()
+        for name in self.fresh_outputs:  # first, so that get_outputs() lists them first
+            binding.bind_output(name, "cpu")
+        for (present, past), array in zip(self.shared.items(), arrays):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # no copy; keeps `array` alive
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self._bound = (binding, arrays)
+        return binding
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if hasattr(value, "numpy") else np.asarray(value)

@@ -162,9 +162,10 @@ def test_int8_kv_cache_tracks_fp32(built, tmp_path):
     runs = {}
     for name, directory in (("fp32", fp32), ("kv8", tmp_path / "kv8")):
         with Generator(ArtifactSet.open(directory), "ort") as generator:
-            embeds, _ = generator.encode(request, generator._image_embeds([request.image])[0])
-            kv, logits, _ = generator._prefill([embeds], 8)
-            assert kv.values["past_key_values.0.key"].dtype == (np.float32 if name == "fp32" else np.int8)
+            embeds, _ = generator.encode(request, generator.image_embeds(request.image))
+            session = generator.start([embeds], 8)
+            logits = session.logits
+            assert session.cache.values["past_key_values.0.key"].dtype == (np.float32 if name == "fp32" else np.int8)
             runs[name] = (logits[0], generator.generate([request], SamplingParams(max_new_tokens=8))[0].token_ids)
     (ref_logits, ref_ids), (kv_logits, kv_ids) = runs["fp32"], runs["kv8"]
     cosine = float(ref_logits @ kv_logits / np.linalg.norm(ref_logits) / np.linalg.norm(kv_logits))

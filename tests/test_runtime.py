@@ -66,10 +66,11 @@ def test_inplace_buffers_are_written_where_they_are(graphs):
     """ORT writes present K/V into the very arrays fed as past (no copy), only at the step's slots."""
     with Generator(ArtifactSet.open(graphs / "inplace")) as generator:
         prompt, _ = generator.encode(Request.ask("hello"), None)
-        kv, _, _ = generator._prefill([prompt], 4)
+        session = generator.start([prompt], 4)
+        kv = session.cache
         buffers = dict(kv.values)
         before = {n: b.copy() for n, b in buffers.items()}
-        generator._step("decoder", kv, prompt[None, :1], np.ones((1, 1), np.int64), None)
+        session.step_embeds(prompt[None, :1])
     length = prompt.shape[0]
     for name, buffer in buffers.items():
         assert kv.values[name] is buffer  # the same array: nothing was returned, it was written in place
@@ -155,8 +156,8 @@ def test_kv_cache_decode_equals_recompute(graphs):
     with Generator(artifacts) as generator:
         result = generator.generate([Request.ask("hello")], SamplingParams(6))[0]
         prompt, _ = generator.encode(Request.ask("hello"), None)
-        extended = np.concatenate([prompt, generator._embed_ids(result.token_ids[:-1])])
-        _, logits, _ = generator._prefill([extended], 1)
+        extended = np.concatenate([prompt, generator.embed_ids(result.token_ids[:-1])])
+        logits = generator.start([extended], 1).logits
     assert int(np.argmax(logits[0])) == result.token_ids[-1]
 
 

@@ -33,8 +33,8 @@ def test_torch_cuda_decodes_like_the_cpu_reference(photo):
     runs = {}
     for backend in ("torch", "torch-cuda"):
         with Generator(artifacts, backend) as generator:
-            embeds, _ = generator.encode(request, generator._image_embeds([photo])[0])
-            _, logits, _ = generator._prefill([embeds], 4)
+            embeds, _ = generator.encode(request, generator.image_embeds(photo))
+            logits = generator.start([embeds], 4).logits
             result = generator.generate([request], SamplingParams(max_new_tokens=8))[0]
             runs[backend] = (logits[0], result.token_ids)
     (cpu_logits, cpu_ids), (gpu_logits, gpu_ids) = runs["torch"], runs["torch-cuda"]

@@ -69,14 +69,14 @@ class LoopEngine:
 
     def _prompt(self, length: int) -> np.ndarray:
         ids = self.rng.integers(3, self.generator.spec.llm.vocab_size, length)
-        return self.generator._embed_ids([int(i) for i in ids])
+        return self.generator.embed_ids([int(i) for i in ids])
 
     def vision_seconds(self, settings: Settings) -> list[float] | None:
         if not settings.image:
             return None
         for _ in range(settings.warmup):
-            self.generator._image_embeds([settings.image])
-        return [_timed(lambda: self.generator._image_embeds([settings.image])) for _ in range(settings.repeats)]
+            self.generator.image_embeds(settings.image)
+        return [_timed(lambda: self.generator.image_embeds(settings.image)) for _ in range(settings.repeats)]
 
     def ttft_seconds(self, settings: Settings) -> list[float] | None:
         from vlm_export.runtime.generation import Request
@@ -93,21 +93,16 @@ class LoopEngine:
     def prefill_seconds(self, tokens: int, settings: Settings) -> list[float]:
         prompt = self._prompt(tokens)
         for _ in range(settings.warmup):
-            self.generator._prefill([prompt], 1)
-        return [_timed(lambda: self.generator._prefill([prompt], 1)) for _ in range(settings.repeats)]
+            self.generator.start([prompt], 1)
+        return [_timed(lambda: self.generator.start([prompt], 1)) for _ in range(settings.repeats)]
 
     def decode_seconds(self, context: int, settings: Settings) -> list[float]:
-        generator = self.generator
-        kv, logits, positions = generator._prefill([self._prompt(context)], settings.decode_steps + 1)
-        name = generator.decode_graph
-        keep = np.ones((1, 1), np.int64)
+        session = self.generator.start([self._prompt(context)], settings.decode_steps + 1)
         times = []
         for _ in range(settings.decode_steps):
             start = time.perf_counter()
-            embeds = generator._embed_ids([int(np.argmax(logits[0]))])[None]
-            logits = generator._step(name, kv, embeds, keep, positions[:, None])
+            session.step([int(np.argmax(session.logits[0]))])
             times.append(time.perf_counter() - start)
-            positions = positions + 1
         return times[settings.warmup:] or times
 
     def close(self) -> None:

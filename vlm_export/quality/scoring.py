@@ -105,9 +105,9 @@ class _Side:
         """(P, C) context embeddings -> (1, V) logits of its last position (predicting the next id)."""
         g = self.generator
         if g.layout == "static":  # the loop's own chunked prefill graph
-            self.kv, logits, positions = g.prefill([context], capacity - context.shape[0])
-            self.position = int(positions[0])
-            return logits[:1]
+            session = g.start([context], capacity - context.shape[0])
+            self.kv, self.position = session.cache, int(session.positions[0])
+            return session.logits[:1]
         self.kv = g.new_cache(1, capacity)
         logits = g.forward(context[None], self.kv, np.arange(context.shape[0])[None], self.runner)
         self.position = context.shape[0]

@@ -53,24 +53,22 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
     """Prefill and one decode step per calibration request, as feed dicts of the dynamic decoder."""
     from vlm_export.runtime.artifact_set import ArtifactSet
     from vlm_export.runtime.generation import Generator
-    from vlm_export.runtime.kv_cache import DynamicKV
 
     samples = []
     with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
         if generator.layout != "dynamic":
             raise VlmExportError("int8 calibration needs the dynamic-layout graphs", "build from `vlm-export export MODEL`")
-        llm = generator.spec.llm
         for request in calibration_requests(images, prompts):
             image = request.image
-            image_embeds = generator._image_embeds([image])[0] if image is not None else None
+            image_embeds = generator.image_embeds(image) if image is not None else None
             embeds, _ = generator.encode(request, image_embeds)
-            kv = DynamicKV(llm.num_layers, 1, llm.num_kv_heads, llm.head_dim, generator.float_dtype)
+            kv = generator.new_cache(1, embeds.shape[0] + 1)
             keep = np.ones((1, embeds.shape[0]), np.int64)
             positions = np.arange(embeds.shape[0], dtype=np.int64)[None]
             samples.append({"inputs_embeds": embeds[None], "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values})
-            logits = generator._step("decoder", kv, embeds[None], keep, positions)
+            logits = generator.forward(embeds[None], kv, positions)[:, -1]
             token = int(np.argmax(logits[0]))
-            step_embeds = generator._embed_ids([token])[None]
+            step_embeds = generator.embed_ids([token])[None]
             runner = generator.runners["decoder"]
             past = {k: runner.to_numpy(v) for k, v in kv.values.items()}
             samples.append({"inputs_embeds": step_embeds, "attention_mask": kv.step_mask(np.ones((1, 1), np.int64)),
@@ -91,15 +89,13 @@ def recorded_samples(graphs_dir: Path, requests: list, new_tokens: int = 3) -> d
     a static decoder: right-aligned prefill chunks from position 0, then decode steps)."""
     from vlm_export.runtime.artifact_set import ArtifactSet
     from vlm_export.runtime.generation import Generator
+    from vlm_export.runtime.runners.recording import RecordingRunner
     from vlm_export.runtime.sampling import SamplingParams
 
     recorded: dict[str, list[dict]] = {}
     with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
-        for name, runner in generator.runners.items():
-            def infer(feeds, _infer=runner.infer, _name=name, _runner=runner):
-                recorded.setdefault(_name, []).append({k: np.array(_runner.to_numpy(v)) for k, v in feeds.items()})
-                return _infer(feeds)
-            runner.infer = infer
+        generator.runners = {name: RecordingRunner(runner, recorded.setdefault(name, []))
+                             for name, runner in generator.runners.items()}
         for request in requests:
             generator.generate([request], SamplingParams(max_new_tokens=new_tokens))
-    return recorded
+    return {name: feeds for name, feeds in recorded.items() if feeds}

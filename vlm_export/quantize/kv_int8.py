@@ -34,10 +34,11 @@ def calibrate_kv_scales(fp32_dir: Path, images: list[Path], prompts: list[str]) 
     absmax: dict[str, np.ndarray] = {}
     with Generator(ArtifactSet.open(fp32_dir, check_hashes=False), "ort") as generator:
         for request in calibration_requests(images, prompts):
-            image = generator._image_embeds([request.image])[0] if request.image is not None else None
+            image = generator.image_embeds(request.image) if request.image is not None else None
             embeds, _ = generator.encode(request, image)
-            kv, _, lengths = generator._prefill([embeds], 1)
-            for name, buffer in kv.values.items():  # (1, nkv, capacity, hd), valid up to lengths[0]
+            session = generator.start([embeds], 1)
+            lengths = session.positions
+            for name, buffer in session.cache.values.items():  # (1, nkv, capacity, hd), valid up to lengths[0]
                 seen = np.abs(buffer[0, :, : int(lengths[0])]).max(axis=1)
                 absmax[name] = np.maximum(absmax.get(name, 0.0), seen)
     return {name: np.maximum(value * MARGIN / QMAX, 1e-8).astype(np.float32) for name, value in absmax.items()}

@@ -129,9 +129,13 @@ class Generator:
         """An empty KV cache of this layout for `capacity` positions (dynamic: grows, capacity unused)."""
         return self._new_kv(batch, capacity)
 
-    def prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
-        """The loop's own prefill: -> (cache, (B, V) last logits, (B,) positions of the next token)."""
-        return self._prefill(prompts, max_new_tokens)
+    def start(self, prompts: list[np.ndarray], max_new_tokens: int) -> DecodeSession:
+        """The loop's own prefill of a batch: `prompts` (T_i, C) embeddings per row (`encode`,
+        `embed_ids`) -> a DecodeSession holding the KV cache, each row's last logits and next position.
+        Raises VlmExportError when the longest prompt + max_new_tokens exceeds the model's context
+        (or the static layout's KV buffer)."""
+        kv, logits, positions = self._prefill(prompts, max_new_tokens)
+        return DecodeSession(self, kv, logits, positions)
 
     def forward(self, embeds: np.ndarray, kv, positions: np.ndarray, runner=None) -> np.ndarray:
         """(B, S, C) embeddings at (B, S) positions, no padding, through `kv` -> (B, S', V) float32
@@ -193,7 +197,8 @@ class Generator:
         vision_done = time.perf_counter()
         encoded = [self.encode(r, next(image_embeds) if r.image is not None else None) for r in requests]
         prompts, seen = [e[0] for e in encoded], [e[1] for e in encoded]
-        kv, logits, positions = self._prefill(prompts, params.max_new_tokens)
+        session = self.start(prompts, params.max_new_tokens)
+        logits = session.logits
         prefill_done = time.perf_counter()
         rng = np.random.default_rng(params.seed)
         stops = set(self.spec.llm.eos_token_ids)
@@ -203,7 +208,6 @@ class Generator:
         done = [""] * len(requests)
         first_token_at, steps = None, 0
         self._decoder_seconds = 0.0
-        decoder = self.decode_graph
         while True:
             tokens = np.zeros(len(requests), dtype=np.int64)
             for row, stream in enumerate(streams):
@@ -224,9 +228,7 @@ class Generator:
             first_token_at = first_token_at or time.perf_counter()
             if all(done):
                 break
-            embeds = self.runners["embed"].infer({"input_ids": tokens[:, None]})["inputs_embeds"]
-            logits = self._step(decoder, kv, embeds, np.ones((len(requests), 1), np.int64), positions[:, None])
-            positions = positions + 1
+            logits = session.step(tokens)
             steps += 1
         end = time.perf_counter()
         decode_seconds = max(end - first_token_at, 1e-9)
@@ -241,3 +243,41 @@ class Generator:
         }
         self.timings = timings
         return [GenerationResult(s.finish(), s.ids, p.shape[0], timings, reason) for s, p, reason in zip(streams, prompts, done)]
+
+
+class DecodeSession:
+    """A batch past its prefill, decoded one token per row per step: the generation loop's own
+    prefill-then-step, public for the bench, calibration and scoring (`Generator.start`).
+
+        session = generator.start([embeds], max_new_tokens)   # embeds: (T, C) per row
+        session.logits                                         # (B, V) float32, each row's last logits
+        session.step(token_ids)                                # (B,) ids -> the next (B, V) logits
+
+    `cache` is the layout's KV cache (runtime/kv_cache.py; the inplace decoder writes into its
+    arrays), `positions` (B,) int64 each row's next position. Stepping past the `max_new_tokens`
+    given to `start` overruns a fixed cache: the decoder graph raises.
+    """
+
+    def __init__(self, generator: Generator, cache, logits: np.ndarray, positions: np.ndarray):
+        self._generator = generator
+        self.cache = cache
+        self.logits = logits
+        self.positions = positions
+
+    @property
+    def batch(self) -> int:
+        return int(self.positions.shape[0])
+
+    def step(self, token_ids) -> np.ndarray:
+        """One token per row (ints, (B,)) through the embed graph and the decoder -> (B, V) float32."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(self.batch, 1)
+        embeds = self._generator.runners["embed"].infer({"input_ids": ids})["inputs_embeds"]  # stays backend-native
+        return self.step_embeds(embeds)
+
+    def step_embeds(self, embeds) -> np.ndarray:
+        """(B, 1, C) embeddings (numpy or the backend's own tensors) -> (B, V) float32 logits."""
+        generator = self._generator
+        keep = np.ones((self.batch, 1), np.int64)
+        self.logits = generator._step(generator.decode_graph, self.cache, embeds, keep, self.positions[:, None])
+        self.positions = self.positions + 1
+        return self.logits

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from vlm_export.export.graph_specs import ExportOptions, decoder_graphs, make_inputs
 from vlm_export.export.onnx_export import _trace_to_onnx, optimize_and_save
 from vlm_export.export.validate import InputSampler, ort_session
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.spec import resolve_spec
+from vlm_export.spec.graph_io import ExportOptions, decoder_graphs, make_inputs
 
 
 def step_ms(path: Path, feeds: dict, repeats: int = 20) -> float:

@@ -46,8 +46,8 @@ def v1_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_graphs(tmp_path_factory) -> Path:
     """`tiny` exported once for the session (dynamic layout): the runtime's edge-case tests share it."""
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
 
     out = tmp_path_factory.mktemp("tiny") / "graphs"
     export_model(tiny_spec("ldpnet"), out, ExportOptions())

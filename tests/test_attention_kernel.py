@@ -57,7 +57,7 @@ def sessions(request, library):
     assert [(n.domain, n.op_type) for n in moved.graph.node] == [(DOMAIN, "GroupQueryAttention")]
     plain, native = ort.SessionOptions(), ort.SessionOptions()
     plain.intra_op_num_threads = 2
-    register_kernels(native, library, 2)
+    register_kernels(native, library)
     native.intra_op_num_threads = 2
     return (ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"]),
             ort.InferenceSession(moved.SerializeToString(), native, providers=["CPUExecutionProvider"]), request.param)

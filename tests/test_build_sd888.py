@@ -30,7 +30,7 @@ def built(tmp_path_factory):
 
 @qnn
 def test_every_qnn_node_is_on_the_htp_of_the_888(built):
-    from vlm_export.runtime.runners.qnn_ep import binary_soc
+    from vlm_export.artifacts import binary_soc
 
     out, stdout = built
     report = json.loads((out / "report.json").read_text())
@@ -106,8 +106,8 @@ def test_a_float_graph_the_htp_cannot_take_is_named(built):
 def test_without_the_qnn_extra_the_cpu_variants_still_build(tmp_path, monkeypatch):
     from tests.checkpoints import tiny_spec
     from vlm_export.errors import MissingExtraError
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
     from vlm_export.targets.sd888 import target
 
     export_model(tiny_spec("ldpnet"), tmp_path / "graphs", ExportOptions())

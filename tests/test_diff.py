@@ -13,8 +13,8 @@ import pytest
 from tests.checkpoints import tiny_spec
 from tests.cli import vlm
 from tests.graph_edits import scale_matmul_weight
-from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
+from vlm_export.spec.graph_io import ExportOptions
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from tests.cli import vlm
 from tests.graph_edits import scale_matmul_weight
 from vlm_export.artifacts import write_manifest
 from vlm_export.diff.api import diff_artifacts, localisation_lines
-from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
+from vlm_export.spec.graph_io import ExportOptions
 
 
 def _rewrite_decoder(directory: Path, file: str, change) -> None:

@@ -14,10 +14,10 @@ import torch
 
 from tests.checkpoints import tiny_spec
 from vlm_export.errors import VlmExportError
-from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
 from vlm_export.export.validate import ort_session
 from vlm_export.model.load import load_reference
+from vlm_export.spec.graph_io import ExportOptions
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def _run(model: onnx.ModelProto, feeds: dict, library=None) -> list:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
     if library is not None:
-        register_kernels(options, library, 1)
+        register_kernels(options, library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 

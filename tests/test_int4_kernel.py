@@ -104,7 +104,7 @@ def _sessions(directory, threads: int):
 
     plain, native = ort.SessionOptions(), ort.SessionOptions()
     plain.intra_op_num_threads = native.intra_op_num_threads = threads
-    register_kernels(native, directory / LIBRARY, threads)
+    register_kernels(native, directory / LIBRARY)
     return (ort.InferenceSession(str(directory / "nbits.onnx"), plain),
             ort.InferenceSession(str(directory / "kernel.onnx"), native))
 

@@ -89,8 +89,8 @@ def test_the_eval_prose_is_long_enough():
 # -- scoring through the loop -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def inplace(tmp_path_factory):
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
 
     out = tmp_path_factory.mktemp("quality") / "inplace"
     export_model(tiny_spec("ldpnet"), out, ExportOptions(layout="inplace"))
@@ -157,8 +157,8 @@ def test_dynamic_layout_scores_with_its_own_all_logits_decoder(tiny_graphs):
 
 
 def test_static_layout_is_scored_one_token_per_call(tmp_path):
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
 
     out = tmp_path / "static"
     export_model(tiny_spec("ldpnet"), out, ExportOptions(layout="static", prefill_chunk=32, kv_buffer=256))  # room for the image prompt

@@ -11,7 +11,6 @@ import pytest
 
 from tests.checkpoints import tiny_spec
 from vlm_export.errors import VlmExportError
-from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
 from vlm_export.model.generate import generate_reference
 from vlm_export.model.load import load_reference
@@ -21,6 +20,7 @@ from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.runtime.artifact_set import ArtifactSet
 from vlm_export.runtime.generation import Generator, Request
 from vlm_export.runtime.sampling import SamplingParams
+from vlm_export.spec.graph_io import ExportOptions
 
 GREEDY_32 = SamplingParams(max_new_tokens=32)
 

@@ -7,13 +7,13 @@ import importlib.util
 
 import pytest
 
-from vlm_export.export.graph_specs import ExportOptions
 from vlm_export.export.pipeline import export_model
 from vlm_export.reference import answer
 from vlm_export.runtime.artifact_set import ArtifactSet
 from vlm_export.runtime.generation import Generator, Request
 from vlm_export.runtime.sampling import SamplingParams
 from vlm_export.spec import resolve_spec
+from vlm_export.spec.graph_io import ExportOptions
 
 pytestmark = [
     pytest.mark.smol,
@@ -81,7 +81,7 @@ def _all_logits(path, ids, embeds, spec, library=None):
 
     options = ort.SessionOptions()
     if library is not None:
-        register_kernels(options, library, None)
+        register_kernels(options, library)
     llm = spec.llm
     empty = np.zeros((1, llm.num_kv_heads, 0, llm.head_dim), np.float32)
     feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, len(ids)), np.int64),

@@ -53,9 +53,9 @@ def test_generate_without_an_image_prints_no_note():
 
 @pytest.fixture(scope="module")
 def tiny_graphs(tmp_path_factory):
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
     from vlm_export.spec import resolve_spec
+    from vlm_export.spec.graph_io import ExportOptions
 
     out = tmp_path_factory.mktemp("weights_origin") / "graphs"
     manifest = export_model(resolve_spec("tiny"), out, ExportOptions())

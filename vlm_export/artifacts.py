@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from vlm_export.errors import VlmExportError, is_interruption
 
 MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer files (and tokenizer.onnx's sources) inside an artifact set
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -155,8 +157,6 @@ def verify(directory: Path, check_hashes: bool = True) -> dict:
             check_external_data(directory / name)
     for graph in manifest.get("graphs", []):
         if graph.get("qnn"):  # a context binary must be for the SoC the set says it is for
-            from vlm_export.runtime.runners.qnn_ep import check_binary
-
             check_binary(directory / graph["qnn"]["context_binary"], graph["qnn"]["soc"])
     return manifest
 
@@ -268,3 +268,26 @@ def _discard(staging: Path, exc: BaseException, out: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
         raise VlmExportError(f"the disk filled up while writing {out}", "free space and re-run") from exc
+
+
+# -- QNN context binaries ---------------------------------------------------------------------------
+_BINARY_SOC = re.compile(rb"soc_type=([A-Za-z0-9]+);arch=([0-9a-z]+)")
+
+
+def binary_soc(path: Path) -> tuple[str, str] | None:
+    """The SoC and HTP arch a QNN context binary was compiled for (from its embedded config)."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 20)  # the config block sits in the header
+    match = _BINARY_SOC.search(head)
+    return (match.group(1).decode(), match.group(2).decode()) if match else None
+
+
+def check_binary(path: Path, soc: str) -> None:
+    """The emulator runs a binary built for any SoC; the phone does not. Raises VlmExportError on a
+    mismatch or a file that is no context binary."""
+    found = binary_soc(path)
+    if found is None:
+        raise VlmExportError(f"{Path(path).name} is not a QNN context binary (no SoC record in it)", "rebuild it")
+    if found[0] != soc:
+        raise VlmExportError(f"{Path(path).name} was compiled for {found[0]} (HTP v{found[1]}), not {soc}",
+                             f"rebuild with `vlm-export build MODEL --target sd888 --soc {soc}`")

@@ -14,8 +14,8 @@ from vlm_export.targets import target_module
 def ensure_graphs(spec: ModelSpec, graphs: Path) -> Path:
     """Reuse `graphs` if it is a verified export of this model; export it otherwise."""
     from vlm_export.artifacts import MANIFEST, verify
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
 
     if (graphs / MANIFEST).is_file():
         manifest = verify(graphs)

@@ -29,10 +29,10 @@ def export(
     image_alpha: ImageAlphaOpt = None,
 ):
     """Export the vision+projector, embedding and decoder graphs, each validated against PyTorch."""
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
     from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec
+    from vlm_export.spec.graph_io import ExportOptions
 
     spec = resolve_spec(model, vision_tower=vision_tower, lora=lora, seed=seed, rope_scaling_factor=rope_scaling,
                         image_alpha=image_alpha)

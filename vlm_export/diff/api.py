@@ -20,12 +20,12 @@ from vlm_export.diff.graph_diff import diff_graph, golden_command
 from vlm_export.diff.localize import localize, localize_against_torch, summary
 from vlm_export.diff.polygraphy_runners import TorchGraphRunner, ort_runner
 from vlm_export.diff.report import markdown
-from vlm_export.export.graph_specs import GraphSpec, diff_cases, make_inputs
 from vlm_export.export.validate import InputSampler
 from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.progress import stage, step
 from vlm_export.runtime.artifact_set import ArtifactSet
+from vlm_export.spec.graph_io import GraphSpec, diff_cases, make_inputs
 
 SCHEMA_VERSION = 1
 

@@ -57,7 +57,7 @@ def _session_with_outputs(path: Path, names: list[str], library: Path | None = N
     if library is not None:  # the variant's own kernels (custom ops)
         from vlm_export.runtime.runners.ort_runner import register_kernels
 
-        register_kernels(options, library, None)
+        register_kernels(options, library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -15,7 +15,7 @@ from polygraphy.logger import G_LOGGER
 
 G_LOGGER.module_severity = G_LOGGER.ERROR  # the report carries the numbers; Polygraphy's chatter is noise
 
-from vlm_export.export.graph_specs import GraphSpec
+from vlm_export.spec.graph_io import GraphSpec
 
 
 class TorchGraphRunner(BaseRunner):
@@ -62,6 +62,6 @@ def ort_runner(path: Path, name: str, providers: list[str] | None = None, librar
         from vlm_export.runtime.runners.ort_runner import register_kernels
 
         options = ort.SessionOptions()
-        register_kernels(options, library, None)
+        register_kernels(options, library)
         return ort.InferenceSession(str(path), options, providers=providers)
     return OnnxrtRunner(session, name=name)

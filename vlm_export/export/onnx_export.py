@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from vlm_export.export.graph_specs import GraphSpec
+from vlm_export.spec.graph_io import GraphSpec
 
 log = logging.getLogger(__name__)
 TWO_GB = 2**31 - 1

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_export.artifacts import atomic_directory, link_or_copy, stage_key, write_manifest
+from vlm_export.artifacts import TOKENIZER_DIR, atomic_directory, link_or_copy, stage_key, write_manifest
 from vlm_export.errors import VlmExportError
-from vlm_export.export.graph_specs import ExportOptions, GraphSpec, graphs_for, make_inputs
 from vlm_export.export.onnx_export import export_graph
 from vlm_export.export.tokenizer_graph import write_tokenizer_graph
 from vlm_export.export.validate import InputSampler, validate_graph
@@ -26,8 +25,8 @@ from vlm_export.model.mobilevlm import MobileVLMForCausalLM
 from vlm_export.model.preprocess import preprocessing_record
 from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.progress import native_stderr_filtered, stage, step
-from vlm_export.runtime.artifact_set import TOKENIZER_DIR
 from vlm_export.spec import ModelSpec
+from vlm_export.spec.graph_io import ExportOptions, GraphSpec, graphs_for, make_inputs
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_export.export.graph_specs import GraphSpec, make_inputs, valid_positions
 from vlm_export.model.graph_modules import graph_module
+from vlm_export.spec.graph_io import GraphSpec, make_inputs, valid_positions
 
 
 def compare(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None, seq_axis: int) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import shutil
@@ -68,19 +67,6 @@ def _run(command: list[str]) -> None:
     if done.returncode != 0:
         first = (done.stderr.strip().splitlines() or ["no output"])[0]
         raise VlmExportError(f"compiling the int4 kernel failed: {first[:200]}", "build with --kernels ort, or fix the C compiler")
-
-
-def load(path: Path) -> ctypes.CDLL:
-    """The library as ctypes sees it: the same loaded copy ONNX Runtime registers (same path)."""
-    library = ctypes.CDLL(str(Path(path).resolve()))
-    library.vx_threads.argtypes = [ctypes.c_int]
-    return library
-
-
-def set_threads(path: Path, threads: int | None) -> None:
-    """Parts the kernel splits each matmul into, run on the session's thread pool: its intra-op
-    thread count (None: ORT's default, one per core this process may use)."""
-    load(path).vx_threads(int(threads or len(os.sched_getaffinity(0))))
 
 
 def ship_library(library: Path, directory: Path, record: dict) -> None:

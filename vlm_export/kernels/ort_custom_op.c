@@ -100,8 +100,10 @@ typedef OrtStatus *(*GetAttrIntFn)(const OrtKernelInfo *, const char *, int64_t 
 typedef OrtStatus *(*CreateStatusFn)(int, const char *);
 typedef OrtStatus *(*ParallelForFn)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
 
-/* Parts each matmul is split into (library.py sets it to the session's intra-op threads). */
-static int parallel_parts = 1;
+/* Parts a parallel kernel call is cut into. ORT's pool hands them to its threads as they come free
+ * (KernelContext_ParallelFor without batches = its SimpleParallelFor), so the session's own thread
+ * count decides how many run at once, and a thread that starts late takes fewer parts. */
+#define MAX_PARTS 16
 /* The version-18 table, for ParallelFor (kernels are handed the table of the op's version 16). */
 static const ApiEntry *api_18;
 
@@ -271,9 +273,9 @@ static void on_session_threads(void *runner, vx_task_fn fn, void *arg, int64_t n
   task->fn = fn;
   task->arg = arg;
   task->ntasks = ntasks;
-  task->parts = ntasks < parallel_parts ? ntasks : parallel_parts;
+  task->parts = ntasks < MAX_PARTS ? ntasks : MAX_PARTS;
   OrtStatus *status = CALL(api_18, KernelContext_ParallelFor, ParallelForFn)(task->context, run_part, (size_t)task->parts,
-                                                                                 (size_t)task->parts, task);
+                                                                                 0, task);
   if (status) { /* the pool refused: the work still has to be done */
     CALL(task->api, ReleaseStatus, ReleaseStatusFn)(status);
     fn(arg, 0, ntasks);
@@ -326,7 +328,7 @@ static OrtStatus *compute_v2(void *opaque, OrtKernelContext *context) {
   float *product = kernel->swiglu ? malloc(sizeof(float) * (size_t)(rows * kernel->N)) : (float *)y;
   int failed = !product || !ensure_own_copy(kernel, b, params) ||
                vx_int4_matmul((const float *)a, rows, kernel->K, kernel->N, kernel->block, kernel->bits, kernel->weights,
-                              kernel->params, product, parallel_parts > 1 ? on_session_threads : NULL, &task);
+                              kernel->params, product, on_session_threads, &task);
   if (!failed && kernel->swiglu) vx_swiglu(product, rows, kernel->N, (float *)y);
   if (kernel->swiglu) free(product);
   return failed ? matmul_error(api, kernel->bits, "out of memory") : NULL;
@@ -437,7 +439,7 @@ static OrtStatus *attention_v2(void *opaque, OrtKernelContext *context) {
   SessionTask task = {api, context, NULL, NULL, 0, 1};
   int failed = vx_cached_attention((const float *)data[0], B, S, H, Hkv, D, (float *)out[1], (float *)out[2], C,
                                    (const int32_t *)data[5], (const float *)data[7], (const float *)data[8], rotary[0],
-                                   (float *)out[0], parallel_parts > 1 ? on_session_threads : NULL, &task);
+                                   (float *)out[0], on_session_threads, &task);
   if (failed == -3) return error(api, "GroupQueryAttention: a seqlens_k is outside the KV cache or the rotary tables");
   if (failed == -2) return error(api, "GroupQueryAttention: out of memory");
   if (failed) return error(api, "GroupQueryAttention: unsupported head count or head size (at most 32 query heads per KV head, head size even and <= 256)");
@@ -485,6 +487,3 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   if (!status) status = CALL(api, AddCustomOpDomain, AddDomainFn)(options, domain);
   return status;
 }
-
-/* ctypes entry point (library.py): parts per matmul, the session's intra-op thread count. */
-void vx_threads(int threads) { parallel_parts = threads > 1 ? threads : 1; }

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.artifacts import verify
+from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
 from vlm_export.runtime.runners import backend_module
 from vlm_export.spec.model_spec import ModelSpec, TokenizerSpec, spec_from_dict
-
-TOKENIZER_DIR = "tokenizer"
 
 
 def kv_dtype(decoder: dict) -> np.dtype:
@@ -50,7 +48,7 @@ class ArtifactSet:
     def from_spec(cls, spec: ModelSpec) -> ArtifactSet:
         """The dynamic-layout graphs of `spec` without their files: enough for the PyTorch backends,
         which run the reference's graph-shaped modules and read no graph file."""
-        from vlm_export.export.graph_specs import ExportOptions, graphs_for
+        from vlm_export.spec.graph_io import ExportOptions, graphs_for
 
         graphs = [g.to_dict() for g in graphs_for(spec, ExportOptions())]
         return cls(None, {"model": spec.to_dict(), "graphs": graphs}, spec)

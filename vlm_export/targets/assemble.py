@@ -34,8 +34,8 @@ def export_layout(graphs: Path, out: Path, **overrides) -> dict:
     """The model of `graphs` exported again with other options (a decoder layout a target needs);
     graphs that come out the same (vision, embed) are linked from `graphs`, not exported twice."""
     from vlm_export.artifacts import read_manifest
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
     from vlm_export.spec.model_spec import spec_from_dict
 
     manifest = read_manifest(graphs)  # export_model verifies `graphs` (hashes) before reusing any of it

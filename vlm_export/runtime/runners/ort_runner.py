@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm_export.artifacts import check_binary
 from vlm_export.errors import VlmExportError
 from vlm_export.runtime.runners.base import Runner
 
@@ -27,19 +28,16 @@ def check_providers(providers: list[str]) -> None:
         )
 
 
-def register_kernels(options, library: Path, threads: int | None) -> None:
-    """The variant's own kernels (vlm_export/kernels) in this session; they split each matmul
-    across the session's thread pool."""
-    from vlm_export.kernels.library import set_threads
-
+def register_kernels(options, library: Path) -> None:
+    """The variant's own kernels (vlm_export/kernels) in this session. They cut each call into parts
+    that the session's own thread pool runs, so the session's intra-op thread count is theirs."""
     if not library.is_file():
         raise VlmExportError(f"{library} is missing (the variant's kernel library)", "rebuild the variant with vlm-export build")
     try:
-        options.register_custom_ops_library(str(library.resolve()))  # the copy set_threads reaches
+        options.register_custom_ops_library(str(library.resolve()))
     except Exception as exc:  # ORT's own error types; the library says why (CPU, ORT version)
         raise VlmExportError(f"cannot load the kernel library {library.name}: {str(exc).splitlines()[0][:200]}",
                              "rebuild the variant on this kind of machine, or with --kernels ort") from exc
-    set_threads(library, threads)
 
 
 class OrtRunner(Runner):
@@ -66,7 +64,7 @@ class OrtRunner(Runner):
         if self.qnn:
             from vlm_export.runtime.runners import qnn_ep
 
-            qnn_ep.check_binary(self.path.parent / self.qnn["context_binary"], self.qnn["soc"])
+            check_binary(self.path.parent / self.qnn["context_binary"], self.qnn["soc"])
             self.session = qnn_ep.create_session(self.path, self.qnn["soc"], self.threads)
             return
         check_providers(self.providers)
@@ -78,7 +76,7 @@ class OrtRunner(Runner):
         if threads:
             options.intra_op_num_threads = threads
         if self.graph.get("custom_op_library"):
-            register_kernels(options, self.path.parent / self.graph["custom_op_library"], threads)
+            register_kernels(options, self.path.parent / self.graph["custom_op_library"])
         model = str(self.path)
         if self.weights_dir is not None:  # from bytes, so the data's folder can be named
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))

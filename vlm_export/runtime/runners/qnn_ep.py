@@ -11,7 +11,6 @@ error, never a silent half-CPU run.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError, require_module
@@ -85,24 +84,3 @@ def create_session(path: Path, soc: str, threads: int | None = None, context_fil
             raise VlmExportError(f"{Path(path).name} does not run entirely on the QNN HTP of {soc} ({first})",
                                  "see the node list in the build report; quantize the graph (QDQ) and fix its shapes") from exc
         raise VlmExportError(f"onnxruntime-qnn cannot load {Path(path).name} ({first})", "rebuild with `vlm-export build --target sd888`") from exc
-
-
-_BINARY_SOC = re.compile(rb"soc_type=([A-Za-z0-9]+);arch=([0-9a-z]+)")
-
-
-def binary_soc(path: Path) -> tuple[str, str] | None:
-    """The SoC and HTP arch a QNN context binary was compiled for (from its embedded config)."""
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 20)  # the config block sits in the header
-    match = _BINARY_SOC.search(head)
-    return (match.group(1).decode(), match.group(2).decode()) if match else None
-
-
-def check_binary(path: Path, soc: str) -> None:
-    """The emulator runs a binary built for any SoC; the phone does not. Refuse a mismatch here."""
-    found = binary_soc(path)
-    if found is None:
-        raise VlmExportError(f"{Path(path).name} is not a QNN context binary (no SoC record in it)", "rebuild it")
-    if found[0] != soc:
-        raise VlmExportError(f"{Path(path).name} was compiled for {found[0]} (HTP v{found[1]}), not {soc}",
-                             f"rebuild with `vlm-export build MODEL --target sd888 --soc {soc}`")

@@ -126,8 +126,8 @@ def _build_engines(directory: Path, plans: list[dict]) -> dict:
 
 def _fp16_graphs(out: Path, manifest: dict) -> dict:
     """fp16 graphs from the exporter (RMSNorm and softmax stay fp32 inside), validated against the fp32 reference."""
-    from vlm_export.export.graph_specs import ExportOptions
     from vlm_export.export.pipeline import export_model
+    from vlm_export.spec.graph_io import ExportOptions
     from vlm_export.spec.model_spec import spec_from_dict
 
     options = ExportOptions(**{**manifest["options"], "dtype": "fp16"})

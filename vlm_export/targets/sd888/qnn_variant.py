@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from vlm_export.artifacts import verify
+from vlm_export.artifacts import binary_soc, check_binary, verify
 from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.progress import step
 from vlm_export.quality import table
@@ -57,14 +57,14 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
             step(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
             qnn_ep.create_session(qdq, profile.soc, context_file=context, embed_mode=EMBED_MODE)
             binary = next(p.name for p in out.glob(f"{context.stem}*.bin"))
-            qnn_ep.check_binary(out / binary, profile.soc)
+            check_binary(out / binary, profile.soc)
             step(f"qnn: measuring {name} on the emulated HTP against fp32")
             compiled = qnn_ep.create_session(context, profile.soc)
             reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
             accuracy = graph_accuracy(reference, compiled, held_out[name])
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        soc = qnn_ep.binary_soc(out / binary)
+        soc = binary_soc(out / binary)
         graph.update(file=context.name, qnn={"soc": profile.soc, "htp_arch": soc[1], "context_binary": binary,
                                              "embed_mode": EMBED_MODE})
         _fixed_inputs(graph)

@@ -1,7 +1,9 @@
-"""Declarative specs of every exported graph: names, shapes (ints or named dynamic axes),
-dtypes, the wrapper that produces it, how to make inputs, and the validation tolerance.
+"""The graph I/O contract: declarative specs of every exported graph (names, shapes as ints or
+named dynamic axes, dtypes, the wrapper that produces it, how to make inputs, the validation
+tolerance), per decoder layout.
 
-Names are defined here once; everything downstream reads them from the manifest.
+It sits below both the exporters (which write graphs to it) and the runtime (which reads the
+same records back from the manifest), so neither imports the other. Names are defined here once.
 """
 
 from __future__ import annotations

@@ -50,3 +50,32 @@ def test_every_probe_answers_here(name):
     finding = doctor.PROBES[name]()
     assert finding.name == name and finding.detail
     assert finding.usable or finding.fix  # what is missing always comes with its fix
+
+
+def _without_torch(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+
+
+def test_runtime_only_install_is_reported_with_the_export_extra(monkeypatch):
+    """No PyTorch (`pip install vlm-export` without extras): run stays usable, build does not."""
+    _without_torch(monkeypatch)
+    report = check_machine()
+    installed = {x["name"]: x for x in report["installed"]}
+    assert installed["pytorch"]["usable"] is False and installed["pytorch"]["fix"] == "pip install 'vlm-export[export]'"
+    assert installed["cuda gpu"]["detail"] == "not probed: PyTorch is not installed"
+    assert all(not x["usable"] and x["fix"] == "pip install 'vlm-export[export]'" for x in report["build"])
+    assert {x["name"]: x["usable"] for x in report["run"]}["run --backend ort"] is True
+
+
+def test_commands_that_need_pytorch_name_the_extra(monkeypatch):
+    from vlm_export.errors import MissingExtraError, require_export_extra
+
+    require_export_extra("exporting graphs")  # PyTorch is here: nothing raised
+    _without_torch(monkeypatch)
+    with pytest.raises(MissingExtraError) as caught:
+        require_export_extra("exporting graphs")
+    assert caught.value.one_line() == ("exporting graphs needs the Python module 'torch', which is not installed "
+                                       "-- fix: pip install 'vlm-export[export]'")

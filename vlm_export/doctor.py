@@ -58,7 +58,21 @@ def probe_qnn() -> Finding:
                                "HTP emulated on this CPU (x86-64 libQnnHtp.so)")
 
 
+EXPORT_FIX = "pip install 'vlm-export[export]'"
+
+
+def probe_pytorch() -> Finding:
+    """The exporters' stack: a runtime-only install (no extras) runs and verifies built
+    artifacts; export, build, generate, inspect and diff need PyTorch and the export extra."""
+    if importlib.util.find_spec("torch") is None:
+        return Finding("pytorch", False, "not installed (runtime-only install): run and verify work on "
+                       "built artifacts; export, build, generate, inspect, diff and bench do not", EXPORT_FIX)
+    return Finding("pytorch", True, f"torch {_version('torch')} (export, build, generate, inspect, diff)")
+
+
 def probe_gpu() -> Finding:
+    if importlib.util.find_spec("torch") is None:
+        return Finding("cuda gpu", False, "not probed: PyTorch is not installed", EXPORT_FIX)
     import torch
 
     if not torch.cuda.is_available():
@@ -111,7 +125,7 @@ def probe_smol() -> Finding:
 
 
 PROBES: dict[str, Callable[[], Finding]] = {
-    "onnxruntime": probe_onnxruntime, "qnn": probe_qnn, "tensorrt": probe_tensorrt, "cuda gpu": probe_gpu,
+    "onnxruntime": probe_onnxruntime, "pytorch": probe_pytorch, "qnn": probe_qnn, "tensorrt": probe_tensorrt, "cuda gpu": probe_gpu,
     "c compiler": probe_compiler, "cpu features": probe_cpu_features, "llama.cpp": probe_llama_cpp,
     "smol model": probe_smol,
 }
@@ -141,6 +155,8 @@ def _capabilities(f: dict[str, Finding]) -> dict[str, list[Finding]]:
         Finding("run --backend torch-cuda", f["cuda gpu"].usable, "yes" if f["cuda gpu"].usable else "no", f["cuda gpu"].fix),
         Finding("bench llama.cpp rows", f["llama.cpp"].usable, "yes" if f["llama.cpp"].usable else "skipped", f["llama.cpp"].fix),
     ]
+    if not f["pytorch"].usable:  # every target starts from the PyTorch reference
+        build = [Finding(x.name, False, "needs PyTorch: " + x.detail, EXPORT_FIX) for x in build]
     return {"build": build, "run": run}
 
 

@@ -34,6 +34,15 @@ def require_module(module: str, extra: str, purpose: str):
         raise MissingExtraError(module, extra, purpose) from exc
 
 
+def require_export_extra(purpose: str) -> None:
+    """Commands that start from the PyTorch reference (export, build, generate, inspect, diff) on a
+    runtime-only install: raises MissingExtraError naming the `export` extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise MissingExtraError("torch", "export", purpose)
+
+
 def is_interruption(exc: BaseException | None) -> bool:
     """Ctrl-C, even when a library caught it and raised something else from it."""
     seen = set()

@@ -19,6 +19,9 @@ def bench(
     quiet: QuietOpt = False,
 ):
     """Measure vision latency, TTFT, prefill and decode tok/s, peak RSS and size of every engine in SUITE."""
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("benchmarking (the suite builds its engines from the PyTorch reference)")
     from vlm_export.benchmark.report import write_reports
     from vlm_export.benchmark.suite import load_suite, run_suite
     from vlm_export.progress import configure

@@ -64,6 +64,9 @@ def build(
     image_alpha: ImageAlphaOpt = None,
 ):
     """Build target artifacts (each variant runnable with `vlm-export run`) and a build report."""
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("building target artifacts (export from the PyTorch reference, quantization)")
     from vlm_export.build import budget_verdicts, build_model, check_budgets
     from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec

@@ -25,6 +25,9 @@ def diff(
     quiet: QuietOpt = False,
 ):
     """Per-graph (Polygraphy), per-layer and end-to-end diffs; exit code 1 when a tolerance fails."""
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("diffing against the PyTorch reference (Polygraphy)")
     from vlm_export.diff.api import DIFF_EVAL_TOKENS, diff_artifacts, failure_summary, localisation_lines
     from vlm_export.progress import configure
 

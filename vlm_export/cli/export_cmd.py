@@ -29,6 +29,9 @@ def export(
     image_alpha: ImageAlphaOpt = None,
 ):
     """Export the vision+projector, embedding and decoder graphs, each validated against PyTorch."""
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("exporting graphs (the PyTorch reference model)")
     from vlm_export.export.pipeline import export_model
     from vlm_export.progress import configure
     from vlm_export.spec import resolve_spec

@@ -25,6 +25,9 @@ def generate(
     image_alpha: ImageAlphaOpt = None,
 ):
     """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("the PyTorch reference model")
     from vlm_export.reference import answer
     from vlm_export.runtime.sampling import SamplingParams
     from vlm_export.spec import resolve_spec

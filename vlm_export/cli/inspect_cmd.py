@@ -25,6 +25,9 @@ def inspect(
     if list_presets:
         typer.echo("\n".join(preset_names()))
         return
+    from vlm_export.errors import require_export_extra
+
+    require_export_extra("inspecting a model (parameter counts on the PyTorch reference)")
     from vlm_export.describe import describe_model  # PyTorch + transformers: only when asked
 
     report = describe_model(model, vision_tower=vision_tower, lora=lora, rope_scaling_factor=rope_scaling)

@@ -61,6 +61,10 @@ def test_variants_and_report(built):
         vision = onnx.load(str(root / "cpu" / name / "vision.onnx"))
         assert "MatMulInteger" in {n.op_type for n in vision.graph.node}
         assert report["variants"][name]["vision_vs_fp32"]["cosine_min"] > 0.99
+    # quantized once per build: int4 holds int8's very file (one inode), measured once
+    int8_vision, int4_vision = (root / "cpu" / name / "vision.onnx" for name in ("int8", "int4"))
+    assert int8_vision.stat().st_ino == int4_vision.stat().st_ino
+    assert report["variants"]["int8"]["vision_vs_fp32"] == report["variants"]["int4"]["vision_vs_fp32"]
     for name in ("fp32", "int8", "int4"):  # the quantized variants keep an int8 KV cache, calibrated per head and channel
         manifest = json.loads((root / "cpu" / name / "manifest.json").read_text())
         decoder = next(g for g in manifest["graphs"] if g["wrapper"] == "decoder")

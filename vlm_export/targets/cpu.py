@@ -169,7 +169,34 @@ def _decoder_rewrite(config: WeightOnlyConfig, kv_scales, native: bool, model: d
     return rewrite
 
 
-def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales, kv_int8: bool) -> dict:
+class VisionInt8Once:
+    """The vision tower's dynamic int8 copy and its accuracy against fp32, made once per build and
+    hard-linked into every quantized variant (the same bytes: the quantizer reads only the fp32
+    graph). Quantizing and measuring it again per variant repeated ~30 s on smol's 1.2 GB tower."""
+
+    def __init__(self):
+        self.path: Path | None = None  # the first variant's quantized vision graph
+        self.done: dict = {}
+        self.accuracy: dict | None = None
+
+    def rewrite(self, graph: dict, source: Path, out: Path) -> dict:
+        from vlm_export.artifacts import link_or_copy
+
+        target = out / graph["file"]
+        if self.path is not None and self.path.is_file():
+            link_or_copy(self.path, target)
+        else:  # the first quantized variant, or its folder was removed (a rejected attempt)
+            self.done, self.path, self.accuracy = quantize_dynamic_int8(source, target), target, None
+        return dict(self.done)
+
+    def accuracy_vs_fp32(self, fp32: Path, variant: Path) -> dict:
+        if self.accuracy is None:
+            self.accuracy = vision_accuracy(fp32, variant)
+        return self.accuracy
+
+
+def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales, kv_int8: bool,
+             vision: VisionInt8Once) -> dict:
     """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
     are); the others from fp32 (built and verified by this build just before)."""
     from vlm_export.artifacts import read_manifest
@@ -181,7 +208,7 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if kv_int8 else None,
                                                                         native_kernels(profile, name), manifest["model"])}
     if config is not None and profile.vision == "int8":
-        rewrites["vision"] = lambda g, src, dst: quantize_dynamic_int8(src, dst / g["file"])
+        rewrites["vision"] = vision.rewrite
     return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
 
 
@@ -237,6 +264,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
         return scales
 
     screened = {}
+    vision = VisionInt8Once()
 
     def kv_alone():  # the int8 KV cache on fp32 weights, screened once per build (see _kv_alone)
         if not screened:
@@ -257,7 +285,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
             if record is not None:
                 step(f"{name}: unchanged inputs, reusing the finished stage")
             else:
-                record = _build_variant(graphs, manifest, staging.path, name, profile, kv_scales, tokens, kv_alone)
+                record = _build_variant(graphs, manifest, staging.path, name, profile, kv_scales, tokens, kv_alone, vision)
                 staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
             report["variants"][name] = record
         staging.finish()
@@ -319,13 +347,14 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
 
 
 def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profile: Profile, kv_scales, tokens: int,
-                   kv_alone=None) -> dict:
+                   kv_alone=None, vision: VisionInt8Once | None = None) -> dict:
     """One variant built and measured; with --kv auto an int8 KV cache that costs the budget is
     replaced by a float one (and the report says what the int8 cache scored). Seeded-random LLM
     weights are not judged: auto keeps the int8 cache there."""
     from vlm_export.quality.metrics import BUDGETS
 
     config, native = weight_config(name), native_kernels(profile, name)
+    vision = vision or VisionInt8Once()
     judge = not random_llm(manifest["model"])
     attempts = [True, False] if int8_kv(profile, name) and profile.kv == "auto" and judge else [int8_kv(profile, name)]
     rejected = None
@@ -338,7 +367,7 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
         shutil.rmtree(staging / name, ignore_errors=True)  # leftovers of an interrupted or rejected attempt
         started = time.perf_counter()
         with stage(f"building {name}" + (" (int8 KV cache)" if kv_int8 else "")):
-            built = _variant(graphs, manifest, staging / "fp32", staging / name, name, profile, kv_scales, kv_int8)
+            built = _variant(graphs, manifest, staging / "fp32", staging / name, name, profile, kv_scales, kv_int8, vision)
         record = {"seconds": round(time.perf_counter() - started, 1), "bytes": sum(f["bytes"] for f in built["files"].values()),
                   "kv_cache": "int8" if kv_int8 else "fp32", "matmuls": matmul_kind(config, native),
                   "attention": attention_kind(built),
@@ -354,7 +383,7 @@ def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profi
                 continue
         with stage(f"measuring {name} against fp32 ({tokens} eval tokens)"):
             record.update(_measure(staging / "fp32", staging / name, name, tokens, judge))
-            record["vision_vs_fp32"] = vision_accuracy(staging / "fp32", staging / name)
+            record["vision_vs_fp32"] = vision.accuracy_vs_fp32(staging / "fp32", staging / name)
         verdict = record["quality_budget"]
         if verdict:
             step(f"{name}: {verdict['line']}")

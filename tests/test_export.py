@@ -155,9 +155,15 @@ def test_static_chunked_prefill_and_decode_equal_one_pass(static_graphs, referen
         np.testing.assert_allclose(logits[0, -1], full[0, t], atol=1e-4)
 
 
-def test_non_empty_output_needs_force(dynamic_graphs, spec):
-    with pytest.raises(VlmExportError, match="--force"):
+def test_non_empty_output_needs_force(dynamic_graphs, spec, tmp_path):
+    with pytest.raises(VlmExportError) as finished:
         export_model(spec, dynamic_graphs, ExportOptions())
+    assert finished.value.one_line() == (f"{dynamic_graphs} already holds a finished export -- fix: use it as it is "
+                                         "(vlm-export run / verify), pass --force to rebuild it, or choose another --out")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(VlmExportError, match="output directory .* is not empty -- fix: pass --force"):
+        export_model(spec, tmp_path / "other", ExportOptions())
 
 
 def test_bad_options():

@@ -113,7 +113,14 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
 
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise VlmExportError(f"{directory} does not exist (or is not a directory)",
+                             "pass an export's graphs (graphs/MODEL) or one variant of a build (engines/TARGET/MODEL/VARIANT)")
     if not path.is_file():
+        variants = sorted(p.parent.name for p in Path(directory).glob(f"*/{MANIFEST}"))
+        if variants:  # a build's output folder: one artifact set per variant
+            raise VlmExportError(f"{directory} is a build output holding the variants {', '.join(variants)}, not one artifact set",
+                                 f"pass one variant, e.g. {Path(directory) / variants[-1]}")
         raise VlmExportError(f"{directory} has no {MANIFEST}: not a finished artifact set", "re-run the export/build that makes it")
     try:
         return json.loads(path.read_text())
@@ -165,6 +172,9 @@ def prepare_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise VlmExportError(f"output {out} exists and is not a directory", "choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
+        if (out / MANIFEST).is_file() or (out / "report.json").is_file():  # a finished export or build
+            raise VlmExportError(f"{out} already holds a finished {'export' if (out / MANIFEST).is_file() else 'build'}",
+                                 "use it as it is (vlm-export run / verify), pass --force to rebuild it, or choose another --out")
         raise VlmExportError(f"output directory {out} is not empty", "pass --force to replace it or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,16 @@ USER_ERROR_EXIT = 2
 INTERNAL_ERROR_EXIT = 1
 
 
+# Commands that write artifacts resume an interrupted run from its finished stages; the others just stop.
+RESUMING = {"export", "build", "bench", "diff"}
+
+
+def _interrupted(command) -> str:
+    if command.__name__ in RESUMING:
+        return "error: interrupted; nothing was finished -- fix: re-run the same command to resume"
+    return "error: interrupted -- fix: re-run the command"
+
+
 def handles_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -25,7 +35,7 @@ def handles_errors(command):
             print(f"error: {exc.one_line()}", file=sys.stderr)
             raise typer.Exit(USER_ERROR_EXIT) from None
         except KeyboardInterrupt:
-            print("error: interrupted; nothing was finished -- fix: re-run the same command to resume", file=sys.stderr)
+            print(_interrupted(command), file=sys.stderr)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -33,7 +43,7 @@ def handles_errors(command):
             if STATE["debug"]:
                 raise
             if is_interruption(exc):
-                print("error: interrupted; nothing was finished -- fix: re-run the same command to resume", file=sys.stderr)
+                print(_interrupted(command), file=sys.stderr)
                 raise typer.Exit(130) from None
             detail = " ".join(str(exc).split())[:300]
             print(f"error: internal error {type(exc).__name__}: {detail} -- rerun with --debug and report it", file=sys.stderr)

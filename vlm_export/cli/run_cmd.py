@@ -13,8 +13,8 @@ from vlm_export.cli.notes import artifact_spec, note_random_vision
 
 @handles_errors
 def run(
-    artifacts: Annotated[Path, typer.Argument(help="Directory written by `vlm-export export` (has manifest.json).")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="User message; repeat for a batch.")] = ["Describe the image."],  # noqa: B006
+    artifacts: Annotated[Path, typer.Argument(help="An artifact set (has manifest.json): graphs from `vlm-export export`, or one variant of `vlm-export build` (engines/cpu/smol/int4).")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="User message; repeat for a batch (default with --image: \"Describe the image.\").")] = None,
     image: Annotated[str | None, typer.Option("--image", help="Image for every prompt (omit for text-only).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="torch | torch-cuda | ort | trt")] = "ort",
     providers: Annotated[str | None, typer.Option("--providers", help="ORT providers, comma-separated, in priority order.")] = None,
@@ -31,6 +31,12 @@ def run(
     from vlm_export.runtime.runners import keep_transformers_off_torch
 
     keep_transformers_off_torch(backend)
+    if not prompt:
+        if image is None:
+            from vlm_export.errors import VlmExportError
+
+            raise VlmExportError("no --prompt and no --image: nothing to answer", 'pass --prompt "..." (and --image PATH for a question about an image)')
+        prompt = ["Describe the image."]
     from vlm_export.runtime.api import run_prompts
     from vlm_export.runtime.sampling import SamplingParams
 
@@ -50,6 +56,15 @@ def run(
     typer.echo(
         f"[{backend}] vision {timings['vision_ms']:.0f} ms | TTFT {timings['ttft_ms']:.0f} ms | "
         f"prefill {timings['prefill_tok_s']:.1f} tok/s | decode {timings['decode_tok_s']:.1f} tok/s | "
-        f"{results[0].prompt_tokens} prompt tokens, {len(results[0].token_ids)} new ({results[0].stop_reason})",
+        f"{_tokens_line(results)}",
         err=True,
     )
+
+
+def _tokens_line(results) -> str:
+    """One request: its counts and stop reason; a batch: each row's (the rows stop at different steps)."""
+    if len(results) == 1:
+        r = results[0]
+        return f"{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new ({r.stop_reason})"
+    rows = ", ".join(f"[{i}] {r.prompt_tokens} prompt / {len(r.token_ids)} new ({r.stop_reason})" for i, r in enumerate(results))
+    return f"{len(results)} requests: {rows}"

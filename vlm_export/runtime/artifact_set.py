@@ -38,7 +38,8 @@ class ArtifactSet:
     def open(cls, directory: str | Path, check_hashes: bool = True) -> ArtifactSet:
         directory = Path(directory)
         if not directory.is_dir():
-            raise VlmExportError(f"artifact directory {directory} does not exist", "run `vlm-export export MODEL` first")
+            raise VlmExportError(f"artifact directory {directory} does not exist",
+                                 "pass graphs from `vlm-export export MODEL`, or one variant of `vlm-export build` (engines/TARGET/MODEL/VARIANT)")
         manifest = verify(directory, check_hashes=check_hashes)
         if "graphs" not in manifest or "model" not in manifest:
             raise VlmExportError(f"{directory}/manifest.json is not a vlm-export graph manifest", "point at an export directory")

@@ -175,6 +175,8 @@ def test_unwritable_output(tmp_path):
 
 def test_run_without_prompt_or_image_is_refused(tiny_graphs):
     assert_one_line_error(vlm("run", tiny_graphs), "no --prompt and no --image: nothing to answer", 'pass --prompt "..."')
+    assert_one_line_error(vlm("run", tiny_graphs, "--prompt", "hi", "--threads", "0"),
+                          "--threads 0: a session needs at least one thread")
 
 
 def test_a_build_folder_or_a_missing_one_is_named_as_such(tmp_path):

@@ -52,7 +52,8 @@ def test_a_suite_runs_side_by_side_and_reports(tmp_path):
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in rows["torch-cuda"]["skipped"]
     if importlib.util.find_spec("llama_cpp") is None:
-        assert "vlm-export[bench]" in rows["llama.cpp:F32"]["skipped"]
+        assert rows["llama.cpp:F32"]["skipped"] == ("the llama.cpp comparison needs the Python module 'llama_cpp', "
+                                                    "which is not installed -- fix: pip install 'vlm-export[bench]'")
     else:
         assert rows["llama.cpp:F32"]["vision_ms"] is None and rows["llama.cpp:F32"]["decode_tok_s"]["48"]["median"] > 0
     assert "| ort:int4 |" in result.stdout and (tmp_path / "reports" / "bench-test.png").stat().st_size > 1000

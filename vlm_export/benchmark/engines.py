@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_export.benchmark.machine import summary_stats
+from vlm_export.errors import VlmExportError
 
 
 @dataclass
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     kind, location, settings = (argv or sys.argv[1:])[:3]
     values = json.loads(settings)
     values["contexts"] = tuple(values["contexts"])
-    print(json.dumps(measure(kind, location, Settings(**values))))
+    try:
+        print(json.dumps(measure(kind, location, Settings(**values))))
+    except VlmExportError as exc:  # the suite shows this line as the row's reason (not a traceback's last line)
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,8 @@ def _measure_in_child(kind: str, location: Path, settings: Settings, timeout: in
         return {"skipped": f"no result within {timeout} s (killed)"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        if last.startswith("error: "):  # a user-facing reason (a missing extra, a bad engine), already one line
+            return {"skipped": last.removeprefix("error: ")}
         return {"skipped": f"engine process failed (exit {done.returncode}): {last}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -31,6 +31,10 @@ def run(
     from vlm_export.runtime.runners import keep_transformers_off_torch
 
     keep_transformers_off_torch(backend)
+    if threads is not None and threads < 1:
+        from vlm_export.errors import VlmExportError
+
+        raise VlmExportError(f"--threads {threads}: a session needs at least one thread", "pass --threads 1 or more, or leave it out (physical cores)")
     if not prompt:
         if image is None:
             from vlm_export.errors import VlmExportError

@@ -120,8 +120,8 @@ RUN_CASES = {
     "not an image": (lambda t: [(t / "x.png").write_text("text"), t / "x.png"][1], [], "not an image"),
     "huge image": (None, [], "too large"),
     "prompt too long": (None, ["--prompt", "word " * 600], "exceeds the context of 512"),
-    "missing extra": (None, ["--backend", "trt"], "pip install 'vlm-export[trt]'"),
-    "unknown provider": (None, ["--providers", "QNNExecutionProvider"], "not available"),
+    "missing extra": (None, ["--prompt", "hi", "--backend", "trt"], "pip install 'vlm-export[trt]'"),
+    "unknown provider": (None, ["--prompt", "hi", "--providers", "QNNExecutionProvider"], "not available"),
 }
 
 

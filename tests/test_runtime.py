@@ -171,7 +171,7 @@ def test_cli_run_end_to_end(graphs, photo):
 
 def test_cli_run_refuses_incomplete_directory(tmp_path):
     (tmp_path / "decoder.onnx").write_bytes(b"x")
-    result = subprocess.run([sys.executable, "-m", "vlm_export", "run", str(tmp_path)], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-m", "vlm_export", "run", str(tmp_path), "--prompt", "hi"], capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "no manifest.json" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -37,6 +37,7 @@ from vlm_export.benchmark.engines import Settings
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.runtime import huge_pages
+from vlm_export.spec.graph_io import Layout
 
 ENGINE_VARIANTS = {"torch": ("",), "torch-cuda": ("",), "ort": ("fp32", "int8", "int4"), "ort-concat": ("fp32", "int8", "int4"),
                    "ort-fp32kv": ("int8", "int4"), "ort-mlas": ("int4",),
@@ -113,10 +114,10 @@ class Workspace:
             self.build_seconds["export"] = round(time.perf_counter() - started, 1)
         return self.graphs
 
-    def _cpu_variant(self, variant: str, layout: str = "inplace", kv: str = "auto", kernels: str = "auto") -> Path:
+    def _cpu_variant(self, variant: str, layout: str = Layout.INPLACE, kv: str = "auto", kernels: str = "auto") -> Path:
         from vlm_export.build import build_model
 
-        differences = [layout] * (layout != "inplace") + [f"{kv}kv"] * (kv != "auto") + ["mlas"] * (kernels == "ort")
+        differences = [layout] * (layout != Layout.INPLACE) + [f"{kv}kv"] * (kv != "auto") + ["mlas"] * (kernels == "ort")
         folder = "-".join(["cpu", *differences])
         out = self.root / "engines" / folder / self.spec.name
         if not (out / variant / "manifest.json").is_file():
@@ -134,7 +135,7 @@ class Workspace:
         out = self.root / "graphs" / f"{self.spec.name}-static"
         if not (out / "manifest.json").is_file():
             started = time.perf_counter()
-            export_layout(self._graphs(), out, layout="static",
+            export_layout(self._graphs(), out, layout=Layout.STATIC,
                           kv_buffer=min(1024, self.spec.llm.max_context))
             self.build_seconds["export static"] = round(time.perf_counter() - started, 1)
         return out
@@ -192,7 +193,7 @@ class Workspace:
 
             return "torch-cuda", SPEC_PREFIX + self.spec.name, 2 * _decoder_params(self.spec), 2 * _decoder_params(self.spec)
         directory = {"torch": lambda: self._graphs(), "ort": lambda: self._cpu_variant(variant),
-                     "ort-concat": lambda: self._cpu_variant(variant, "dynamic"),
+                     "ort-concat": lambda: self._cpu_variant(variant, Layout.DYNAMIC),
                      "ort-fp32kv": lambda: self._cpu_variant(variant, kv="fp32"),
                      "ort-mlas": lambda: self._cpu_variant(variant, kernels="ort"),
                      "ort-static": lambda: self._static()}.get(family)

@@ -9,6 +9,7 @@ import typer
 
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
+from vlm_export.spec.graph_io import Layout
 
 
 @handles_errors
@@ -41,7 +42,7 @@ def export(
                         image_alpha=image_alpha)
     kv_buffer = kv_buffer or min(1024, spec.llm.max_context)
     opts = ExportOptions(dtype=dtype, layout=layout, logits=logits, prefill_chunk=prefill_chunk, kv_buffer=kv_buffer)
-    suffix = (f"-{layout}" if layout != "dynamic" else "") + ("-fp16" if dtype == "fp16" else "")
+    suffix = (f"-{layout}" if layout != Layout.DYNAMIC else "") + ("-fp16" if dtype == "fp16" else "")
     out = out or Path("graphs") / f"{spec.name}{suffix}"
     configure(quiet=quiet)
     manifest = export_model(spec, out, opts, force=force)

@@ -25,7 +25,7 @@ from vlm_export.model.graph_modules import graph_module
 from vlm_export.model.load import load_reference
 from vlm_export.progress import stage, step
 from vlm_export.runtime.artifact_set import ArtifactSet
-from vlm_export.spec.graph_io import GraphSpec, diff_cases, make_inputs
+from vlm_export.spec.graph_io import GraphRole, GraphSpec, diff_cases, make_inputs
 
 SCHEMA_VERSION = 1
 
@@ -93,7 +93,7 @@ def _diff_graph(name: str, record: dict, candidates: list, reference, sampler: I
     torch_runner = TorchGraphRunner(graph_module(reference, graph.wrapper, graph.attrs), graph)
     report["graphs"][name] = diff_graph(torch_runner, runners, kinds, feeds, graph.atol or 1e-4, graph.rtol, golden)
     report["golden"][name] = golden_command(str(graphs_dir / graph.file), golden, graph.atol or 1e-4, graph.rtol)
-    if graph.wrapper == "decoder":
+    if graph.wrapper == GraphRole.DECODER:
         _localise_decoder(name, graph, feeds, [c for c in candidates if c in comparable], torch_runner.module, graphs_dir, report)
 
 

@@ -26,7 +26,7 @@ from vlm_export.model.preprocess import preprocessing_record
 from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.progress import native_stderr_filtered, stage, step
 from vlm_export.spec import ModelSpec
-from vlm_export.spec.graph_io import ExportOptions, GraphSpec, graphs_for, make_inputs
+from vlm_export.spec.graph_io import ExportOptions, GraphRole, GraphSpec, Layout, graphs_for, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: E
     reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
     validation = validate_graph(reference_wrapper, graph, path, sampler)
     log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
-    if graph.wrapper == "vision":
+    if graph.wrapper == GraphRole.VISION:
         release_vision(model, reference)
     if not validation["passed"]:
         details = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in validation["outputs"].items())
@@ -153,7 +153,7 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
                  reuse: Path | None = None) -> dict:
     """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run
     finished; takes unchanged graphs from the export in `reuse` instead of exporting them again."""
-    if opts.layout == "static" and opts.kv_buffer > spec.llm.max_context:
+    if opts.layout == Layout.STATIC and opts.kv_buffer > spec.llm.max_context:
         raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
                              "lower --kv-buffer")
     with stage(f"exporting {spec.name} ({opts.layout} layout, {opts.dtype}) to {out}"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from vlm_export.model.graph_modules import graph_module
-from vlm_export.spec.graph_io import GraphSpec, make_inputs, valid_positions
+from vlm_export.spec.graph_io import GraphSpec, KvUpdate, make_inputs, valid_positions
 
 
 def compare(reference: np.ndarray, actual: np.ndarray, valid: np.ndarray | None, seq_axis: int) -> dict:
@@ -49,7 +49,7 @@ class InputSampler:
     def __init__(self, model):
         self.table = model.model.embed_tokens.weight.detach()
         self.vocab = self.table.shape[0]
-        self.prefix = graph_module(model, "decoder", {"kv_update": "present_is_full_cache", "last_logits_only": True})
+        self.prefix = graph_module(model, "decoder", {"kv_update": KvUpdate.FULL_CACHE, "last_logits_only": True})
         self.kv_shape = (model.spec.llm.num_kv_heads, model.spec.llm.head_dim)
 
     def embeds(self, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vlm_export.model.gqa import GroupQueryAttention
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.spec.graph_io import Layout
 
 
 class VisionGraph(nn.Module):
@@ -229,7 +230,7 @@ def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Modu
         return VisionGraph(model).eval()
     if kind == "embed":
         return EmbedGraph(model).eval()
-    if attrs.get("layout") == "inplace":
+    if attrs.get("layout") == Layout.INPLACE:
         return InPlaceDecoderGraph(model, attrs.get("last_logits_only", True)).eval()
     return DecoderGraph(
         model,

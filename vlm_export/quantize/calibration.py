@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_export.errors import VlmExportError
+from vlm_export.spec.graph_io import Layout
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "calibration"
 
@@ -56,7 +57,7 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
 
     samples = []
     with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
-        if generator.layout != "dynamic":
+        if generator.layout != Layout.DYNAMIC:
             raise VlmExportError("int8 calibration needs the dynamic-layout graphs", "build from `vlm-export export MODEL`")
         for request in calibration_requests(images, prompts):
             image = request.image

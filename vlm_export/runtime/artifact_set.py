@@ -11,6 +11,7 @@ from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
 from vlm_export.runtime.runners import backend_module
+from vlm_export.spec.graph_io import Layout
 from vlm_export.spec.model_spec import ModelSpec, TokenizerSpec, spec_from_dict
 
 
@@ -61,7 +62,7 @@ class ArtifactSet:
     @property
     def layout(self) -> str:
         decoder = self.graphs.get("decoder") or self.graphs["decoder_decode"]
-        return decoder.get("attrs", {}).get("layout", "dynamic")
+        return Layout(decoder.get("attrs", {}).get("layout", Layout.DYNAMIC))
 
     def tokenizer(self) -> TextTokenizer:
         if self.directory is None:

@@ -26,6 +26,7 @@ from vlm_export.results import GenerationResult, check_context
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
 from vlm_export.runtime.kv_cache import DynamicKV, InPlaceKV, StaticKV
 from vlm_export.runtime.sampling import SamplingParams, sample_token
+from vlm_export.spec.graph_io import Layout
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
 
 OnToken = Callable[[int, str], None]  # (row, new text)
@@ -51,13 +52,13 @@ class Generator:
                 runner.activate()
         graphs = artifacts.graphs
         self.layout = artifacts.layout
-        self.decode_graph = "decoder_decode" if self.layout == "static" else "decoder"
+        self.decode_graph = "decoder_decode" if self.layout == Layout.STATIC else "decoder"
         decoder = graphs[self.decode_graph]
         self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
         # the K/V buffers' own type: int8 where the graph keeps an int8 cache (cpu int8/int4 variants)
         self.kv_dtype = kv_dtype(decoder)
         self.kv_buffer = decoder["attrs"].get("kv_buffer")
-        self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == "static" else None
+        self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == Layout.STATIC else None
         self.timings: dict[str, float] = {}
         self._decoder_seconds = 0.0
 
@@ -149,16 +150,16 @@ class Generator:
     def _new_kv(self, batch: int, capacity: int):
         llm = self.spec.llm
         shape = (llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.kv_dtype)
-        if self.layout == "dynamic":
+        if self.layout == Layout.DYNAMIC:
             return DynamicKV(*shape)
         to_numpy = self.runners[self.decode_graph].to_numpy
-        if self.layout == "inplace":
+        if self.layout == Layout.INPLACE:
             return InPlaceKV(*shape, capacity, to_numpy)
         return StaticKV(*shape, self.kv_buffer, to_numpy)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
         lengths = [p.shape[0] for p in prompts]
-        if self.layout in ("dynamic", "inplace"):
+        if self.layout in (Layout.DYNAMIC, Layout.INPLACE):
             total = max(lengths)
             check_context(total, max_new_tokens, self.spec.llm.max_context)
             name, span = "decoder", total
@@ -170,12 +171,12 @@ class Generator:
         embeds = np.zeros((batch, span, width), dtype=self.float_dtype)
         keep = np.zeros((batch, span), dtype=np.int64)
         for row, prompt in enumerate(prompts):  # left/front padding; right padding for inplace
-            rows = slice(0, prompt.shape[0]) if self.layout == "inplace" else slice(span - prompt.shape[0], span)
+            rows = slice(0, prompt.shape[0]) if self.layout == Layout.INPLACE else slice(span - prompt.shape[0], span)
             embeds[row, rows] = prompt
             keep[row, rows] = 1
         positions = np.clip(np.cumsum(keep, axis=1) - 1, 0, None)
         kv = self._new_kv(batch, span + max_new_tokens)
-        step = self.chunk if self.layout == "static" else span
+        step = self.chunk if self.layout == Layout.STATIC else span
         for start in range(0, span, step):
             sl = slice(start, start + step)
             logits = self._step(name, kv, embeds[:, sl], keep[:, sl], positions[:, sl])
@@ -184,7 +185,7 @@ class Generator:
     # -- the loop --------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: SamplingParams = SamplingParams(),
                  on_token: OnToken | None = None) -> list[GenerationResult]:
-        if self.layout == "static" and len(requests) > 1:
+        if self.layout == Layout.STATIC and len(requests) > 1:
             # NPU graphs have a fixed batch of 1: run the requests one after another.
             results = []
             for row, request in enumerate(requests):

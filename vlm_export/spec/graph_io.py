@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class GraphSpec:
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    wrapper: str  # vision | embed | decoder
+    wrapper: str  # a GraphRole
     cases: tuple[dict, ...]  # axis sizes for validation (first one is the export example)
     atol: float
     rtol: float
@@ -68,13 +69,38 @@ class GraphSpec:
         }
 
 
-LAYOUTS = ("dynamic", "static", "inplace")
+class Layout(StrEnum):
+    """How a decoder graph keeps its KV cache (ExportOptions.layout; a decoder record's attrs["layout"]).
+    Members are the strings the manifests hold, so they compare equal to what is read back."""
+
+    DYNAMIC = "dynamic"  # past + new K/V concatenated; present = the whole cache (TensorRT, the diff baseline)
+    STATIC = "static"  # a fixed KV buffer; present = the new entries, the host writes their slots (NPUs)
+    INPLACE = "inplace"  # GroupQueryAttention writes present into past's own buffer (ONNX Runtime CPU)
+
+
+class KvUpdate(StrEnum):
+    """What a decoder's `present.*` outputs hold (attrs["kv_update"]), i.e. what the runtime must do with them."""
+
+    FULL_CACHE = "present_is_full_cache"
+    NEW_ENTRIES = "present_is_new_entries_host_writes_slot"
+    IN_PLACE = "in_place_shared_buffer"
+
+
+class GraphRole(StrEnum):
+    """Which part of the model a graph is (a record's "wrapper")."""
+
+    VISION = "vision"
+    EMBED = "embed"
+    DECODER = "decoder"
+
+
+LAYOUTS = tuple(Layout)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     dtype: str = "fp32"  # fp32 | fp16
-    layout: str = "dynamic"  # dynamic | static
+    layout: str = Layout.DYNAMIC  # a Layout (a plain string is converted)
     logits: str = "all"  # all | last (dynamic layout; static prefill is always last)
     prefill_chunk: int = 128
     kv_buffer: int = 1024
@@ -86,9 +112,10 @@ class ExportOptions:
             raise VlmExportError(f"unsupported dtype '{self.dtype}'", "use --dtype fp32 or fp16")
         if self.layout not in LAYOUTS:
             raise VlmExportError(f"unsupported layout '{self.layout}'", f"use --layout {' | '.join(LAYOUTS)}")
+        object.__setattr__(self, "layout", Layout(self.layout))
         if self.logits not in ("all", "last"):
             raise VlmExportError(f"unsupported logits mode '{self.logits}'", "use --logits all or last")
-        if self.layout == "static" and not 0 < self.prefill_chunk <= self.kv_buffer:
+        if self.layout == Layout.STATIC and not 0 < self.prefill_chunk <= self.kv_buffer:
             raise VlmExportError(
                 f"prefill chunk {self.prefill_chunk} must be between 1 and the KV buffer {self.kv_buffer}",
                 "lower --prefill-chunk or raise --kv-buffer",
@@ -111,7 +138,7 @@ def _kv_tensors(spec: ModelSpec, prefix: str, batch: Dim, length: Dim, dtype: st
 def vision_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
     size, f = spec.vision.image_size, opts.float_dtype
     return GraphSpec(
-        name="vision", file="vision.onnx", wrapper="vision",
+        name="vision", file="vision.onnx", wrapper=GraphRole.VISION,
         inputs=(TensorSpec("pixel_values", f, ("batch", 3, size, size)),),
         outputs=(TensorSpec("image_embeds", f, ("batch", spec.num_image_tokens, spec.llm.hidden_size)),),
         cases=({"batch": 2}, {"batch": 1}),
@@ -121,7 +148,7 @@ def vision_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
 
 def embed_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
     return GraphSpec(
-        name="embed", file="embed.onnx", wrapper="embed",
+        name="embed", file="embed.onnx", wrapper=GraphRole.EMBED,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
         outputs=(TensorSpec("inputs_embeds", opts.float_dtype, ("batch", "sequence", spec.llm.hidden_size)),),
         cases=({"batch": 2, "sequence": 7}, {"batch": 1, "sequence": 1}),
@@ -133,7 +160,7 @@ def _decoder(spec, opts, name, file, batch, seq, past, total, cases, present_len
     f = opts.float_dtype
     logits_len = 1 if last_only else seq
     return GraphSpec(
-        name=name, file=file, wrapper="decoder",
+        name=name, file=file, wrapper=GraphRole.DECODER,
         inputs=(
             TensorSpec("inputs_embeds", f, (batch, seq, spec.llm.hidden_size)),
             TensorSpec("attention_mask", "int64", (batch, total)),
@@ -161,7 +188,7 @@ def inplace_decoder_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
         {"batch": 2, "sequence": 1, "kv_capacity": 12, "past": (9, 4), "new": (1, 1)},
     )
     return GraphSpec(
-        name="decoder", file="decoder_inplace.onnx", wrapper="decoder",
+        name="decoder", file="decoder_inplace.onnx", wrapper=GraphRole.DECODER,
         inputs=(
             TensorSpec("inputs_embeds", f, ("batch", "sequence", spec.llm.hidden_size)),
             TensorSpec("seqlens_k", "int32", ("batch",)),
@@ -174,15 +201,15 @@ def inplace_decoder_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
         ),
         cases=cases,
         atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
-        attrs={"layout": "inplace", "kv_update": "in_place_shared_buffer", "last_logits_only": True,
+        attrs={"layout": Layout.INPLACE, "kv_update": KvUpdate.IN_PLACE, "last_logits_only": True,
                "max_capacity": spec.llm.max_context},
     )
 
 
 def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
-    if opts.layout == "inplace":
+    if opts.layout == Layout.INPLACE:
         return [inplace_decoder_graph(spec, opts)]
-    if opts.layout == "dynamic":
+    if opts.layout == Layout.DYNAMIC:
         cases = (
             {"batch": 2, "sequence": 5, "past_sequence": 3, "left_pad": 2},
             {"batch": 1, "sequence": 6, "past_sequence": 0, "left_pad": 0},
@@ -190,11 +217,11 @@ def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
         )
         return [_decoder(
             spec, opts, "decoder", "decoder.onnx", "batch", "sequence", "past_sequence", "total_sequence",
-            cases, "total_sequence", {"layout": "dynamic", "kv_update": "present_is_full_cache"},
+            cases, "total_sequence", {"layout": Layout.DYNAMIC, "kv_update": KvUpdate.FULL_CACHE},
             opts.logits == "last",
         )]
     b, m, chunk = opts.static_batch, opts.kv_buffer, opts.prefill_chunk
-    attrs = {"layout": "static", "kv_buffer": m, "kv_update": "present_is_new_entries_host_writes_slot"}
+    attrs = {"layout": Layout.STATIC, "kv_buffer": m, "kv_update": KvUpdate.NEW_ENTRIES}
     graphs = []
     for name, seq in (("decoder_prefill", chunk), ("decoder_decode", 1)):
         # past_valid: filled slots of the buffer; left_pad: leading invalid slots of the chunk.
@@ -207,18 +234,18 @@ def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
 
 # Diff cases keep every position valid, so whole tensors compare (no masked garbage rows).
 DIFF_CASES = {
-    "vision": ({"batch": 1},),
-    "embed": ({"batch": 1, "sequence": 16},),
-    "dynamic": ({"batch": 1, "sequence": 12, "past_sequence": 0, "left_pad": 0},
+    GraphRole.VISION: ({"batch": 1},),
+    GraphRole.EMBED: ({"batch": 1, "sequence": 16},),
+    Layout.DYNAMIC: ({"batch": 1, "sequence": 12, "past_sequence": 0, "left_pad": 0},
                 {"batch": 1, "sequence": 1, "past_sequence": 12, "left_pad": 0}),
-    "static": ({"past_valid": 0, "left_pad": 0}, {"past_valid": 12, "left_pad": 0}),
-    "inplace": ({"batch": 1, "sequence": 12, "kv_capacity": 16, "past": (0,), "new": (12,)},
+    Layout.STATIC: ({"past_valid": 0, "left_pad": 0}, {"past_valid": 12, "left_pad": 0}),
+    Layout.INPLACE: ({"batch": 1, "sequence": 12, "kv_capacity": 16, "past": (0,), "new": (12,)},
                 {"batch": 1, "sequence": 1, "kv_capacity": 16, "past": (12,), "new": (1,)}),
 }
 
 
 def diff_cases(graph: GraphSpec) -> tuple[dict, ...]:
-    return DIFF_CASES[graph.wrapper if graph.wrapper != "decoder" else graph.attrs["layout"]]
+    return DIFF_CASES[graph.wrapper if graph.wrapper != GraphRole.DECODER else graph.attrs["layout"]]
 
 
 def graphs_for(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
@@ -236,13 +263,13 @@ def _sizes(graph: GraphSpec, case: dict) -> Callable[[Dim], int]:
             return case["past_sequence"] + case["sequence"]
         return case[dim]
 
-    return size if graph.attrs.get("layout") != "static" else (lambda d: d if isinstance(d, int) else static_past)
+    return size if graph.attrs.get("layout") != Layout.STATIC else (lambda d: d if isinstance(d, int) else static_past)
 
 
 def decoder_mask(graph: GraphSpec, case: dict, batch: int, total: int, seq: int) -> np.ndarray:
     """Keep-mask over [past | new]: the last row is left-padded; static buffers mark unused slots."""
     mask = np.ones((batch, total), dtype=np.int64)
-    if graph.attrs.get("layout") == "static":
+    if graph.attrs.get("layout") == Layout.STATIC:
         mask[:, case["past_valid"]: total - seq] = 0  # buffer slots not yet written
         mask[-1, total - seq: total - seq + case["left_pad"]] = 0
     else:
@@ -255,10 +282,10 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
     random tokens, and past K/V computed by the reference from a random prefix (random K/V would
     put attention far outside what a real run sees)."""
     size = _sizes(graph, case)
-    if graph.attrs.get("layout") == "inplace":
+    if graph.attrs.get("layout") == Layout.INPLACE:
         return _inplace_inputs(graph, case, rng, sampler)
     feeds = {}
-    if graph.wrapper == "decoder":
+    if graph.wrapper == GraphRole.DECODER:
         embeds = graph.inputs[0]
         batch, seq = size(embeds.shape[0]), size(embeds.shape[1])
         total = size(graph.inputs[1].shape[1])
@@ -307,9 +334,9 @@ def _inplace_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, samp
 
 def valid_positions(graph: GraphSpec, output: TensorSpec, feeds: dict) -> np.ndarray | None:
     """Boolean mask over an output's sequence axis (fully masked rows are garbage by design)."""
-    if graph.wrapper != "decoder":
+    if graph.wrapper != GraphRole.DECODER:
         return None
-    if graph.attrs.get("layout") == "inplace":
+    if graph.attrs.get("layout") == Layout.INPLACE:
         batch = feeds["seqlens_k"].shape[0]
         if output.name == "logits":
             return np.ones((batch, 1), dtype=bool)

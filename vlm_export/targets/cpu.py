@@ -35,13 +35,14 @@ from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.matmul_kernel import use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
+from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.assemble import assemble_variant, export_layout
 
 VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
 BUILD_RECIPE = "blocks-v4: gguf carry-over (widened into int8), min/max int4 and int8, quality on eval prose"  # a format change rebuilds
 # The profile's choices and what each means: validation and `build --help` both read these.
-LAYOUTS = {"inplace": "GroupQueryAttention over an in-place KV buffer", "dynamic": "Concat KV, the diff baseline"}
+LAYOUTS = {Layout.INPLACE: "GroupQueryAttention over an in-place KV buffer", Layout.DYNAMIC: "Concat KV, the diff baseline"}
 VISION = {"int8": "dynamic int8", "fp32": "float"}
 KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the eval set, else float",
             "int8": "a calibrated scale per head and channel", "fp32": "float"}
@@ -68,7 +69,7 @@ def kernel_recipe() -> str:
 class Profile:
     variants: tuple[str, ...] = ("fp32", "int8", "int4")
     eval_tokens: int | None = None  # scored eval tokens per variant (None: EVAL_TOKENS by the LLM's weights)
-    layout: str = "inplace"  # decoder layout: inplace | dynamic
+    layout: str = Layout.INPLACE  # decoder layout: inplace | dynamic
     vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
     kv: str = "auto"  # the int8/int4 variants' KV cache (inplace layout): auto | int8 | fp32
     calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
@@ -123,7 +124,7 @@ def weight_config(name: str) -> WeightOnlyConfig | None:
 def int8_kv(profile: Profile, name: str) -> bool:
     """Whether the variant's KV cache may be int8: quantized variants of the inplace layout, unless
     --kv fp32 (with `auto` the build keeps it only where the budget holds)."""
-    return VARIANTS[name] is not None and profile.layout == "inplace" and profile.kv in ("int8", "auto")
+    return VARIANTS[name] is not None and profile.layout == Layout.INPLACE and profile.kv in ("int8", "auto")
 
 
 def random_llm(model: dict) -> bool:
@@ -202,13 +203,13 @@ def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, pro
     from vlm_export.artifacts import read_manifest
 
     config = weight_config(name)
-    if config is None and profile.layout != "dynamic":
+    if config is None and profile.layout != Layout.DYNAMIC:
         return export_layout(graphs, out, layout=profile.layout)
     source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
-    rewrites = {} if config is None else {"decoder": _decoder_rewrite(config, kv_scales if kv_int8 else None,
+    rewrites = {} if config is None else {GraphRole.DECODER: _decoder_rewrite(config, kv_scales if kv_int8 else None,
                                                                         native_kernels(profile, name), manifest["model"])}
     if config is not None and profile.vision == "int8":
-        rewrites["vision"] = vision.rewrite
+        rewrites[GraphRole.VISION] = vision.rewrite
     return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
 
 
@@ -339,7 +340,7 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
     shutil.rmtree(screen, ignore_errors=True)
     try:
         with stage(f"screening the int8 KV cache alone on fp32's weights ({min(tokens, SCREEN_TOKENS)} eval tokens)"):
-            assemble_variant(staging / "fp32", screen, read_manifest(staging / "fp32"), {"decoder": rewrite},
+            assemble_variant(staging / "fp32", screen, read_manifest(staging / "fp32"), {GraphRole.DECODER: rewrite},
                              target="cpu", variant="fp32-int8kv")
             return measure(staging / "fp32", screen, min(tokens, SCREEN_TOKENS), greedy_tokens=0, long_prompt_tokens=0)
     finally:

@@ -10,6 +10,7 @@ import numpy as np
 from vlm_export.artifacts import check_binary
 from vlm_export.errors import VlmExportError
 from vlm_export.runtime.runners.base import Runner
+from vlm_export.spec.graph_io import GraphRole, KvUpdate, Layout
 
 
 def available_providers() -> list[str]:
@@ -51,7 +52,7 @@ class OrtRunner(Runner):
         self.qnn = graph.get("qnn")  # built for a Snapdragon NPU: {"soc": ..., "context_binary": ...}
         self.session = None
         # inplace layout: present.N.* is written into the memory of past_key_values.N.* (bound to both)
-        in_place = graph.get("attrs", {}).get("kv_update") == "in_place_shared_buffer"
+        in_place = graph.get("attrs", {}).get("kv_update") == KvUpdate.IN_PLACE
         self.shared = {n: n.replace("present.", "past_key_values.", 1) for n in self.output_names
                        if in_place and n.startswith("present.")}
         self.shared_inputs = frozenset(self.shared.values())
@@ -72,7 +73,7 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         # The embedding lookup is a Gather: a thread pool of its own would only spin beside the
         # decoder's between steps (each session has its own pool).
-        threads = 1 if self.graph.get("wrapper") == "embed" else self.threads
+        threads = 1 if self.graph.get("wrapper") == GraphRole.EMBED else self.threads
         if threads:
             options.intra_op_num_threads = threads
         if self.graph.get("custom_op_library"):
@@ -134,7 +135,7 @@ class OrtRunner(Runner):
         """Inplace decoders: a copy of the graph without its last-row gather, in a temporary
         directory (runtime/all_logits.py). This runner's own session is closed meanwhile, so a
         large model is not held twice."""
-        if self.graph.get("attrs", {}).get("layout") != "inplace" or self.qnn:
+        if self.graph.get("attrs", {}).get("layout") != Layout.INPLACE or self.qnn:
             yield None
             return
         from vlm_export.runtime.all_logits import AllLogitsCopy

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_export.spec.graph_io import GraphRole, Layout
+
 # Jetson Orin modules: unified memory, the workspace TensorRT may use while building/running,
 # and DLA cores (Orin Nano has none).
 DEVICES = {
@@ -26,7 +28,7 @@ class AxisRange:
 
 def _axis_ranges(graph: dict, profile: str, batch: int, max_prompt: int, max_context: int) -> dict[str, AxisRange]:
     prompt_opt = max(1, max_prompt // 4)
-    if graph["wrapper"] != "decoder":
+    if graph["wrapper"] != GraphRole.DECODER:
         return {"batch": AxisRange(1, 1, batch), "sequence": AxisRange(1, prompt_opt, max_prompt)}
     if profile == "prefill":  # the whole prompt at once, empty cache
         return {"batch": AxisRange(1, 1, batch), "sequence": AxisRange(1, prompt_opt, max_prompt),
@@ -38,7 +40,7 @@ def _axis_ranges(graph: dict, profile: str, batch: int, max_prompt: int, max_con
 
 def profiles_for(graph: dict, batch: int, max_prompt: int, max_context: int) -> list[dict]:
     """[{"name", "shapes": {input: {"min", "opt", "max"}}}]; static graphs get one fixed profile."""
-    names = ["prefill", "decode"] if graph["wrapper"] == "decoder" and graph["attrs"].get("layout") == "dynamic" else ["default"]
+    names = ["prefill", "decode"] if graph["wrapper"] == GraphRole.DECODER and graph["attrs"].get("layout") == Layout.DYNAMIC else ["default"]
     profiles = []
     for name in names:
         ranges = _axis_ranges(graph, name, batch, max_prompt, max_context)

@@ -23,6 +23,7 @@ from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality import table
+from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
 from vlm_export.targets.orin.static_check import check_graph
 
@@ -82,7 +83,7 @@ def graph_plan(graph: dict, profile: Profile, precision: str) -> dict:
         "graph": graph["file"], "engine": Path(graph["file"]).stem + ".engine",
         "precisions": PRECISIONS[precision], "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
         "compute_capability": COMPUTE_CAPABILITY, "device": profile.device,
-        "dla_core": 0 if profile.vision_on_dla and graph["wrapper"] == "vision" else None,
+        "dla_core": 0 if profile.vision_on_dla and graph["wrapper"] == GraphRole.VISION else None,
         "profiles": profiles_for(graph, profile.max_batch, profile.max_prompt, profile.max_context),
     }
 
@@ -144,7 +145,7 @@ def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, pro
         from vlm_export.targets.assemble import assemble_variant
 
         step("int4 weight-only: decoder")
-        rewrites = {"decoder": lambda g, src, dst: quantize_weights_int4_qdq(src, dst / g["file"])}
+        rewrites = {GraphRole.DECODER: lambda g, src, dst: quantize_weights_int4_qdq(src, dst / g["file"])}
         return assemble_variant(graphs, out, manifest, rewrites)["rewrites"]
     quantization = {}
     records = {g["file"]: g for g in manifest["graphs"]}
@@ -213,7 +214,7 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     manifest = verify(graphs)
-    if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
+    if any(g["attrs"].get("layout") == Layout.STATIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
         raise VlmExportError("the orin target builds from dynamic-layout graphs (TensorRT profiles)", "export with --layout dynamic")
     context = manifest["model"]["llm"]["max_context"]
     if profile.max_context > context:  # the decode profile never needs more than the model's context

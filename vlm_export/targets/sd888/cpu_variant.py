@@ -16,6 +16,7 @@ from vlm_export.progress import step
 from vlm_export.quality import table
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 from vlm_export.quantize.weight_only import quantize_weights, source_blocks
+from vlm_export.spec.graph_io import GraphRole
 from vlm_export.targets.assemble import assemble_variant
 from vlm_export.targets.cpu import weight_config
 from vlm_export.targets.sd888.mobile_format import convert_to_ort
@@ -46,7 +47,7 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec)
     config = weight_config(f"int{BITS[name]}")  # the cpu target's formats
     step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
-    rewrites = {"vision": lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
+    rewrites = {GraphRole.VISION: lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
                 "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config, source_blocks(manifest["model"]))}
     built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
     graph_files = [g["file"] for g in built["graphs"]]
@@ -56,7 +57,7 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     write_json_atomic(out / "xnnpack_partition.json", partition)
     body = {k: v for k, v in built.items() if k != "files"}
     write_manifest(out, {**body, "mobile": mobile})
-    vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == "vision")
+    vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == GraphRole.VISION)
     step(f"{name}: measuring against fp32")
     accuracy = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
     judged = table.verdict(accuracy, BUDGET[name])

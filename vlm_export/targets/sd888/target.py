@@ -30,6 +30,7 @@ from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, verify, 
 from vlm_export.errors import MissingExtraError, VlmExportError
 from vlm_export.progress import stage
 from vlm_export.runtime.runners.qnn_ep import SOCS
+from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.sd888.report import phone_fit, report_markdown
 
 VARIANTS = ("qnn", "cpu-int8", "cpu-int4")
@@ -94,7 +95,7 @@ def _peak_rss_mb() -> int:
 def _static_graphs(graphs: Path, out: Path, profile: Profile) -> dict:
     from vlm_export.targets.assemble import export_layout
 
-    exported = export_layout(graphs, out, layout="static", kv_buffer=profile.max_context,
+    exported = export_layout(graphs, out, layout=Layout.STATIC, kv_buffer=profile.max_context,
                              prefill_chunk=profile.prefill_chunk, static_batch=1)
     return {"graph_files": [g["file"] for g in exported["graphs"]], "kv_buffer": profile.max_context,
             "prefill_chunk": profile.prefill_chunk}
@@ -103,7 +104,7 @@ def _static_graphs(graphs: Path, out: Path, profile: Profile) -> dict:
 def _inplace_graphs(graphs: Path, out: Path) -> dict:
     from vlm_export.targets.assemble import export_layout
 
-    exported = export_layout(graphs, out, layout="inplace")
+    exported = export_layout(graphs, out, layout=Layout.INPLACE)
     return {"graph_files": [g["file"] for g in exported["graphs"]]}
 
 
@@ -153,7 +154,7 @@ def preflight(profile: Profile) -> None:
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     preflight(profile)
     manifest = verify(graphs)
-    if any(g["attrs"].get("layout") == "static" for g in manifest["graphs"] if g["wrapper"] == "decoder"):
+    if any(g["attrs"].get("layout") == Layout.STATIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
         raise VlmExportError("the sd888 target builds from dynamic-layout graphs (it makes its own static ones)",
                              "export with --layout dynamic")
     context = manifest["model"]["llm"]["max_context"]

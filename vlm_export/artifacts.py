@@ -115,7 +115,7 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise VlmExportError(f"{directory} does not exist (or is not a directory)",
-                             "pass an export's graphs (graphs/MODEL) or one variant of a build (engines/TARGET/MODEL/VARIANT)")
+                             "pass graphs from `vlm-export export MODEL`, or one variant of `vlm-export build` (engines/TARGET/MODEL/VARIANT)")
     if not path.is_file():
         variants = sorted(p.parent.name for p in Path(directory).glob(f"*/{MANIFEST}"))
         if variants:  # a build's output folder: one artifact set per variant

@@ -31,14 +31,12 @@ def run(
     from vlm_export.runtime.runners import keep_transformers_off_torch
 
     keep_transformers_off_torch(backend)
-    if threads is not None and threads < 1:
-        from vlm_export.errors import VlmExportError
+    from vlm_export.errors import VlmExportError
 
+    if threads is not None and threads < 1:
         raise VlmExportError(f"--threads {threads}: a session needs at least one thread", "pass --threads 1 or more, or leave it out (physical cores)")
     if not prompt:
         if image is None:
-            from vlm_export.errors import VlmExportError
-
             raise VlmExportError("no --prompt and no --image: nothing to answer", 'pass --prompt "..." (and --image PATH for a question about an image)')
         prompt = ["Describe the image."]
     from vlm_export.runtime.api import run_prompts

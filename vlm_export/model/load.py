@@ -103,7 +103,7 @@ def gguf_llm_tensors(path: Path, num_heads: int, num_kv_heads: int):
     """(Hugging Face name, float32 tensor) for every tensor of a LLaMA GGUF, dequantized by gguf-py
     (every ggml type it knows: Q4_0, Q4_1, Q8_0, K-quants, F16, ...). Raises VlmExportError for a
     tensor name outside the LLaMA layout. ~5 s for SmolLM2-135M where transformers' own GGUF
-    loader took ~23 s (same values: tests/test_weights_origin.py compares them)."""
+    loader took ~23 s (the same values: tests/test_gguf.py compares them)."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize

@@ -38,10 +38,7 @@ class ArtifactSet:
     @classmethod
     def open(cls, directory: str | Path, check_hashes: bool = True) -> ArtifactSet:
         directory = Path(directory)
-        if not directory.is_dir():
-            raise VlmExportError(f"artifact directory {directory} does not exist",
-                                 "pass graphs from `vlm-export export MODEL`, or one variant of `vlm-export build` (engines/TARGET/MODEL/VARIANT)")
-        manifest = verify(directory, check_hashes=check_hashes)
+        manifest = verify(directory, check_hashes=check_hashes)  # names a missing folder or a build's top folder
         if "graphs" not in manifest or "model" not in manifest:
             raise VlmExportError(f"{directory}/manifest.json is not a vlm-export graph manifest", "point at an export directory")
         return cls(directory, manifest, spec_from_dict(manifest["model"]))

@@ -26,7 +26,8 @@ from vlm_export.model.preprocess import preprocessing_record
 from vlm_export.model.tokenizer import load_tokenizer
 from vlm_export.progress import native_stderr_filtered, stage, step
 from vlm_export.spec import ModelSpec
-from vlm_export.spec.graph_io import ExportOptions, GraphRole, GraphSpec, Layout, graphs_for, make_inputs
+from vlm_export.spec.graph_io import ExportOptions, GraphRole, GraphSpec, graphs_for, make_inputs
+from vlm_export.spec.layouts import layout_of
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,7 @@ def export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool = 
                  reuse: Path | None = None) -> dict:
     """Export every graph of `opts.layout`, each validated; resumes the stages an interrupted run
     finished; takes unchanged graphs from the export in `reuse` instead of exporting them again."""
-    if opts.layout == Layout.STATIC and opts.kv_buffer > spec.llm.max_context:
-        raise VlmExportError(f"--kv-buffer {opts.kv_buffer} exceeds the model context {spec.llm.max_context}",
-                             "lower --kv-buffer")
+    layout_of(opts.layout).check_export(spec, opts)
     with stage(f"exporting {spec.name} ({opts.layout} layout, {opts.dtype}) to {out}"):
         return _export_model(spec, Path(out), opts, force, reuse)
 

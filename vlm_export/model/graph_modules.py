@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vlm_export.model.gqa import GroupQueryAttention
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
-from vlm_export.spec.graph_io import Layout
+from vlm_export.spec.graph_io import KvUpdate
 
 
 class VisionGraph(nn.Module):
@@ -230,11 +230,11 @@ def graph_module(model: MobileVLMForCausalLM, kind: str, attrs: dict) -> nn.Modu
         return VisionGraph(model).eval()
     if kind == "embed":
         return EmbedGraph(model).eval()
-    if attrs.get("layout") == Layout.INPLACE:
+    if attrs.get("kv_update") == KvUpdate.IN_PLACE:  # the layout's KV-update kind picks the traced module
         return InPlaceDecoderGraph(model, attrs.get("last_logits_only", True)).eval()
     return DecoderGraph(
         model,
-        present_is_new_only=attrs["kv_update"].startswith("present_is_new"),
+        present_is_new_only=attrs["kv_update"] == KvUpdate.NEW_ENTRIES,
         last_logits_only=attrs["last_logits_only"],
         positions=attrs.get("kv_buffer", 0) + attrs.get("sequence", 0),  # a static buffer may outgrow max_context
     ).eval()

@@ -33,7 +33,6 @@ from vlm_export.progress import step
 from vlm_export.quality.eval_set import chunks, eval_image, eval_requests, prose
 from vlm_export.quality.metrics import Accumulator, Quality
 from vlm_export.quality.reference_cache import CACHE, Recording, Replay, identity, key
-from vlm_export.spec.graph_io import Layout
 
 DEFAULT_N_CTX = 1024
 CALL_TOKENS = 16  # ids per decoder call over the scored half (decode-like: each call reads the cache)
@@ -74,17 +73,14 @@ class Comparison:
 def n_ctx_for(generator, wanted: int | None = None) -> int:
     """The chunk length a generator can score: at most its model's context (static layout: its
     fixed KV buffer, less one prefill chunk of front padding)."""
-    n_ctx = min(wanted or DEFAULT_N_CTX, generator.spec.llm.max_context)
-    if generator.layout == Layout.STATIC:
-        n_ctx = min(n_ctx, generator.kv_buffer - generator.chunk + 1)
-    return n_ctx
+    return min(wanted or DEFAULT_N_CTX, generator.max_positions())
 
 
 @contextmanager
 def logits_runner(generator):
     """The runner that gives every position's logits for `generator`'s decode graph while the block
     lasts, or None (then one token per call)."""
-    if generator.layout == Layout.STATIC:  # prefill and decode graphs return the last position only
+    if not generator.layout.returns_every_position:  # its graphs return the last position only
         yield None
         return
     runner = generator.runners[generator.decode_graph]
@@ -105,7 +101,7 @@ class _Side:
     def start(self, context: np.ndarray, capacity: int) -> np.ndarray:
         """(P, C) context embeddings -> (1, V) logits of its last position (predicting the next id)."""
         g = self.generator
-        if g.layout == Layout.STATIC:  # the loop's own chunked prefill graph
+        if g.layout.prefill_graph != g.decode_graph:  # a prefill graph of its own (fixed chunks): the loop's prefill
             session = g.start([context], capacity - context.shape[0])
             self.kv, self.position = session.cache, int(session.positions[0])
             return session.logits[:1]

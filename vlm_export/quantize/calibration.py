@@ -57,7 +57,7 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
 
     samples = []
     with Generator(ArtifactSet.open(graphs_dir, check_hashes=False), "ort") as generator:
-        if generator.layout != Layout.DYNAMIC:
+        if generator.layout.name != Layout.DYNAMIC:  # the graph these samples calibrate
             raise VlmExportError("int8 calibration needs the dynamic-layout graphs", "build from `vlm-export export MODEL`")
         for request in calibration_requests(images, prompts):
             image = request.image
@@ -66,14 +66,13 @@ def decoder_samples(graphs_dir: Path, images: list[Path], prompts: list[str]) ->
             kv = generator.new_cache(1, embeds.shape[0] + 1)
             keep = np.ones((1, embeds.shape[0]), np.int64)
             positions = np.arange(embeds.shape[0], dtype=np.int64)[None]
-            samples.append({"inputs_embeds": embeds[None], "attention_mask": kv.step_mask(keep), "position_ids": positions, **kv.values})
+            samples.append({"inputs_embeds": embeds[None], **kv.feeds(keep, positions)})
             logits = generator.forward(embeds[None], kv, positions)[:, -1]
             token = int(np.argmax(logits[0]))
             step_embeds = generator.embed_ids([token])[None]
-            runner = generator.runners["decoder"]
-            past = {k: runner.to_numpy(v) for k, v in kv.values.items()}
-            samples.append({"inputs_embeds": step_embeds, "attention_mask": kv.step_mask(np.ones((1, 1), np.int64)),
-                            "position_ids": np.array([[embeds.shape[0]]], np.int64), **past})
+            runner = generator.runners[generator.decode_graph]
+            step = kv.feeds(np.ones((1, 1), np.int64), np.array([[embeds.shape[0]]], np.int64))
+            samples.append({"inputs_embeds": step_embeds, **{k: runner.to_numpy(v) for k, v in step.items()}})
     return samples
 
 

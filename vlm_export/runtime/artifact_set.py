@@ -11,7 +11,8 @@ from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
 from vlm_export.runtime.runners import backend_module
-from vlm_export.spec.graph_io import Layout
+from vlm_export.spec.graph_io import GraphRole
+from vlm_export.spec.layouts import graph_layout
 from vlm_export.spec.model_spec import ModelSpec, TokenizerSpec, spec_from_dict
 
 
@@ -58,8 +59,8 @@ class ArtifactSet:
 
     @property
     def layout(self) -> str:
-        decoder = self.graphs.get("decoder") or self.graphs["decoder_decode"]
-        return Layout(decoder.get("attrs", {}).get("layout", Layout.DYNAMIC))
+        """The decoder layout's name (spec/layouts/ registers what each one does)."""
+        return graph_layout(next(g for g in self.manifest["graphs"] if g["wrapper"] == GraphRole.DECODER)).name
 
     def tokenizer(self) -> TextTokenizer:
         if self.directory is None:

@@ -1,17 +1,14 @@
-"""The one generation loop, shared by every backend and both decoder layouts.
+"""The one generation loop, shared by every backend and every decoder layout.
 
     image -> preprocess -> vision graph ----------------------+
     prompt -> template -> ids (image marker) -> embed graph -> splice -> prefill -> decode ...
 
-Prefill: dynamic layout = one call over the left-padded batch; static layout = fixed chunks,
-right-aligned (padding in front of the first chunk) so the last prompt token is always the
-chunk's last position and its logits are the graph's only logits; inplace layout = one call over
-the right-padded batch (the graph picks each row's last logits from its length).
+How a batch is packed into prefill calls, which graph takes them and what the KV cache is are the
+decoder layout's (spec/layouts/): this loop asks the layout, never compares layout names.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +19,10 @@ from vlm_export.errors import VlmExportError
 from vlm_export.model.preprocess import model_pixels
 from vlm_export.model.prompt import Message, render_prompt, user_turn
 from vlm_export.model.text_stream import TextStream
-from vlm_export.results import GenerationResult, check_context
+from vlm_export.results import GenerationResult
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
-from vlm_export.runtime.kv_cache import DynamicKV, InPlaceKV, StaticKV
 from vlm_export.runtime.sampling import SamplingParams, sample_token
-from vlm_export.spec.graph_io import Layout
+from vlm_export.spec.layouts import KVCache, layout_of
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
 
 OnToken = Callable[[int, str], None]  # (row, new text)
@@ -50,15 +46,12 @@ class Generator:
         for name, runner in self.runners.items():
             if name != "vision":  # on the first image: a text-only answer skips its session (1.3 s for smol's)
                 runner.activate()
-        graphs = artifacts.graphs
-        self.layout = artifacts.layout
-        self.decode_graph = "decoder_decode" if self.layout == Layout.STATIC else "decoder"
-        decoder = graphs[self.decode_graph]
+        self.layout = layout_of(artifacts.layout)  # the decoder layout: packing, graphs, KV cache
+        self.decode_graph = self.layout.decode_graph
+        decoder = artifacts.graphs[self.decode_graph]
         self.float_dtype = np.dtype(decoder["inputs"][0]["dtype"])
         # the K/V buffers' own type: int8 where the graph keeps an int8 cache (cpu int8/int4 variants)
         self.kv_dtype = kv_dtype(decoder)
-        self.kv_buffer = decoder["attrs"].get("kv_buffer")
-        self.chunk = graphs["decoder_prefill"]["attrs"]["sequence"] if self.layout == Layout.STATIC else None
         self.timings: dict[str, float] = {}
         self._decoder_seconds = 0.0
 
@@ -126,9 +119,16 @@ class Generator:
         """One image (path or PIL image) -> (144, C) embeddings from the vision graph."""
         return self._image_embeds([image])[0]
 
-    def new_cache(self, batch: int, capacity: int):
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache of this layout for `capacity` positions (dynamic: grows, capacity unused)."""
-        return self._new_kv(batch, capacity)
+        decoder = self.artifacts.graphs[self.decode_graph]
+        return self.layout.new_cache(self.spec.llm, batch, self.kv_dtype, capacity, decoder,
+                                     self.runners[self.decode_graph].to_numpy)
+
+    def max_positions(self) -> int:
+        """The longest sequence one cache holds: the model's context (static layout: its fixed KV
+        buffer less one prefill chunk of front padding)."""
+        return self.layout.max_positions(self.artifacts.graphs, self.spec.llm.max_context)
 
     def start(self, prompts: list[np.ndarray], max_new_tokens: int) -> DecodeSession:
         """The loop's own prefill of a batch: `prompts` (T_i, C) embeddings per row (`encode`,
@@ -147,45 +147,19 @@ class Generator:
         keep = np.ones(embeds.shape[:2], dtype=np.int64)
         return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
 
-    def _new_kv(self, batch: int, capacity: int):
-        llm = self.spec.llm
-        shape = (llm.num_layers, batch, llm.num_kv_heads, llm.head_dim, self.kv_dtype)
-        if self.layout == Layout.DYNAMIC:
-            return DynamicKV(*shape)
-        to_numpy = self.runners[self.decode_graph].to_numpy
-        if self.layout == Layout.INPLACE:
-            return InPlaceKV(*shape, capacity, to_numpy)
-        return StaticKV(*shape, self.kv_buffer, to_numpy)
-
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
-        lengths = [p.shape[0] for p in prompts]
-        if self.layout in (Layout.DYNAMIC, Layout.INPLACE):
-            total = max(lengths)
-            check_context(total, max_new_tokens, self.spec.llm.max_context)
-            name, span = "decoder", total
-        else:
-            span = math.ceil(lengths[0] / self.chunk) * self.chunk
-            check_context(span, max_new_tokens, self.kv_buffer, "the static KV buffer (incl. chunk padding)")
-            name = "decoder_prefill"
-        batch, width = len(prompts), prompts[0].shape[1]
-        embeds = np.zeros((batch, span, width), dtype=self.float_dtype)
-        keep = np.zeros((batch, span), dtype=np.int64)
-        for row, prompt in enumerate(prompts):  # left/front padding; right padding for inplace
-            rows = slice(0, prompt.shape[0]) if self.layout == Layout.INPLACE else slice(span - prompt.shape[0], span)
-            embeds[row, rows] = prompt
-            keep[row, rows] = 1
-        positions = np.clip(np.cumsum(keep, axis=1) - 1, 0, None)
-        kv = self._new_kv(batch, span + max_new_tokens)
-        step = self.chunk if self.layout == Layout.STATIC else span
-        for start in range(0, span, step):
-            sl = slice(start, start + step)
-            logits = self._step(name, kv, embeds[:, sl], keep[:, sl], positions[:, sl])
-        return kv, logits, keep.sum(axis=1)
+        plan = self.layout.pack([p.astype(self.float_dtype) for p in prompts], max_new_tokens,
+                                self.spec.llm.max_context, self.artifacts.graphs)
+        kv = self.new_cache(len(prompts), plan.capacity)
+        for start in range(0, plan.embeds.shape[1], plan.step):
+            sl = slice(start, start + plan.step)
+            logits = self._step(plan.graph, kv, plan.embeds[:, sl], plan.keep[:, sl], plan.positions[:, sl])
+        return kv, logits, plan.lengths
 
     # -- the loop --------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: SamplingParams = SamplingParams(),
                  on_token: OnToken | None = None) -> list[GenerationResult]:
-        if self.layout == Layout.STATIC and len(requests) > 1:
+        if self.layout.fixed_batch and len(requests) > 1:
             # NPU graphs have a fixed batch of 1: run the requests one after another.
             results = []
             for row, request in enumerate(requests):
@@ -254,7 +228,7 @@ class DecodeSession:
         session.logits                                         # (B, V) float32, each row's last logits
         session.step(token_ids)                                # (B,) ids -> the next (B, V) logits
 
-    `cache` is the layout's KV cache (runtime/kv_cache.py; the inplace decoder writes into its
+    `cache` is the layout's KV cache (spec/layouts/; the inplace decoder writes into its
     arrays), `positions` (B,) int64 each row's next position. Stepping past the `max_new_tokens`
     given to `start` overruns a fixed cache: the decoder graph raises.
     """

@@ -8,7 +8,6 @@ same records back from the manifest), so neither imports the other. Names are de
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -70,7 +69,8 @@ class GraphSpec:
 
 
 class Layout(StrEnum):
-    """How a decoder graph keeps its KV cache (ExportOptions.layout; a decoder record's attrs["layout"]).
+    """The names of the built-in decoder layouts (ExportOptions.layout; a decoder record's
+    attrs["layout"]); what each one does is its class in spec/layouts/, looked up by this name.
     Members are the strings the manifests hold, so they compare equal to what is read back."""
 
     DYNAMIC = "dynamic"  # past + new K/V concatenated; present = the whole cache (TensorRT, the diff baseline)
@@ -94,9 +94,6 @@ class GraphRole(StrEnum):
     DECODER = "decoder"
 
 
-LAYOUTS = tuple(Layout)
-
-
 @dataclass(frozen=True)
 class ExportOptions:
     dtype: str = "fp32"  # fp32 | fp16
@@ -110,23 +107,23 @@ class ExportOptions:
     def __post_init__(self):
         if self.dtype not in ("fp32", "fp16"):
             raise VlmExportError(f"unsupported dtype '{self.dtype}'", "use --dtype fp32 or fp16")
-        if self.layout not in LAYOUTS:
-            raise VlmExportError(f"unsupported layout '{self.layout}'", f"use --layout {' | '.join(LAYOUTS)}")
-        object.__setattr__(self, "layout", Layout(self.layout))
+        from vlm_export.spec.layouts import REGISTRY
+
+        layout = REGISTRY.get(self.layout)
+        if layout is None:
+            raise VlmExportError(f"unsupported layout '{self.layout}'", f"use --layout {' | '.join(REGISTRY)}")
+        object.__setattr__(self, "layout", layout.name)
         if self.logits not in ("all", "last"):
             raise VlmExportError(f"unsupported logits mode '{self.logits}'", "use --logits all or last")
-        if self.layout == Layout.STATIC and not 0 < self.prefill_chunk <= self.kv_buffer:
-            raise VlmExportError(
-                f"prefill chunk {self.prefill_chunk} must be between 1 and the KV buffer {self.kv_buffer}",
-                "lower --prefill-chunk or raise --kv-buffer",
-            )
+        layout.check_options(self)
 
     @property
     def float_dtype(self) -> str:
         return "float16" if self.dtype == "fp16" else "float32"
 
 
-def _kv_tensors(spec: ModelSpec, prefix: str, batch: Dim, length: Dim, dtype: str) -> list[TensorSpec]:
+def kv_tensors(spec: ModelSpec, prefix: str, batch: Dim, length: Dim, dtype: str) -> list[TensorSpec]:
+    """`prefix.{layer}.key|value` tensors (batch, kv heads, length, head dim) for every layer."""
     llm = spec.llm
     return [
         TensorSpec(f"{prefix}.{i}.{kind}", dtype, (batch, llm.num_kv_heads, length, llm.head_dim))
@@ -156,96 +153,21 @@ def embed_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
     )
 
 
-def _decoder(spec, opts, name, file, batch, seq, past, total, cases, present_len, attrs, last_only) -> GraphSpec:
-    f = opts.float_dtype
-    logits_len = 1 if last_only else seq
-    return GraphSpec(
-        name=name, file=file, wrapper=GraphRole.DECODER,
-        inputs=(
-            TensorSpec("inputs_embeds", f, (batch, seq, spec.llm.hidden_size)),
-            TensorSpec("attention_mask", "int64", (batch, total)),
-            TensorSpec("position_ids", "int64", (batch, seq)),
-            *_kv_tensors(spec, "past_key_values", batch, past, f),
-        ),
-        outputs=(
-            TensorSpec("logits", f, (batch, logits_len, spec.llm.vocab_size)),
-            *_kv_tensors(spec, "present", batch, present_len, f),
-        ),
-        cases=cases,
-        atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
-        attrs={**attrs, "last_logits_only": last_only},
-    )
-
-
-def inplace_decoder_graph(spec: ModelSpec, opts: ExportOptions) -> GraphSpec:
-    """One graph for prefill and decode: GroupQueryAttention over K/V buffers the runtime binds as
-    both past and present (capacity `kv_capacity`, chosen per generation), right-padded rows."""
-    f = opts.float_dtype
-    # past: tokens already cached per row; new: valid rows of this step (== sequence unless past == 0).
-    cases = (
-        {"batch": 2, "sequence": 5, "kv_capacity": 12, "past": (0, 0), "new": (5, 3)},
-        {"batch": 1, "sequence": 4, "kv_capacity": 16, "past": (7,), "new": (4,)},
-        {"batch": 2, "sequence": 1, "kv_capacity": 12, "past": (9, 4), "new": (1, 1)},
-    )
-    return GraphSpec(
-        name="decoder", file="decoder_inplace.onnx", wrapper=GraphRole.DECODER,
-        inputs=(
-            TensorSpec("inputs_embeds", f, ("batch", "sequence", spec.llm.hidden_size)),
-            TensorSpec("seqlens_k", "int32", ("batch",)),
-            TensorSpec("total_sequence_length", "int32", ()),
-            *_kv_tensors(spec, "past_key_values", "batch", "kv_capacity", f),
-        ),
-        outputs=(
-            TensorSpec("logits", f, ("batch", 1, spec.llm.vocab_size)),
-            *_kv_tensors(spec, "present", "batch", "kv_capacity", f),
-        ),
-        cases=cases,
-        atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
-        attrs={"layout": Layout.INPLACE, "kv_update": KvUpdate.IN_PLACE, "last_logits_only": True,
-               "max_capacity": spec.llm.max_context},
-    )
-
-
 def decoder_graphs(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
-    if opts.layout == Layout.INPLACE:
-        return [inplace_decoder_graph(spec, opts)]
-    if opts.layout == Layout.DYNAMIC:
-        cases = (
-            {"batch": 2, "sequence": 5, "past_sequence": 3, "left_pad": 2},
-            {"batch": 1, "sequence": 6, "past_sequence": 0, "left_pad": 0},
-            {"batch": 2, "sequence": 1, "past_sequence": 9, "left_pad": 4},
-        )
-        return [_decoder(
-            spec, opts, "decoder", "decoder.onnx", "batch", "sequence", "past_sequence", "total_sequence",
-            cases, "total_sequence", {"layout": Layout.DYNAMIC, "kv_update": KvUpdate.FULL_CACHE},
-            opts.logits == "last",
-        )]
-    b, m, chunk = opts.static_batch, opts.kv_buffer, opts.prefill_chunk
-    attrs = {"layout": Layout.STATIC, "kv_buffer": m, "kv_update": KvUpdate.NEW_ENTRIES}
-    graphs = []
-    for name, seq in (("decoder_prefill", chunk), ("decoder_decode", 1)):
-        # past_valid: filled slots of the buffer; left_pad: leading invalid slots of the chunk.
-        cases = ({"past_valid": 0, "left_pad": min(3, seq - 1)}, {"past_valid": min(m, 37), "left_pad": 0})
-        graphs.append(_decoder(
-            spec, opts, name, f"{name}.onnx", b, seq, m, m + seq, cases, seq, {**attrs, "sequence": seq}, True,
-        ))
-    return graphs
+    """The decoder graph spec(s) of `opts.layout` (spec/layouts/)."""
+    from vlm_export.spec.layouts import layout_of
+
+    return layout_of(opts.layout).graphs(spec, opts)
 
 
 # Diff cases keep every position valid, so whole tensors compare (no masked garbage rows).
-DIFF_CASES = {
-    GraphRole.VISION: ({"batch": 1},),
-    GraphRole.EMBED: ({"batch": 1, "sequence": 16},),
-    Layout.DYNAMIC: ({"batch": 1, "sequence": 12, "past_sequence": 0, "left_pad": 0},
-                {"batch": 1, "sequence": 1, "past_sequence": 12, "left_pad": 0}),
-    Layout.STATIC: ({"past_valid": 0, "left_pad": 0}, {"past_valid": 12, "left_pad": 0}),
-    Layout.INPLACE: ({"batch": 1, "sequence": 12, "kv_capacity": 16, "past": (0,), "new": (12,)},
-                {"batch": 1, "sequence": 1, "kv_capacity": 16, "past": (12,), "new": (1,)}),
-}
+DIFF_CASES = {GraphRole.VISION: ({"batch": 1},), GraphRole.EMBED: ({"batch": 1, "sequence": 16},)}
 
 
 def diff_cases(graph: GraphSpec) -> tuple[dict, ...]:
-    return DIFF_CASES[graph.wrapper if graph.wrapper != GraphRole.DECODER else graph.attrs["layout"]]
+    from vlm_export.spec.layouts import graph_layout
+
+    return DIFF_CASES[graph.wrapper] if graph.wrapper != GraphRole.DECODER else graph_layout(graph).diff_cases
 
 
 def graphs_for(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
@@ -253,58 +175,17 @@ def graphs_for(spec: ModelSpec, opts: ExportOptions) -> list[GraphSpec]:
 
 
 # -- inputs for export examples and validation ---------------------------------------------------
-def _sizes(graph: GraphSpec, case: dict) -> Callable[[Dim], int]:
-    static_past = graph.attrs.get("kv_buffer", 0)
-
-    def size(dim: Dim) -> int:
-        if isinstance(dim, int):
-            return dim
-        if dim == "total_sequence":
-            return case["past_sequence"] + case["sequence"]
-        return case[dim]
-
-    return size if graph.attrs.get("layout") != Layout.STATIC else (lambda d: d if isinstance(d, int) else static_past)
-
-
-def decoder_mask(graph: GraphSpec, case: dict, batch: int, total: int, seq: int) -> np.ndarray:
-    """Keep-mask over [past | new]: the last row is left-padded; static buffers mark unused slots."""
-    mask = np.ones((batch, total), dtype=np.int64)
-    if graph.attrs.get("layout") == Layout.STATIC:
-        mask[:, case["past_valid"]: total - seq] = 0  # buffer slots not yet written
-        mask[-1, total - seq: total - seq + case["left_pad"]] = 0
-    else:
-        mask[-1, : case["left_pad"]] = 0
-    return mask
-
-
 def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler) -> dict:
     """Inputs for one validation case. `sampler` supplies in-distribution values: embeddings of
     random tokens, and past K/V computed by the reference from a random prefix (random K/V would
-    put attention far outside what a real run sees)."""
-    size = _sizes(graph, case)
-    if graph.attrs.get("layout") == Layout.INPLACE:
-        return _inplace_inputs(graph, case, rng, sampler)
-    feeds = {}
+    put attention far outside what a real run sees). Decoders: their layout's own inputs."""
     if graph.wrapper == GraphRole.DECODER:
-        embeds = graph.inputs[0]
-        batch, seq = size(embeds.shape[0]), size(embeds.shape[1])
-        total = size(graph.inputs[1].shape[1])
-        mask = decoder_mask(graph, case, batch, total, seq)
-        feeds["attention_mask"] = mask
-        feeds["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -seq:].astype(np.int64)
-        feeds["inputs_embeds"] = sampler.embeds(rng, batch, seq).astype(embeds.dtype)
-        past_len = total - seq
-        filled = case.get("past_valid", past_len)
-        past = sampler.past(rng, mask[:, :filled]) if filled else []
-        for index, tensor in enumerate(graph.inputs[3:]):
-            buffer = np.zeros((batch, tensor.shape[1], past_len, tensor.shape[3]), dtype=tensor.dtype)
-            if filled:
-                buffer[:, :, :filled] = past[index]
-            feeds[tensor.name] = buffer
+        from vlm_export.spec.layouts import graph_layout
+
+        return graph_layout(graph).example_inputs(graph, case, rng, sampler)
+    feeds = {}
     for tensor in graph.inputs:
-        if tensor.name in feeds:
-            continue
-        shape = tuple(size(d) for d in tensor.shape)
+        shape = tuple(d if isinstance(d, int) else case[d] for d in tensor.shape)
         if tensor.dtype == "int64":
             feeds[tensor.name] = rng.integers(0, sampler.vocab, shape, dtype=np.int64)
         else:
@@ -312,38 +193,10 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
     return feeds
 
 
-def _inplace_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler) -> dict:
-    """Right-padded rows; each buffer holds the reference's K/V of a random prefix in its first
-    `past` slots (and zeros after: slots past a row's length are never read)."""
-    batch, seq, capacity = case["batch"], case["sequence"], case["kv_capacity"]
-    past, new = np.asarray(case["past"]), np.asarray(case["new"])
-    total = past + new
-    embeds = graph.inputs[0]
-    feeds = {"inputs_embeds": sampler.embeds(rng, batch, seq).astype(embeds.dtype),
-             "seqlens_k": (total - 1).astype(np.int32), "total_sequence_length": np.array(total.max(), np.int32)}
-    longest = int(past.max())
-    prefix_mask = (np.arange(longest)[None, :] < past[:, None]).astype(np.int64)
-    prefix = sampler.past(rng, prefix_mask) if longest else []
-    for index, tensor in enumerate(graph.inputs[3:]):
-        buffer = np.zeros((batch, tensor.shape[1], capacity, tensor.shape[3]), dtype=tensor.dtype)
-        if longest:
-            buffer[:, :, :longest] = prefix[index]
-        feeds[tensor.name] = buffer
-    return feeds
-
-
 def valid_positions(graph: GraphSpec, output: TensorSpec, feeds: dict) -> np.ndarray | None:
-    """Boolean mask over an output's sequence axis (fully masked rows are garbage by design)."""
+    """Boolean mask over an output's sequence axis (decoders only; None: every position counts)."""
     if graph.wrapper != GraphRole.DECODER:
         return None
-    if graph.attrs.get("layout") == Layout.INPLACE:
-        batch = feeds["seqlens_k"].shape[0]
-        if output.name == "logits":
-            return np.ones((batch, 1), dtype=bool)
-        capacity = feeds[graph.inputs[3].name].shape[2]
-        return np.arange(capacity)[None, :] <= feeds["seqlens_k"][:, None]
-    mask = feeds["attention_mask"] > 0  # (B, total)
-    seq = feeds["inputs_embeds"].shape[1]
-    if output.name == "logits":
-        return mask[:, -1:] if graph.attrs["last_logits_only"] else mask[:, -seq:]
-    return mask[:, -seq:] if graph.attrs["kv_update"].startswith("present_is_new") else mask
+    from vlm_export.spec.layouts import graph_layout
+
+    return graph_layout(graph).valid_positions(graph, output, feeds)

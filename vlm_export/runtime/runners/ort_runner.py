@@ -10,7 +10,7 @@ import numpy as np
 from vlm_export.artifacts import check_binary
 from vlm_export.errors import VlmExportError
 from vlm_export.runtime.runners.base import Runner
-from vlm_export.spec.graph_io import GraphRole, KvUpdate, Layout
+from vlm_export.spec.graph_io import GraphRole, KvUpdate
 
 
 def available_providers() -> list[str]:
@@ -135,7 +135,7 @@ class OrtRunner(Runner):
         """Inplace decoders: a copy of the graph without its last-row gather, in a temporary
         directory (runtime/all_logits.py). This runner's own session is closed meanwhile, so a
         large model is not held twice."""
-        if self.graph.get("attrs", {}).get("layout") != Layout.INPLACE or self.qnn:
+        if self.graph.get("attrs", {}).get("kv_update") != KvUpdate.IN_PLACE or self.qnn:
             yield None
             return
         from vlm_export.runtime.all_logits import AllLogitsCopy

@@ -7,7 +7,7 @@ import pytest
 
 from tests.cli import vlm
 from vlm_export.kernels.library import LIBRARY, unavailable_reason
-from vlm_export.targets.cpu import weight_config
+from vlm_export.targets.cpu.target import weight_config
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, 
     cache scored. (tiny is seeded-random and never judged, so the judge and the screens are stood in
     for here.)"""
     from vlm_export.quality.metrics import BUDGETS, Quality
-    from vlm_export.targets import cpu
+    from vlm_export.targets.cpu import target as cpu
 
     root, _ = built
     monkeypatch.setattr(cpu, "random_llm", lambda model: False)
@@ -230,7 +230,7 @@ def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, 
     monkeypatch.setattr(cpu, "_kv_alone", lambda staging, scales, tokens: bad if fails == "alone" else good)
     variant_screens = []
     monkeypatch.setattr(cpu, "_screen_int8_kv", lambda fp32, variant, name, tokens:
-                        variant_screens.append(name) or BUDGETS[cpu.BUDGET[name]].verdict(bad))
+                        variant_screens.append(name) or BUDGETS[cpu.RECIPES[name].budget].verdict(bad))
     report = cpu.build(root / "graphs", tmp_path / "cpu", cpu.Profile(variants=("fp32", "int4"), eval_tokens=8))
     int4 = report["variants"]["int4"]
     assert int4["kv_cache"] == "fp32" and "mean KL 0.0500 > 0.01" in int4["kv_int8_rejected"]
@@ -250,7 +250,7 @@ def test_kv_alone_screen_scores_fp32_with_an_int8_cache(built, tmp_path):
 
     from vlm_export.quantize.calibration import calibration_set
     from vlm_export.quantize.kv_int8 import calibrate_kv_scales
-    from vlm_export.targets import cpu
+    from vlm_export.targets.cpu import target as cpu
 
     root, _ = built
     shutil.copytree(root / "cpu" / "fp32", tmp_path / "fp32", symlinks=True)

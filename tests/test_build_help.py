@@ -8,10 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from vlm_export.targets import TARGETS, option_help, target_module
+from vlm_export.targets import TARGETS, option_help, profile_module
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +43,44 @@ def test_options_are_grouped_by_target(build_help):
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_help_describes_real_profile_fields_with_their_defaults(target):
-    module = target_module(target)
+    module = profile_module(target)
     fields = {f.name: f.default for f in dataclasses.fields(module.Profile)}
     described = module.cli_help()
     assert set(described) <= set(fields)
     assert f"default {','.join(fields['variants'])}" in described["variants"]
 
 
-def test_every_target_option_of_build_is_described():
-    from vlm_export.cli.build_cmd import OPTION_FIELDS, build
+def test_build_options_are_the_profiles_option_fields():
+    """Every Profile field declared with option() is a build option (and nothing else is), each described."""
+    from vlm_export.cli.build_cmd import COMMON, build
 
-    described = option_help()
-    common = {"model", "target", "graphs", "out", "force", "strict", "vision_tower", "lora", "seed", "quiet", "image_alpha"}
-    for name in inspect.signature(build).parameters:
-        if name not in common:
-            assert OPTION_FIELDS.get(name, name) in described, name
+    declared = {f.name for t in TARGETS for f in dataclasses.fields(profile_module(t).Profile) if "cli" in f.metadata}
+    generated = set(inspect.signature(build).parameters) - {p.name for p in COMMON}
+    assert generated == declared
+    assert declared <= set(option_help())
+    assert {"variants", "layout", "kv", "kernels", "device", "vision_on_dla", "soc", "qnn_graphs"} <= declared
 
 
-def test_starting_the_cli_imports_no_target():
-    code = "import sys, vlm_export.cli.app; print(sorted(m for m in sys.modules if m.startswith('vlm_export.targets.')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+def test_a_new_profile_field_is_a_new_option(monkeypatch):
+    """A newcomer's profile field becomes an option with no edit to the CLI."""
+    from vlm_export.cli import build_cmd
+    from vlm_export.targets.cpu import profile
+    from vlm_export.targets.recipe import option
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(profile.Profile):
+        threads_hint: int | None = option(None)
+
+    monkeypatch.setattr(profile, "Profile", Extended)
+    described = profile.cli_help()
+    monkeypatch.setattr(profile, "cli_help", lambda: {**described, "threads_hint": "a test option"})
+    parameter = build_cmd._signature().parameters["threads_hint"]
+    info = typing.get_args(parameter.annotation)[1]
+    assert "--threads-hint" in (info.default, *info.param_decls) and info.rich_help_panel == "--target cpu"
+
+
+def test_starting_the_cli_imports_no_target_build_code():
+    """The profiles (pure data) are read to generate `build`'s options; no target's build code, no ONNX."""
+    code = ("import sys, vlm_export.cli.app; print(sorted(m for m in sys.modules if m.endswith('.target') "
+            "and m.startswith('vlm_export.targets.')), 'onnx' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[] False"

@@ -8,7 +8,7 @@ import os
 import typer
 
 from vlm_export.cli.bench_cmd import bench
-from vlm_export.cli.build_cmd import BuildCommand, build
+from vlm_export.cli.build_cmd import build
 from vlm_export.cli.diff_cmd import diff
 from vlm_export.cli.doctor_cmd import doctor
 from vlm_export.cli.errors import STATE
@@ -47,7 +47,7 @@ def main_options(
 app.command()(inspect)
 app.command()(generate)
 app.command()(export)
-app.command(cls=BuildCommand)(build)
+app.command()(build)
 app.command()(run)
 app.command()(bench)
 app.command()(diff)

@@ -10,6 +10,9 @@ import typer
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
 from vlm_export.spec.graph_io import Layout
+from vlm_export.spec.layouts import REGISTRY
+
+LAYOUT_HELP = "; ".join(f"{name} = {layout.summary}" for name, layout in REGISTRY.items())
 
 
 @handles_errors
@@ -17,7 +20,7 @@ def export(
     model: ModelArg = "smol",
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default graphs/<model>[-static][-fp16]).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16")] = "fp32",
-    layout: Annotated[str, typer.Option("--layout", help="dynamic (TensorRT, the diff baseline) | static (NPUs) | inplace (ORT CPU: GroupQueryAttention, in-place KV)")] = "dynamic",
+    layout: Annotated[str, typer.Option("--layout", help=LAYOUT_HELP)] = "dynamic",
     logits: Annotated[str, typer.Option("--logits", help="all | last: logits of every position or only the last (dynamic layout)")] = "all",
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="static layout: tokens per prefill graph call")] = 128,
     kv_buffer: Annotated[int | None, typer.Option("--kv-buffer", help="static layout: KV buffer length (default min(1024, context))")] = None,

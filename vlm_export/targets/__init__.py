@@ -1,7 +1,13 @@
-"""Build targets, registered by name; a target module is imported only when asked for.
+"""Build targets, registered by name. Each is a package with
 
-Adding a target = one module with a `Profile` dataclass, `build(graphs_dir, out, profile) -> dict`
-and `cli_help()` (its options' `build --help` text), and one line here.
+    profile.py  its recipes (targets/recipe.py: each variant as typed data) and its `Profile`
+                dataclass, whose `option()` fields `vlm-export build` takes, with `cli_help()`
+                giving their help text; light, so the CLI reads it on start
+    target.py   `build(graphs_dir, out, profile) -> report`: its passes, run by the one build loop
+                (targets/build_loop.py)
+
+Adding a target = one such package and one line in TARGETS; a target's build code is imported
+only when that target builds.
 """
 
 from __future__ import annotations
@@ -13,17 +19,27 @@ from vlm_export.errors import VlmExportError
 TARGETS = {"cpu": "vlm_export.targets.cpu", "orin": "vlm_export.targets.orin", "sd888": "vlm_export.targets.sd888"}
 
 
+def _check(name: str) -> None:
+    if name not in TARGETS:
+        raise VlmExportError(f"unknown target '{name}'", f"use one of: {', '.join(TARGETS)}")
+
+
+def profile_module(name: str):
+    """The target's profile.py (recipes, Profile, cli_help): no build code is imported."""
+    _check(name)
+    return importlib.import_module(f"{TARGETS[name]}.profile")
+
+
 def option_help() -> dict[str, dict[str, str]]:
-    """Profile field -> {target: what that option does there}, from each target's `cli_help()`
-    (imports every target: for `build --help` only)."""
+    """Profile field -> {target: what that option does there}, from each target's `cli_help()`."""
     fields: dict[str, dict[str, str]] = {}
     for name in TARGETS:
-        for field, text in target_module(name).cli_help().items():
+        for field, text in profile_module(name).cli_help().items():
             fields.setdefault(field, {})[name] = text
     return fields
 
 
 def target_module(name: str):
-    if name not in TARGETS:
-        raise VlmExportError(f"unknown target '{name}'", f"use one of: {', '.join(TARGETS)}")
-    return importlib.import_module(TARGETS[name])
+    """The target's target.py: `build`, `Profile`, optionally `preflight` (its own input checks)."""
+    _check(name)
+    return importlib.import_module(f"{TARGETS[name]}.target")

@@ -13,75 +13,30 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import shutil
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.artifacts import MANIFEST, atomic_directory, link_or_copy, stage_key, verify, write_json_atomic, write_manifest
+from vlm_export.artifacts import MANIFEST, verify, write_json_atomic, write_manifest
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality import table
 from vlm_export.spec.graph_io import GraphRole, Layout
+from vlm_export.spec.layouts import graph_layout
+from vlm_export.targets.build_loop import build_stages
 from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
+from vlm_export.targets.orin.profile import BUILDER_FLAGS, FP16_EXPORT, INT4_WEIGHTS, INT8_QDQ, RECIPES, Profile
 from vlm_export.targets.orin.static_check import check_graph
+from vlm_export.targets.recipe import Precision, Recipe
 
-PRECISIONS = {"fp16": ["fp16"], "int8": ["int8", "fp16"], "int4": ["fp16"]}  # builder flags per variant
-# The quality budget each variant is held to (quality/metrics.py BUDGETS): shown, never failing the build.
-QUALITY_BUDGET = {"fp16": "gpu-fp16", "int8": "gpu-int8", "int4": "gpu-int4"}
-# What each variant's graphs are (for `build --help`; the flags above are what TensorRT is given).
-VARIANT_GRAPHS = {"fp16": "fp16 export", "int8": "vision and decoder int8 Q/DQ, calibrated",
-                  "int4": "decoder weights int4 weight-only, activations fp16"}
-QUANTIZED_GRAPHS = ("vision", "decoder")  # the token-embedding gather stays float
 VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
 
 
-@dataclass(frozen=True)
-class Profile:
-    device: str = "agx-orin-64gb"
-    variants: tuple[str, ...] = ("fp16", "int8", "int4")
-    max_batch: int = 1
-    max_prompt: int = 512
-    max_context: int = 1024
-    vision_on_dla: bool = False
-    calibration: str | None = None  # folder with recipe.json (default: the repository's calibration/)
-    eval_tokens: int = 16
-
-    def __post_init__(self):
-        if self.device not in DEVICES:
-            raise VlmExportError(f"unknown Orin device '{self.device}'", f"use one of {', '.join(DEVICES)}")
-        unknown = [p for p in self.variants if p not in PRECISIONS]
-        if unknown:
-            raise VlmExportError(f"unknown orin precision(s) {', '.join(unknown)}", f"use {', '.join(PRECISIONS)}")
-        if self.vision_on_dla and DEVICES[self.device]["dla_cores"] == 0:
-            raise VlmExportError(f"{self.device} has no DLA core", "drop --dla or pick a module with DLA")
-        if not 0 < self.max_prompt < self.max_context:
-            raise VlmExportError("max prompt must be positive and below max context", "adjust --max-prompt / --max-context")
-
-
-def cli_help() -> dict[str, str]:
-    """`build --help` text per Profile field, from this target's own tables and defaults."""
-    d = Profile()
-    variants = "; ".join(f"{k} = {VARIANT_GRAPHS[k]}, TensorRT flags {'+'.join(f)}" for k, f in PRECISIONS.items())
-    devices = " | ".join(f"{k} ({v['memory_gb']} GB, {v['dla_cores']} DLA)" for k, v in DEVICES.items())
-    return {
-        "variants": f"comma-separated subset of {','.join(PRECISIONS)} (default {','.join(d.variants)}): {variants}",
-        "device": f"Jetson module the plans are sized for: {devices} (default {d.device})",
-        "vision_on_dla": f"vision graph on DLA core 0, GPU fallback (default {'on' if d.vision_on_dla else 'off'})",
-        "max_prompt": f"longest prompt in tokens the prefill profile takes (default {d.max_prompt})",
-        "max_context": f"KV cache length the decode profile takes (default {d.max_context}, at most the model's context)",
-        "calibration": "folder (recipe.json, images/, prompts.txt) the int8 variant is calibrated on "
-                       "(default: the repository's calibration/)",
-        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
-    }
-
-
-def graph_plan(graph: dict, profile: Profile, precision: str) -> dict:
+def graph_plan(graph: dict, profile: Profile, recipe: Recipe) -> dict:
     device = DEVICES[profile.device]
     return {
         "graph": graph["file"], "engine": Path(graph["file"]).stem + ".engine",
-        "precisions": PRECISIONS[precision], "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
+        "precisions": list(BUILDER_FLAGS[recipe.precision]), "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
         "compute_capability": COMPUTE_CAPABILITY, "device": profile.device,
         "dla_core": 0 if profile.vision_on_dla and graph["wrapper"] == GraphRole.VISION else None,
         "profiles": profiles_for(graph, profile.max_batch, profile.max_prompt, profile.max_context),
@@ -136,34 +91,29 @@ def _fp16_graphs(out: Path, manifest: dict) -> dict:
     return {g["file"]: {"dtype": "fp16", "validation": g["validation"]["outputs"]} for g in exported["graphs"]}
 
 
-def _variant_graphs(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile) -> dict:
-    """fp16: a fresh fp16 export. int8: the fp32 graphs, with vision and decoder replaced by calibrated Q/DQ graphs."""
-    if precision == "fp16":
+def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, profile: Profile) -> dict:
+    """The recipe's passes on the exported fp32 graphs: an fp16 export, or the vision and decoder
+    rewritten (int8 Q/DQ calibrated on calibration/, int4 weight-only) and the rest linked."""
+    from vlm_export.targets.assemble import assemble_variant
+
+    passes = {p.role: p.name for p in recipe.passes}
+    if FP16_EXPORT in passes.values():
         return _fp16_graphs(out, manifest)
-    if precision == "int4":
-        from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
-        from vlm_export.targets.assemble import assemble_variant
+    samples = {}
+    if INT8_QDQ in passes.values():
+        samples = _calibration_samples(graphs, manifest, profile)
 
-        step("int4 weight-only: decoder")
-        rewrites = {GraphRole.DECODER: lambda g, src, dst: quantize_weights_int4_qdq(src, dst / g["file"])}
-        return assemble_variant(graphs, out, manifest, rewrites)["rewrites"]
-    quantization = {}
-    records = {g["file"]: g for g in manifest["graphs"]}
-    samples = None
-    for relative in manifest["files"]:
-        record = records.get(relative)
-        if precision == "int8" and record is not None and record["wrapper"] in QUANTIZED_GRAPHS:
-            if samples is None:
-                samples = _calibration_samples(graphs, manifest, profile)
-            from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+    def rewrite(graph: dict, source: Path, destination: Path) -> dict:
+        step(f"{passes[graph['wrapper']]}: {graph['file']}")
+        if passes[graph["wrapper"]] == INT4_WEIGHTS:
+            from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
 
-            step(f"int8 Q/DQ: {relative}")
-            out.mkdir(parents=True, exist_ok=True)
-            quantization[relative] = quantize_int8_qdq(graphs / relative, out / relative, samples[record["wrapper"]])
-        elif not (precision == "int8" and relative.endswith(".data") and relative[: -len(".data")] in records
-                  and records[relative[: -len(".data")]]["wrapper"] in QUANTIZED_GRAPHS):
-            link_or_copy(graphs / relative, out / relative)
-    return quantization
+            return quantize_weights_int4_qdq(source, destination / graph["file"])
+        from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+
+        return quantize_int8_qdq(source, destination / graph["file"], samples[graph["wrapper"]])
+
+    return assemble_variant(graphs, out, manifest, {role: rewrite for role in passes})["rewrites"]
 
 
 def _calibration_samples(graphs: Path, manifest: dict, profile: Profile) -> dict:
@@ -177,15 +127,16 @@ def _calibration_samples(graphs: Path, manifest: dict, profile: Profile) -> dict
             "decoder": decoder_samples(graphs, images, prompts)}
 
 
-def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, profile: Profile) -> dict:
+def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, profile: Profile) -> dict:
     started = time.perf_counter()
-    quantization = _variant_graphs(graphs, out, precision, manifest, profile)
+    precision = recipe.name
+    quantization = _variant_graphs(graphs, out, recipe, manifest, profile)
     variant_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else manifest
     checks = [check_graph(out / g["file"]) for g in variant_manifest["graphs"]]
     failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
     if failed:
         raise VlmExportError(f"graphs TensorRT cannot parse: {'; '.join(failed[:3])}", "re-export, or report the op")
-    plans = [graph_plan(g, profile, precision) for g in variant_manifest["graphs"]]
+    plans = [graph_plan(g, profile, recipe) for g in variant_manifest["graphs"]]
     write_json_atomic(out / "plan.json", {"device": profile.device, **DEVICES[profile.device], "plans": plans})
     write_json_atomic(out / "static_check.json", {"checks": checks})
     script = out / "build_engines.sh"
@@ -197,47 +148,39 @@ def _build_variant(graphs: Path, out: Path, precision: str, manifest: dict, prof
             engines = _build_engines(out, plans)
     body = {k: v for k, v in variant_manifest.items() if k != "files"}
     write_manifest(out, {**body, "kind": "vlm-export build", "target": "orin", "variant": precision,
-                         "device": profile.device, "builder_flags": PRECISIONS[precision],
+                         "device": profile.device, "builder_flags": list(BUILDER_FLAGS[recipe.precision]),
                          "quantization": quantization, "engines": engines})
     record = {"seconds": round(time.perf_counter() - started, 1), "engines_built": sorted(engines),
               "static_check": {c["graph"]: "ok" for c in checks}, "plans": len(plans),
               "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
-    if precision in ("int8", "int4"):
+    if recipe.precision in (Precision.INT8, Precision.INT4):
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
         with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
             record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
-        judged = table.verdict(record["accuracy_vs_fp32"], QUALITY_BUDGET[precision])
+        judged = table.verdict(record["accuracy_vs_fp32"], recipe.budget)
         record["quality_budget"] = judged.to_dict() if judged else None
     return record
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     manifest = verify(graphs)
-    if any(g["attrs"].get("layout") == Layout.STATIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
+    if any(graph_layout(g).name != Layout.DYNAMIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
         raise VlmExportError("the orin target builds from dynamic-layout graphs (TensorRT profiles)", "export with --layout dynamic")
     context = manifest["model"]["llm"]["max_context"]
     if profile.max_context > context:  # the decode profile never needs more than the model's context
         profile = dataclasses.replace(profile, max_context=context, max_prompt=min(profile.max_prompt, context - 1))
-    report = {"target": "orin", "device": profile.device, "variants": {}}
-    with atomic_directory(out, force) as staging:
-        for precision in profile.variants:
-            key = stage_key(manifest["files"], precision, dataclasses.asdict(profile), VARIANT_RECIPE_VERSION)
-            record = staging.cached(precision, key)
-            if record is None:
-                shutil.rmtree(staging.path / precision, ignore_errors=True)  # leftovers of an interrupted attempt
-                with stage(f"building {precision}"):
-                    record = _build_variant(graphs, staging.path / precision, precision, manifest, profile)
-                staging.remember(precision, key, [f"{precision}/{MANIFEST}"], record)
-            report["variants"][precision] = record
+
+    def finish(report: dict, staging: Path) -> None:
         built = [f"{p}/{e}" for p, r in report["variants"].items() for e in r["engines_built"]]
         report["message"] = ("engines built: " + ", ".join(built)) if built else (
             f"engines NOT built: TensorRT is not importable here; copy {out}/<variant> to the Jetson and run "
             "./build_engines.sh there")
-        staging.finish()
-        write_json_atomic(staging.path / "report.json", report)
-        (staging.path / "report.md").write_text(report_markdown(report))
-    return report
+
+    return build_stages(manifest, out, force, [RECIPES[name] for name in profile.variants],
+                        {"target": "orin", "device": profile.device},
+                        lambda recipe, staging: _build_variant(graphs, staging / recipe.name, recipe, manifest, profile),
+                        lambda recipe: (dataclasses.asdict(profile), VARIANT_RECIPE_VERSION), report_markdown, finish)
 
 
 def report_markdown(report: dict) -> str:
@@ -245,7 +188,7 @@ def report_markdown(report: dict) -> str:
              "| variant | size MB | TensorRT parser check | engines | " + " | ".join(table.HEADER) + " |",
              "|---|---|---|---|" + "---|" * len(table.HEADER)]
     for name, v in report["variants"].items():
-        cells = table.cells(v.get("accuracy_vs_fp32"), QUALITY_BUDGET.get(name))
+        cells = table.cells(v.get("accuracy_vs_fp32"), RECIPES[name].budget)
         checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | " + " | ".join(cells) + " |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])

@@ -1,5 +1,2 @@
-"""Snapdragon 888 target (QNN HTP context binaries + XNNPACK/CPU models); see target.py."""
-
-from vlm_export.targets.sd888.target import Profile, build, cli_help, preflight
-
-__all__ = ["Profile", "build", "cli_help", "preflight"]
+"""`--target sd888`: a Snapdragon 888 phone, QNN HTP context binaries and XNNPACK/CPU models
+(profile.py: its recipes and options; target.py: the build)."""

@@ -18,12 +18,9 @@ from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 from vlm_export.quantize.weight_only import quantize_weights, source_blocks
 from vlm_export.spec.graph_io import GraphRole
 from vlm_export.targets.assemble import assemble_variant
-from vlm_export.targets.cpu import weight_config
+from vlm_export.targets.cpu.target import weight_config
 from vlm_export.targets.sd888.mobile_format import convert_to_ort
-from vlm_export.targets.sd888.report import BUDGET
 from vlm_export.targets.sd888.xnnpack_partition import partition_report
-
-BITS = {"cpu-int8": 8, "cpu-int4": 4}
 
 
 def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) -> dict:
@@ -34,8 +31,9 @@ def _vision_accuracy(fp32: Path, variant: Path, file: str, samples: list[dict]) 
                           ort.InferenceSession(str(variant / file), providers=cpu), samples)
 
 
-def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
-    """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference."""
+def build_cpu_variant(graphs: Path, out: Path, recipe, profile) -> dict:
+    """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference;
+    `recipe` (targets/recipe.py): its precision picks the decoder's weight format."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
     from vlm_export.quantize.calibration import calibration_set, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
@@ -45,10 +43,11 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     images, _ = calibration_set(profile.calibration)
     samples = vision_samples(images, spec)
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec)
-    config = weight_config(f"int{BITS[name]}")  # the cpu target's formats
+    name = recipe.name
+    config = weight_config(str(recipe.precision))  # the cpu target's formats
     step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {GraphRole.VISION: lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
-                "decoder": lambda g, src, dst: quantize_weights(src, dst / g["file"], config, source_blocks(manifest["model"]))}
+                GraphRole.DECODER: lambda g, src, dst: quantize_weights(src, dst / g["file"], config, source_blocks(manifest["model"]))}
     built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
     graph_files = [g["file"] for g in built["graphs"]]
     step(f"{name}: ORT format and reduced-operator config")
@@ -60,7 +59,7 @@ def build_cpu_variant(graphs: Path, out: Path, name: str, profile) -> dict:
     vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == GraphRole.VISION)
     step(f"{name}: measuring against fp32")
     accuracy = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
-    judged = table.verdict(accuracy, BUDGET[name])
+    judged = table.verdict(accuracy, recipe.budget)
     return {"graphs": built["rewrites"], "mobile": mobile,
             "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},
             "vision_accuracy_vs_fp32": _vision_accuracy(graphs, out, vision_file, held_out),

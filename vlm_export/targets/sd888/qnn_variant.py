@@ -20,8 +20,8 @@ from vlm_export.diff.output_agreement import graph_accuracy
 from vlm_export.progress import step
 from vlm_export.quality import table
 from vlm_export.runtime.runners import qnn_ep
+from vlm_export.spec.graph_io import GraphRole
 from vlm_export.targets.assemble import assemble_variant
-from vlm_export.targets.sd888.report import BUDGET
 
 EMBED_MODE = 0
 CPU_BY_DESIGN = {
@@ -74,9 +74,10 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
     return rewrite
 
 
-def build_qnn_variant(static: Path, out: Path, profile) -> dict:
+def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
     """`static`: the fp32 graphs the variant is made from (static layout when the decoder goes onto
-    the NPU; any layout when only the vision graph does)."""
+    the NPU; any layout when only the vision graph does); `recipe` (targets/recipe.py): its passes
+    name the graphs that go onto the HTP."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32, eval_requests
     from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
@@ -87,18 +88,19 @@ def build_qnn_variant(static: Path, out: Path, profile) -> dict:
     images, prompts = calibration_set(profile.calibration)
     eval_images = sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1]
     samples, held_out = {}, {}
-    if "decoder" in profile.qnn_graphs:
+    on_npu = {p.role for p in recipe.passes}
+    if GraphRole.DECODER in on_npu:
         step("qnn: recording calibration feeds on the fp32 static graphs")
         samples = recorded_samples(static, calibration_requests(images, prompts))
         held_out = recorded_samples(static, eval_requests(), new_tokens=4)
     samples["vision"] = vision_samples(images, spec)  # every photo, as the recipe says
     held_out["vision"] = vision_samples(eval_images, spec)
     rewrite = _qnn_rewrite(profile, samples, held_out)
-    built = assemble_variant(static, out, manifest, {g: rewrite for g in profile.qnn_graphs},
-                             target="sd888", variant="qnn", soc=profile.soc)
+    built = assemble_variant(static, out, manifest, {role: rewrite for role in on_npu},
+                             target="sd888", variant=recipe.name, soc=profile.soc)
     on_cpu = {g["file"]: CPU_BY_DESIGN[g["wrapper"]] for g in built["graphs"] if not g.get("qnn")}
     step("qnn: end-to-end agreement with fp32 (generation loop on the emulated HTP)")
     accuracy = accuracy_vs_fp32(static, out, profile.eval_tokens)
-    judged = table.verdict(accuracy, BUDGET["qnn"])
+    judged = table.verdict(accuracy, recipe.budget)
     return {"graphs": built["rewrites"], "on_cpu": on_cpu, "soc": profile.soc,
             "accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}

@@ -4,6 +4,7 @@ peak memory while building, and whether each variant fits the phone's memory."""
 from __future__ import annotations
 
 from vlm_export.quality import table
+from vlm_export.targets.sd888.profile import RECIPES
 
 PHONE_RAM_GB = 8.0
 # Android, its services and the launcher keep about 2.5 GB resident on an 8 GB phone; what is left
@@ -30,16 +31,13 @@ def phone_fit(report: dict, model: dict, context: int) -> dict:
             "budget_note": "8 GB phone minus ~2.5 GB kept by Android", "variants": fits}
 
 
-# The quality budget each variant is held to (quality/metrics.py BUDGETS): shown, never failing the build.
-BUDGET = {"cpu-int8": "int8", "cpu-int4": "int4", "qnn": "npu-int8"}
-
-
 def _accuracy_cells(name: str, record: dict) -> list[str]:
-    return table.cells(record.get("accuracy_vs_fp32"), BUDGET.get(name))
+    """The quality columns against the budget the variant's recipe names (shown, never failing the build)."""
+    return table.cells(record.get("accuracy_vs_fp32"), RECIPES[name].budget)
 
 
 def _placement(name: str, record: dict) -> str:
-    if name == "qnn":
+    if "on_cpu" in record:  # a QNN variant
         on_qnn = [f"{g}: {r['placement']['on_qnn']}/{r['placement']['nodes']}" for g, r in record["graphs"].items()]
         return "HTP " + ", ".join(on_qnn) + "; CPU: " + ", ".join(record["on_cpu"])
     if "xnnpack" in record:

@@ -22,12 +22,11 @@ the build report.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
 from vlm_export.errors import VlmExportError
 from vlm_export.kernels.native_graph import use_native_graph
 from vlm_export.progress import stage, step
@@ -37,22 +36,21 @@ from vlm_export.quantize.matmul_kernel import use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.assemble import assemble_variant, export_layout
+from vlm_export.targets.build_loop import build_stages
+from vlm_export.targets.cpu.profile import (
+    EVAL_TOKENS,
+    KV_INT8,
+    NATIVE_KERNELS,
+    RECIPES,
+    VISION_INT8,
+    WEIGHT_ONLY,
+    Profile,
+)
+from vlm_export.targets.recipe import Recipe
 
-VARIANTS = {"fp32": None, "int8": WeightOnlyConfig(bits=8), "int4": WeightOnlyConfig(bits=4)}
+WEIGHT_BITS = {"int8": 8, "int4": 4}  # precision -> MatMulNBits bits (quantize/weight_only.py says why these formats)
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
 BUILD_RECIPE = "blocks-v4: gguf carry-over (widened into int8), min/max int4 and int8, quality on eval prose"  # a format change rebuilds
-# The profile's choices and what each means: validation and `build --help` both read these.
-LAYOUTS = {Layout.INPLACE: "GroupQueryAttention over an in-place KV buffer", Layout.DYNAMIC: "Concat KV, the diff baseline"}
-VISION = {"int8": "dynamic int8", "fp32": "float"}
-KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the eval set, else float",
-            "int8": "a calibrated scale per head and channel", "fp32": "float"}
-# Scored positions of the eval prose per variant: trained LLM weights get the field's usual sample;
-# seeded-random ones a token sample that only proves the path runs (their numbers mean nothing).
-EVAL_TOKENS = {"trained": 2048, "random": 64}
-BUDGET = {"int8": "int8", "int4": "int4"}  # variant -> quality.metrics.BUDGETS entry
-KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
-           "native": "vlm-export's kernels (int4/int8 matmuls, decoder attention)",
-           "ort": "ONNX Runtime's MatMulNBits and GroupQueryAttention"}
 
 
 def kernel_recipe() -> str:
@@ -65,66 +63,32 @@ def kernel_recipe() -> str:
     return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in files)).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Profile:
-    variants: tuple[str, ...] = ("fp32", "int8", "int4")
-    eval_tokens: int | None = None  # scored eval tokens per variant (None: EVAL_TOKENS by the LLM's weights)
-    layout: str = Layout.INPLACE  # decoder layout: inplace | dynamic
-    vision: str = "int8"  # the int8/int4 variants' vision tower: int8 | fp32
-    kv: str = "auto"  # the int8/int4 variants' KV cache (inplace layout): auto | int8 | fp32
-    calibration: str | None = None  # prompts and images the int8 KV scales come from (default calibration/)
-    kernels: str = "auto"  # the quantized variants' kernels: auto | native (kernels/) | ort (its own ops)
-
-    def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", f"use --layout {' or '.join(LAYOUTS)}")
-        if self.vision not in VISION:
-            raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", f"use --vision {' or '.join(VISION)}")
-        if self.kv not in KV_CACHE:
-            raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", f"use --kv {' or '.join(KV_CACHE)}")
-        if self.eval_tokens is not None and self.eval_tokens < 2:
-            raise VlmExportError(f"--eval-tokens {self.eval_tokens} is too few to score", "pass --eval-tokens 2 or more (default 2048)")
-        if self.kernels not in KERNELS:
-            raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", f"use --kernels {', '.join(KERNELS)}")
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise VlmExportError(f"unknown CPU variant(s) {', '.join(unknown)}", f"use {', '.join(VARIANTS)}")
-        if "fp32" not in self.variants:
-            raise VlmExportError("the fp32 variant is the accuracy baseline of the others", "keep fp32 in --variants")
-
-
-def _choices(table: dict, default: str) -> str:
-    return "; ".join(f"{k} = {v}" + (" (default)" if k == default else "") for k, v in table.items())
-
-
-def cli_help() -> dict[str, str]:
-    """`build --help` text per Profile field, from this target's own tables and defaults."""
-    d = Profile()
-    matmuls = {name: "float" if c is None else f"{c.bits}-bit weight-only" for name, c in VARIANTS.items()}
-    return {
-        "variants": f"comma-separated subset of {','.join(VARIANTS)} (default {','.join(d.variants)}; fp32 is the "
-                    f"others' accuracy baseline); decoder matmuls: {', '.join(f'{k} {v}' for k, v in matmuls.items())}",
-        "layout": f"decoder layout: {_choices(LAYOUTS, d.layout)}",
-        "vision": f"vision tower of the quantized variants: {_choices(VISION, d.vision)}",
-        "kv": f"KV cache of the quantized variants (inplace layout): {_choices(KV_CACHE, d.kv)}",
-        "kernels": f"kernels of the int8/int4 variants: {_choices(KERNELS, d.kernels)}",
-        "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
-                       f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
-        "calibration": "folder (recipe.json, images/, prompts.txt) the int8 KV scales are calibrated on "
-                       "(default: the repository's calibration/)",
-    }
-
-
 def weight_config(name: str) -> WeightOnlyConfig | None:
     """The variant's MatMulNBits settings (quantize/weight_only.py says why these formats); a GGUF
-    model's own blocks are carried over where they fit (`source_blocks`)."""
-    return VARIANTS[name]
+    model's own blocks are carried over where they fit (`source_blocks`). None: a float variant."""
+    bits = WEIGHT_BITS.get(RECIPES[name].precision)
+    return WeightOnlyConfig(bits=bits) if bits else None
 
 
 def int8_kv(profile: Profile, name: str) -> bool:
     """Whether the variant's KV cache may be int8: quantized variants of the inplace layout, unless
     --kv fp32 (with `auto` the build keeps it only where the budget holds)."""
-    return VARIANTS[name] is not None and profile.layout == Layout.INPLACE and profile.kv in ("int8", "auto")
+    return KV_INT8 in RECIPES[name].passes_on(GraphRole.DECODER) and profile.layout == Layout.INPLACE \
+        and profile.kv in ("int8", "auto")
+
+
+def recipes_for(profile: Profile) -> list[Recipe]:
+    """The declared recipes of `profile.variants` with the profile's choices applied: its decoder
+    layout, and only the passes it keeps (--vision fp32 drops the vision pass, --kv fp32 the KV
+    cache's, --kernels ort or a machine without the kernel's CPU features the native kernels')."""
+    resolved = []
+    for name in profile.variants:
+        recipe = RECIPES[name]
+        keep = {VISION_INT8: profile.vision == "int8", KV_INT8: int8_kv(profile, name),
+                NATIVE_KERNELS: native_kernels(profile, name)}
+        resolved.append(dataclasses.replace(recipe, layout=profile.layout,
+                                            passes=tuple(p for p in recipe.passes if keep.get(p.name, True))))
+    return resolved
 
 
 def random_llm(model: dict) -> bool:
@@ -148,7 +112,7 @@ def native_kernels(profile: Profile, name: str) -> bool:
     cannot). fp32 stays on ONNX Runtime's own ops: it is the plain-ORT baseline of the others."""
     from vlm_export.kernels.library import unavailable_reason
 
-    if VARIANTS[name] is None or profile.kernels == "ort":
+    if NATIVE_KERNELS not in RECIPES[name].passes_on(GraphRole.DECODER) or profile.kernels == "ort":
         return False
     return profile.kernels == "native" or unavailable_reason() is None
 
@@ -196,21 +160,26 @@ class VisionInt8Once:
         return self.accuracy
 
 
-def _variant(graphs: Path, manifest: dict, fp32: Path, out: Path, name: str, profile: Profile, kv_scales, kv_int8: bool,
-             vision: VisionInt8Once) -> dict:
-    """fp32 from the exported graphs (`manifest`: theirs, verified; relaid out, or linked as they
-    are); the others from fp32 (built and verified by this build just before)."""
+def _variant(graphs: Path, manifest: dict, staging: Path, recipe: Recipe, kv_scales, vision: VisionInt8Once) -> dict:
+    """A recipe without passes from the exported graphs (`manifest`: theirs, verified; relaid out,
+    or linked as they are); the others from their source stage (built and verified just before)."""
     from vlm_export.artifacts import read_manifest
 
-    config = weight_config(name)
-    if config is None and profile.layout != Layout.DYNAMIC:
-        return export_layout(graphs, out, layout=profile.layout)
-    source, source_manifest = (graphs, manifest) if config is None else (fp32, read_manifest(fp32))
-    rewrites = {} if config is None else {GraphRole.DECODER: _decoder_rewrite(config, kv_scales if kv_int8 else None,
-                                                                        native_kernels(profile, name), manifest["model"])}
-    if config is not None and profile.vision == "int8":
+    out = staging / recipe.name
+    if recipe.source is None:
+        if recipe.layout != Layout.DYNAMIC:
+            return export_layout(graphs, out, layout=recipe.layout)
+        return assemble_variant(graphs, out, manifest, {}, target="cpu", variant=recipe.name, layout=recipe.layout)
+    decoder = recipe.passes_on(GraphRole.DECODER)
+    rewrites = {}
+    if WEIGHT_ONLY in decoder:
+        rewrites[GraphRole.DECODER] = _decoder_rewrite(weight_config(recipe.name), kv_scales if KV_INT8 in decoder else None,
+                                                       NATIVE_KERNELS in decoder, manifest["model"])
+    if VISION_INT8 in recipe.passes_on(GraphRole.VISION):
         rewrites[GraphRole.VISION] = vision.rewrite
-    return assemble_variant(source, out, source_manifest, rewrites, target="cpu", variant=name, layout=profile.layout)
+    source = staging / recipe.source
+    return assemble_variant(source, out, read_manifest(source), rewrites, target="cpu", variant=recipe.name,
+                            layout=recipe.layout)
 
 
 def vision_accuracy(fp32: Path, variant: Path) -> dict:
@@ -236,7 +205,7 @@ def preflight(profile: Profile) -> None:
     from vlm_export.kernels.library import unavailable_reason
     from vlm_export.quantize.calibration import check_calibration
 
-    quantized = any(VARIANTS[name] is not None for name in profile.variants)
+    quantized = any(NATIVE_KERNELS in RECIPES[name].passes_on(GraphRole.DECODER) for name in profile.variants)
     reason = unavailable_reason() if profile.kernels == "native" and quantized else None
     if reason:
         raise VlmExportError(f"--kernels native: {reason}", "use --kernels ort (or auto)")
@@ -254,45 +223,36 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 
     manifest = verify(graphs)
     preflight(profile)
-    scales = {}
+    scales, screened, vision = {}, {}, VisionInt8Once()
+    staging_dir: list[Path] = []  # the build loop's staging folder, once it exists
 
     def kv_scales() -> dict:  # calibrated once per build, on the fp32 variant built first
         if not scales:
             from vlm_export.quantize.calibration import calibration_set
 
             step("calibrating the int8 KV cache on fp32's K/V")
-            scales.update(calibrate_kv_scales(staging.path / "fp32", *calibration_set(profile.calibration)))
+            scales.update(calibrate_kv_scales(staging_dir[0] / "fp32", *calibration_set(profile.calibration)))
         return scales
-
-    screened = {}
-    vision = VisionInt8Once()
 
     def kv_alone():  # the int8 KV cache on fp32 weights, screened once per build (see _kv_alone)
         if not screened:
-            screened["quality"] = _kv_alone(staging.path, kv_scales(), tokens)
+            screened["quality"] = _kv_alone(staging_dir[0], kv_scales(), tokens)
         return screened["quality"]
 
+    def build_stage(recipe: Recipe, staging: Path) -> dict:
+        staging_dir[:] = [staging]
+        return _build_variant(graphs, manifest, staging, recipe, profile, kv_scales, tokens, kv_alone, vision)
+
+    def key(recipe: Recipe) -> tuple:
+        config = weight_config(recipe.name)
+        return (config and config.__dict__, KV_INT8 in recipe.passes_on(GraphRole.DECODER) and (KV_RECIPE, profile.kv),
+                NATIVE_KERNELS in recipe.passes_on(GraphRole.DECODER) and kernel_recipe(),
+                recipe.budget and (tokens, BUILD_RECIPE))
+
     tokens = eval_tokens(profile, manifest["model"])
-    report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "eval_tokens": tokens, "variants": {},
+    report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "eval_tokens": tokens,
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
-    with atomic_directory(out, force) as staging:
-        for name in profile.variants:
-            config = weight_config(name)
-            native = native_kernels(profile, name)
-            key = stage_key(manifest["files"], name, config and config.__dict__, profile.layout,
-                            VARIANTS[name] and profile.vision, int8_kv(profile, name) and (KV_RECIPE, profile.kv),
-                            native and kernel_recipe(), VARIANTS[name] and (tokens, BUILD_RECIPE))
-            record = staging.cached(name, key)
-            if record is not None:
-                step(f"{name}: unchanged inputs, reusing the finished stage")
-            else:
-                record = _build_variant(graphs, manifest, staging.path, name, profile, kv_scales, tokens, kv_alone, vision)
-                staging.remember(name, key, [f"{name}/{MANIFEST}"], record)
-            report["variants"][name] = record
-        staging.finish()
-        write_json_atomic(staging.path / "report.json", report)
-        (staging.path / "report.md").write_text(report_markdown(report))
-    return report
+    return build_stages(manifest, out, force, recipes_for(profile), report, build_stage, key, report_markdown)
 
 
 def _measure(fp32: Path, variant: Path, name: str, tokens: int, judge: bool) -> dict:
@@ -300,7 +260,7 @@ def _measure(fp32: Path, variant: Path, name: str, tokens: int, judge: bool) -> 
     from vlm_export.quality.table import verdict
 
     accuracy = accuracy_vs_fp32(fp32, variant, tokens)
-    judged = verdict(accuracy, BUDGET.get(name)) if judge else None
+    judged = verdict(accuracy, RECIPES[name].budget) if judge else None
     return {"accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}
 
 
@@ -315,7 +275,7 @@ def _screen_int8_kv(fp32: Path, variant: Path, name: str, tokens: int):
 
     with stage(f"screening {name}'s int8 KV cache ({min(tokens, SCREEN_TOKENS)} eval tokens)"):
         quality = measure(fp32, variant, min(tokens, SCREEN_TOKENS), greedy_tokens=0, long_prompt_tokens=0)
-    return BUDGETS[BUDGET[name]].verdict(quality)
+    return BUDGETS[RECIPES[name].budget].verdict(quality)
 
 
 def _kv_alone(staging: Path, scales: dict, tokens: int):
@@ -347,34 +307,38 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
         shutil.rmtree(screen, ignore_errors=True)
 
 
-def _build_variant(graphs: Path, manifest: dict, staging: Path, name: str, profile: Profile, kv_scales, tokens: int,
+def _build_variant(graphs: Path, manifest: dict, staging: Path, recipe: Recipe, profile: Profile, kv_scales, tokens: int,
                    kv_alone=None, vision: VisionInt8Once | None = None) -> dict:
     """One variant built and measured; with --kv auto an int8 KV cache that costs the budget is
     replaced by a float one (and the report says what the int8 cache scored). Seeded-random LLM
     weights are not judged: auto keeps the int8 cache there."""
     from vlm_export.quality.metrics import BUDGETS
 
-    config, native = weight_config(name), native_kernels(profile, name)
+    name = recipe.name
     vision = vision or VisionInt8Once()
     judge = not random_llm(manifest["model"])
-    attempts = [True, False] if int8_kv(profile, name) and profile.kv == "auto" and judge else [int8_kv(profile, name)]
+    float_kv = dataclasses.replace(recipe, passes=tuple(p for p in recipe.passes if p.name != KV_INT8))
+    int8_cache = float_kv != recipe
+    attempts = [recipe, float_kv] if int8_cache and profile.kv == "auto" and judge else [recipe]
     rejected = None
     if len(attempts) > 1 and kv_alone is not None:
-        alone = BUDGETS[BUDGET[name]].verdict(kv_alone())
+        alone = BUDGETS[recipe.budget].verdict(kv_alone())
         if not alone.passed:
-            attempts, rejected = [False], f"int8 KV cache alone (fp32 weights): {alone.line()}"
+            attempts, rejected = [float_kv], f"int8 KV cache alone (fp32 weights): {alone.line()}"
             step(f"{name}: the int8 KV cache alone misses the {name} budget; building with a float KV cache")
-    for kv_int8 in attempts:
+    for attempt in attempts:
+        kv_int8 = KV_INT8 in attempt.passes_on(GraphRole.DECODER)
         shutil.rmtree(staging / name, ignore_errors=True)  # leftovers of an interrupted or rejected attempt
         started = time.perf_counter()
-        with stage(f"building {name}" + (" (int8 KV cache)" if kv_int8 else "")):
-            built = _variant(graphs, manifest, staging / "fp32", staging / name, name, profile, kv_scales, kv_int8, vision)
+        with stage(f"assembling {name}" + (" (int8 KV cache)" if kv_int8 else "")):
+            built = _variant(graphs, manifest, staging, attempt, kv_scales, vision)
+        native = NATIVE_KERNELS in attempt.passes_on(GraphRole.DECODER)
         record = {"seconds": round(time.perf_counter() - started, 1), "bytes": sum(f["bytes"] for f in built["files"].values()),
-                  "kv_cache": "int8" if kv_int8 else "fp32", "matmuls": matmul_kind(config, native),
-                  "attention": attention_kind(built),
+                  "kv_cache": "int8" if kv_int8 else "fp32", "matmuls": matmul_kind(weight_config(name), native),
+                  "attention": attention_kind(built), "passes": [str(p) for p in attempt.passes],
                   "weights": next((r["weight_origins"] for r in built.get("rewrites", {}).values()
                                    if isinstance(r, dict) and "weight_origins" in r), None)}
-        if name == "fp32":
+        if recipe.budget is None:  # the baseline
             return record
         if kv_int8 and len(attempts) > 1 and judge:
             screened = _screen_int8_kv(staging / "fp32", staging / name, name, tokens)
@@ -420,7 +384,7 @@ def report_markdown(report: dict) -> str:
         acc, vision = v.get("accuracy_vs_fp32"), v.get("vision_vs_fp32")
         kv = v.get("kv_cache", "fp32") + (" (int8 missed the budget)" if v.get("kv_int8_rejected") else "")
         row = [name, f"{v['bytes'] / 1e6:.0f}", str(v["seconds"]), v.get("matmuls", "-"), kv,
-               *cells(acc, BUDGET.get(name), missing="baseline" if acc is None else "-"),
+               *cells(acc, RECIPES[name].budget, missing="baseline" if acc is None else "-"),
                f"{vision['cosine_min']:.5f}" if vision else "baseline"]
         lines.append("| " + " | ".join(row) + " |")
     variants = report["variants"].items()

@@ -1,0 +1,85 @@
+"""A target's variants as declared data, and its profile's options as data the CLI is generated from.
+
+A `Recipe` says what a variant is: its precision, the passes that rewrite which graphs, the decoder
+layout, the execution providers it runs on, the quality budget it is held to and the stage it is
+made from. Each target declares its recipes in its `profile.py` (torch- and ONNX-free, so the CLI
+can read them on start) and maps pass names to the code that runs them in its build module; the
+one build loop (`build_loop.py`) runs the stages.
+
+A profile field declared with `option()` becomes a `vlm-export build` option (`cli/build_cmd.py`),
+grouped under the targets whose profile has it, with the text the target's `cli_help()` gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+
+from vlm_export.spec.graph_io import GraphRole
+
+
+class Precision(StrEnum):
+    """The arithmetic a variant's matmuls run in (weights / activations as its passes say)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One rewrite of the graphs of one role (a name in the target's pass registry)."""
+
+    role: GraphRole
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.name}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One variant (or an internal stage) of a target, as data."""
+
+    name: str  # the variant's folder
+    summary: str  # what it is, for `build --help` and reports
+    precision: Precision
+    passes: tuple[Pass, ...] = ()  # rewrites of the source's graphs, in order
+    layout: str | None = None  # the decoder layout it carries (spec/layouts/); None: its source's
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # where it runs (ORT providers, or TensorRT)
+    budget: str | None = None  # quality.metrics.BUDGETS entry it is judged by; None: the baseline
+    source: str | None = None  # the stage it is made from; None: the exported graphs
+    shipped: bool = True  # False: an fp32 stage the variants are made from, not one to run on the device
+
+    def passes_on(self, role: GraphRole) -> list[str]:
+        return [p.name for p in self.passes if p.role == role]
+
+
+def option(default, flag: str | None = None):
+    """A profile field that `vlm-export build` takes as `flag` (default `--field-name`; a bool field
+    becomes `--flag/--no-flag`; a tuple field takes a comma-separated list)."""
+    return dataclasses.field(default=default, metadata={"cli": flag})
+
+
+def choices(table: dict, default: str) -> str:
+    """'a = what a is (default); b = ...' for a help text."""
+    return "; ".join(f"{k} = {v}" + (" (default)" if k == default else "") for k, v in table.items())
+
+
+def variants_help(recipes: dict[str, Recipe], default: tuple[str, ...]) -> str:
+    """The `--variants` help of a target: its shipped recipes and what each is."""
+    shipped = [r for r in recipes.values() if r.shipped]
+    return (f"comma-separated subset of {','.join(r.name for r in shipped)} (default {','.join(default)}): "
+            + "; ".join(f"{r.name} = {r.summary}" for r in shipped))
+
+
+def check_variants(target: str, recipes: dict[str, Recipe], variants: tuple[str, ...]) -> None:
+    """Raise VlmExportError naming the variants `target` does not declare."""
+    from vlm_export.errors import VlmExportError
+
+    known = [name for name, r in recipes.items() if r.shipped]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise VlmExportError(f"unknown {target} variant(s) {', '.join(unknown)}", f"use {', '.join(known)}")

@@ -1,0 +1,77 @@
+"""`--target sd888` as data: its variants' recipes and its profile (the options `build` takes).
+Light on purpose (no ONNX, no PyTorch): the CLI reads it on start to generate its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_export.errors import VlmExportError
+from vlm_export.runtime.runners.qnn_ep import SOCS
+from vlm_export.spec.graph_io import GraphRole, Layout
+from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, option, variants_help
+
+DECODER, VISION = GraphRole.DECODER, GraphRole.VISION
+# Pass names (target.py maps each to its code)
+QNN_QDQ = "QDQ u16 activations / u8 weights, compiled to a QNN context binary (CPU fallback off)"
+XNNPACK_QDQ = "int8 QDQ, u8 activations, per-channel int8 weights (XNNPACK's QLinear form)"
+WEIGHT_ONLY = "weight-only MatMulNBits (the cpu target's formats)"
+QNN_PROVIDERS = ("QNNExecutionProvider",)
+PHONE_CPU = ("XnnpackExecutionProvider", "CPUExecutionProvider")
+
+RECIPES = {
+    "fp32-static": Recipe("fp32-static", "the static layout (batch 1, prefill chunk, KV buffer) in fp32: the QNN "
+                          "variant's source and accuracy reference", Precision.FP32, layout=Layout.STATIC, shipped=False),
+    "fp32-inplace": Recipe("fp32-inplace", "the inplace layout in fp32: the CPU variants' source and accuracy reference",
+                           Precision.FP32, layout=Layout.INPLACE, shipped=False),
+    "qnn": Recipe("qnn", "vision and decoder QDQ (u16 activations, u8 weights) compiled to QNN context binaries for the "
+                  "Hexagon NPU", Precision.INT8, (Pass(VISION, QNN_QDQ), Pass(DECODER, QNN_QDQ)), layout=Layout.STATIC,
+                  providers=QNN_PROVIDERS, budget="npu-int8", source="fp32-static"),
+    "cpu-int8": Recipe("cpu-int8", "XNNPACK/CPU: vision int8 QDQ, decoder 8-bit weights, .ort models", Precision.INT8,
+                       (Pass(VISION, XNNPACK_QDQ), Pass(DECODER, WEIGHT_ONLY)), layout=Layout.INPLACE,
+                       providers=PHONE_CPU, budget="int8", source="fp32-inplace"),
+    "cpu-int4": Recipe("cpu-int4", "XNNPACK/CPU: vision int8 QDQ, decoder 4-bit weights, .ort models", Precision.INT4,
+                       (Pass(VISION, XNNPACK_QDQ), Pass(DECODER, WEIGHT_ONLY)), layout=Layout.INPLACE,
+                       providers=PHONE_CPU, budget="int4", source="fp32-inplace"),
+}
+VARIANTS = tuple(name for name, recipe in RECIPES.items() if recipe.shipped)
+QNN_GRAPHS = (GraphRole.VISION, GraphRole.DECODER)
+
+
+@dataclass(frozen=True)
+class Profile:
+    variants: tuple[str, ...] = option(VARIANTS)
+    soc: str = option("SM8350")
+    qnn_graphs: tuple[str, ...] = option(tuple(QNN_GRAPHS))  # graphs put on the NPU; the others run on the CPU
+    max_context: int = option(1024)  # KV buffer of the static graphs
+    prefill_chunk: int = option(128)
+    qnn_16bit_weights: tuple[str, ...] = ()  # node-name patterns whose weights stay 16-bit on the HTP (no CLI option)
+    calibration: str | None = option(None)
+    eval_tokens: int = option(16)
+
+    def __post_init__(self):
+        check_variants("sd888", RECIPES, self.variants)
+        if self.soc not in SOCS:
+            raise VlmExportError(f"unknown Snapdragon SoC '{self.soc}'", f"use one of {', '.join(SOCS)}")
+        bad = [g for g in self.qnn_graphs if g not in QNN_GRAPHS]
+        if bad or not self.qnn_graphs:
+            raise VlmExportError(f"--qnn-graphs must name some of {', '.join(QNN_GRAPHS)} (got {', '.join(bad) or 'none'})",
+                                 "pass e.g. --qnn-graphs vision")
+        if not 0 < self.prefill_chunk <= self.max_context:
+            raise VlmExportError("the prefill chunk must be positive and fit the KV buffer", "adjust --prefill-chunk / --max-context")
+
+
+def cli_help() -> dict[str, str]:
+    """`build --help` text per Profile field, from this target's own tables and defaults."""
+    d = Profile()
+    socs = " | ".join(f"{k} ({v['device']}, HTP v{v['htp_arch']})" for k, v in SOCS.items())
+    return {
+        "variants": variants_help(RECIPES, d.variants),
+        "soc": f"Snapdragon SoC the QNN context binaries are compiled for: {socs} (default {d.soc})",
+        "qnn_graphs": f"graphs put on the NPU, subset of {','.join(QNN_GRAPHS)} (default {','.join(d.qnn_graphs)}; "
+                      "the others run on the CPU)",
+        "max_context": f"KV buffer of the static graphs (default {d.max_context}, at most the model's context)",
+        "prefill_chunk": f"prompt tokens per static prefill call (default {d.prefill_chunk})",
+        "calibration": "folder (recipe.json, images/, prompts.txt) the QNN and CPU variants are calibrated on "
+                       "(default: the repository's calibration/)",
+        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
+    }

@@ -165,7 +165,7 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     manifest = verify(graphs)
-    if any(graph_layout(g).name != Layout.DYNAMIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
+    if any(graph_layout(g).name == Layout.STATIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):
         raise VlmExportError("the orin target builds from dynamic-layout graphs (TensorRT profiles)", "export with --layout dynamic")
     context = manifest["model"]["llm"]["max_context"]
     if profile.max_context > context:  # the decode profile never needs more than the model's context

@@ -165,13 +165,20 @@ def masked_decoder_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator
              "inputs_embeds": sampler.embeds(rng, batch, seq).astype(embeds.dtype)}
     past_len = total - seq
     filled = case.get("past_valid", past_len)
-    past = sampler.past(rng, mask[:, :filled]) if filled else []
+    prefix = sampler.past(rng, mask[:, :filled]) if filled else []
+    return {**feeds, **past_buffers(graph, batch, past_len, prefix)}
+
+
+def past_buffers(graph: GraphSpec, batch: int, length: int, prefix: list[np.ndarray]) -> dict:
+    """Zeroed past K/V inputs (batch, kv heads, `length`, head dim) of `graph`, each starting with
+    its `prefix` array (the reference's K/V of a random prefix; none: all zeros)."""
+    buffers = {}
     for index, tensor in enumerate(t for t in graph.inputs if t.name.startswith(PAST)):
-        buffer = np.zeros((batch, tensor.shape[1], past_len, tensor.shape[3]), dtype=tensor.dtype)
-        if filled:
-            buffer[:, :, :filled] = past[index]
-        feeds[tensor.name] = buffer
-    return feeds
+        buffer = np.zeros((batch, tensor.shape[1], length, tensor.shape[3]), dtype=tensor.dtype)
+        if prefix:
+            buffer[:, :, :prefix[index].shape[2]] = prefix[index]
+        buffers[tensor.name] = buffer
+    return buffers
 
 
 def decoder_graph(spec: ModelSpec, opts: ExportOptions, name: str, file: str, batch: Dim, seq: Dim, past: Dim,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlm_export.spec.graph_io import GraphRole, GraphSpec, KvUpdate, Layout, TensorSpec, kv_tensors
-from vlm_export.spec.layouts.base import PAST, PRESENT, DecoderLayout, PrefillPlan, kv_names, one_call_plan
+from vlm_export.spec.layouts.base import PAST, PRESENT, DecoderLayout, PrefillPlan, kv_names, one_call_plan, past_buffers
 
 
 class InPlaceKV:
@@ -82,12 +82,7 @@ class InPlaceLayout(DecoderLayout):
         longest = int(past.max())
         prefix_mask = (np.arange(longest)[None, :] < past[:, None]).astype(np.int64)
         prefix = sampler.past(rng, prefix_mask) if longest else []
-        for index, tensor in enumerate(t for t in graph.inputs if t.name.startswith(PAST)):
-            buffer = np.zeros((batch, tensor.shape[1], capacity, tensor.shape[3]), dtype=tensor.dtype)
-            if longest:
-                buffer[:, :, :longest] = prefix[index]
-            feeds[tensor.name] = buffer
-        return feeds
+        return {**feeds, **past_buffers(graph, batch, capacity, prefix)}
 
     def valid_positions(self, graph, output, feeds) -> np.ndarray:
         batch = feeds["seqlens_k"].shape[0]

@@ -116,3 +116,104 @@ def test_int4_is_blocked_weight_only_dequantize_that_runs_in_ort(built):
     int4 = report["variants"]["int4"]
     assert set(int4["static_check"].values()) == {"ok"}
     assert 0 < int4["accuracy_vs_fp32"]["top1_agreement"] <= 1  # measured in ONNX Runtime against fp32
+
+
+def _plans(root, variant: str) -> dict:
+    return {p["graph"]: p for p in json.loads((root / "orin" / variant / "plan.json").read_text())["plans"]}
+
+
+def test_fp16_engines_are_strongly_typed_and_quantized_ones_pin_the_float32_islands(built):
+    """TensorRT's --fp16 may run RMSNorm, softmax and rotary in fp16: the fp16 variant is built as a
+    strongly typed network (its graphs carry their fp32 islands), int8/int4 pin the islands by name."""
+    root, _ = built
+    fp16 = (root / "orin" / "fp16" / "build_engines.sh").read_text()
+    trtexec = [line for line in fp16.splitlines() if line.strip().startswith("trtexec")]
+    assert trtexec and all("--stronglyTyped" in line and "--fp16" not in line for line in trtexec)
+    assert all("--strongly-typed" in line for line in fp16.splitlines() if line.strip().startswith("polygraphy convert"))
+    islands = _plans(root, "int8")["decoder.onnx"]["fp32_layers"]
+    for expected in ("/blocks.0/input_layernorm/Pow", "/blocks.1/post_attention_layernorm/ReduceMean", "/norm/Sqrt",
+                     "/blocks.0/Softmax", "/blocks.0/Neg", "/blocks.0/Neg_1"):
+        assert expected in islands
+    assert not [n for n in islands if "MatMul" in n or "proj" in n]  # the matmuls stay int8 / fp16
+    rotary = [n for n in islands if "/blocks.0/" in n and "layernorm" not in n and "Softmax" not in n]
+    assert len(rotary) == 2 * 7  # q and k: Add, two Muls, Concat, Neg, two Slices
+    int8 = (root / "orin" / "int8" / "build_engines.sh").read_text()
+    decoder = next(line for line in int8.splitlines() if "--onnx=decoder.onnx" in line)
+    assert "--int8 --fp16 --precisionConstraints=obey" in decoder
+    assert "/blocks.0/input_layernorm/Pow:fp32," in decoder and "/blocks.0/Softmax:fp32" in decoder
+    converted = next(line for line in int8.splitlines() if "polygraphy convert decoder.onnx" in line)
+    assert "--precision-constraints obey --layer-precisions" in converted and "/blocks.0/Softmax:float32" in converted
+
+
+def test_in_process_build_is_configured_like_the_script(built, monkeypatch):
+    """Without TensorRT here, the in-process build runs against stand-ins that record what it asks for."""
+    import sys
+    import types
+
+    import polygraphy.backend.trt as polygraphy_trt
+
+    from vlm_export.targets.orin import target
+
+    calls = []
+    fake_trt = types.SimpleNamespace(float32="float32", MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"),
+                                     __version__="10.x (stand-in)")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+
+    class Profile(dict):
+        def add(self, name, *shapes):
+            self[name] = shapes
+
+    def record(kind):
+        return lambda *args, **kwargs: calls.append((kind, args, kwargs)) or (kind, args, kwargs)
+
+    monkeypatch.setattr(polygraphy_trt, "Profile", Profile)
+    for kind in ("CreateConfig", "NetworkFromOnnxPath", "SetLayerPrecisions", "EngineFromNetwork"):
+        monkeypatch.setattr(polygraphy_trt, kind, record(kind))
+    monkeypatch.setattr(polygraphy_trt, "SaveEngine", lambda engine, path: lambda: None)
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 7))
+    root, _ = built
+    for variant, strongly_typed in (("fp16", True), ("int8", False)):
+        calls.clear()
+        plans = list(_plans(root, variant).values())
+        target._build_engines(root / "orin" / variant, [p for p in plans if p["graph"] == "decoder.onnx"])
+        by_kind = {kind: (args, kwargs) for kind, args, kwargs in calls}
+        assert by_kind["NetworkFromOnnxPath"][1]["strongly_typed"] is strongly_typed
+        config = by_kind["CreateConfig"][1]
+        if strongly_typed:  # no precision flags on a strongly typed network, no per-layer pins
+            assert not config["fp16"] and not config["int8"] and "SetLayerPrecisions" not in by_kind
+        else:
+            assert config["fp16"] and config["int8"] and config["precision_constraints"] == "obey"
+            pinned = by_kind["SetLayerPrecisions"][0][1]
+            assert "/blocks.0/Softmax" in pinned and set(pinned.values()) == {"float32"}
+
+
+def test_reports_say_simulated_and_golden_files_check_with_polygraphy(built):
+    """The quality columns are ONNX Runtime on the variant's graphs, labelled so; the golden files and the
+    printed Polygraphy line reproduce those outputs (here with ONNX Runtime standing in for the engine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = built
+    report = json.loads((root / "orin" / "report.json").read_text())
+    assert report["variants"]["int8"]["measured_on"].startswith("simulated")
+    markdown = (root / "orin" / "report.md").read_text()
+    assert "| int8 |" in markdown and "simulated (ONNX Runtime on the variant's graphs, not the engine)" in markdown
+    assert "./check_engines.sh" in markdown
+    variant = root / "orin" / "int8"
+    script = (variant / "check_engines.sh").read_text().splitlines()
+    lines = [line for line in script if line.startswith("polygraphy run")]
+    assert {Path(line.split()[2]).name for line in lines} == {"vision.engine", "embed.engine", "decoder.engine"}
+    assert any("--optimization-profile 1" in line and "decoder-decode" in line for line in lines)
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    for line in lines:
+        args = line.split()
+        engine = args[2]
+        args = [str(polygraphy), "run", engine.replace(".engine", ".onnx"), "--onnxrt",
+                *[a for a in args[3:] if a not in ("--model-type", "engine", "--trt")]]
+        index = args.index("--optimization-profile")
+        del args[index:index + 2]
+        done = subprocess.run(args, check=False, cwd=variant, capture_output=True, text=True)
+        assert done.returncode == 0 and "PASSED" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]

@@ -3,6 +3,7 @@ module, timing cache, DLA placement, and the trtexec / polygraphy command lines 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from vlm_export.spec.graph_io import GraphRole, Layout
@@ -58,10 +59,31 @@ def _shape_arg(profile: dict, point: str) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, s[point]))}" for name, s in profile["shapes"].items())
 
 
+def builder_settings(plan: dict) -> dict:
+    """What one engine's build is told, for trtexec, polygraphy and the in-process build alike:
+    {"strongly_typed": bool (the graph's own tensor types, no precision flags), "flags": [...]
+    (builder precision flags), "precision_constraints": "obey" | None, "fp32_layers": [names]}.
+    A strongly typed build takes no precision flags (TensorRT refuses them there)."""
+    strongly_typed = bool(plan.get("strongly_typed"))
+    layers = [] if strongly_typed else list(plan.get("fp32_layers", []))
+    return {"strongly_typed": strongly_typed,
+            "flags": [] if strongly_typed else [p for p in plan["precisions"] if p != "fp32"],
+            "precision_constraints": "obey" if layers else None, "fp32_layers": layers}
+
+
+def _precision_args(plan: dict, strongly_typed: str, constraints: str, layers) -> list[str]:
+    settings = builder_settings(plan)
+    parts = [strongly_typed] if settings["strongly_typed"] else [f"--{p}" for p in settings["flags"]]
+    if settings["fp32_layers"]:
+        parts += [constraints, layers(settings["fp32_layers"])]
+    return parts
+
+
 def trtexec_command(graph_file: str, engine_file: str, plan: dict) -> str:
     parts = ["trtexec", f"--onnx={graph_file}", f"--saveEngine={engine_file}", f"--memPoolSize=workspace:{plan['workspace_mb']}M",
              f"--timingCacheFile={plan['timing_cache']}"]
-    parts += [f"--{p}" for p in plan["precisions"] if p != "fp32"]
+    parts += _precision_args(plan, "--stronglyTyped", "--precisionConstraints=obey",
+                             lambda names: shlex.quote("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in names)))
     for profile in plan["profiles"]:  # each min/opt/max triple adds one optimisation profile
         parts += [f"--minShapes={_shape_arg(profile, 'min')}", f"--optShapes={_shape_arg(profile, 'opt')}",
                   f"--maxShapes={_shape_arg(profile, 'max')}"]
@@ -73,7 +95,8 @@ def trtexec_command(graph_file: str, engine_file: str, plan: dict) -> str:
 def polygraphy_command(graph_file: str, engine_file: str, plan: dict) -> str:
     parts = ["polygraphy", "convert", graph_file, "--convert-to", "trt", "-o", engine_file,
              "--pool-limit", f"workspace:{plan['workspace_mb']}M", "--save-timing-cache", plan["timing_cache"]]
-    parts += [f"--{p}" for p in plan["precisions"] if p != "fp32"]
+    parts += _precision_args(plan, "--strongly-typed", "--precision-constraints obey",
+                             lambda names: "--layer-precisions " + " ".join(shlex.quote(f"{n}:float32") for n in names))
     for profile in plan["profiles"]:
         for point, flag in (("min", "--trt-min-shapes"), ("opt", "--trt-opt-shapes"), ("max", "--trt-max-shapes")):
             parts += [flag] + [f"{name}:[{','.join(map(str, s[point]))}]" for name, s in profile["shapes"].items()]

@@ -24,19 +24,35 @@ from vlm_export.quality import table
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.spec.layouts import graph_layout
 from vlm_export.targets.build_loop import build_stages
-from vlm_export.targets.orin.plan import COMPUTE_CAPABILITY, DEVICES, polygraphy_command, profiles_for, trtexec_command
+from vlm_export.targets.orin.golden import SCRIPT as CHECK_SCRIPT
+from vlm_export.targets.orin.golden import write_golden
+from vlm_export.targets.orin.islands import float32_islands
+from vlm_export.targets.orin.plan import (
+    COMPUTE_CAPABILITY,
+    DEVICES,
+    builder_settings,
+    polygraphy_command,
+    profiles_for,
+    trtexec_command,
+)
 from vlm_export.targets.orin.profile import BUILDER_FLAGS, FP16_EXPORT, INT4_WEIGHTS, INT8_QDQ, RECIPES, Profile
 from vlm_export.targets.orin.static_check import check_graph
 from vlm_export.targets.recipe import Precision, Recipe
 
-VARIANT_RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
+VARIANT_RECIPE_VERSION = 3  # part of the build-cache key: bump when a variant is made differently
+SIMULATED = "simulated (ONNX Runtime on the variant's graphs, not the engine)"
 
 
-def graph_plan(graph: dict, profile: Profile, recipe: Recipe) -> dict:
+def graph_plan(graph: dict, profile: Profile, recipe: Recipe, directory: Path) -> dict:
+    """How TensorRT builds one graph of the variant in `directory`: its precision (fp16 variant:
+    strongly typed, the graph's own fp16 and fp32 islands; int8/int4: builder flags with the
+    graph's float32 islands pinned to fp32, islands.py), profiles, workspace, DLA."""
     device = DEVICES[profile.device]
+    strongly_typed = recipe.precision == Precision.FP16
     return {
         "graph": graph["file"], "engine": Path(graph["file"]).stem + ".engine",
-        "precisions": list(BUILDER_FLAGS[recipe.precision]), "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
+        "precisions": list(BUILDER_FLAGS[recipe.precision]), "strongly_typed": strongly_typed,
+        "fp32_layers": [] if strongly_typed else float32_islands(directory / graph["file"]), "workspace_mb": device["workspace_mb"], "timing_cache": "timing.cache",
         "compute_capability": COMPUTE_CAPABILITY, "device": profile.device,
         "dla_core": 0 if profile.vision_on_dla and graph["wrapper"] == GraphRole.VISION else None,
         "profiles": profiles_for(graph, profile.max_batch, profile.max_prompt, profile.max_context),
@@ -57,22 +73,26 @@ def build_script(plans: list[dict]) -> str:
 def _build_engines(directory: Path, plans: list[dict]) -> dict:
     """In-process build through Polygraphy's loaders, where TensorRT is importable."""
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine, SetLayerPrecisions
     from polygraphy.backend.trt import Profile as TrtProfile
 
     built = {}
     for plan in plans:
+        settings = builder_settings(plan)
         profiles = []
         for p in plan["profiles"]:
             trt_profile = TrtProfile()
             for name, s in p["shapes"].items():
                 trt_profile.add(name, s["min"], s["opt"], s["max"])
             profiles.append(trt_profile)
-        config = CreateConfig(fp16="fp16" in plan["precisions"], int8="int8" in plan["precisions"], profiles=profiles,
+        config = CreateConfig(fp16="fp16" in settings["flags"], int8="int8" in settings["flags"], profiles=profiles,
+                              precision_constraints=settings["precision_constraints"],
                               memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan["workspace_mb"] << 20},
                               load_timing_cache=str(directory / plan["timing_cache"]))
-        SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(str(directory / plan["graph"])), config=config),
-                   str(directory / plan["engine"]))()
+        network = NetworkFromOnnxPath(str(directory / plan["graph"]), strongly_typed=settings["strongly_typed"])
+        if settings["fp32_layers"]:
+            network = SetLayerPrecisions(network, dict.fromkeys(settings["fp32_layers"], trt.float32))
+        SaveEngine(EngineFromNetwork(network, config=config), str(directory / plan["engine"]))()
         import torch
 
         built[plan["engine"]] = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
@@ -136,12 +156,14 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
     failed = [f"{c['graph']}: {c['problems'][0]}" for c in checks if not c["passed"]]
     if failed:
         raise VlmExportError(f"graphs TensorRT cannot parse: {'; '.join(failed[:3])}", "re-export, or report the op")
-    plans = [graph_plan(g, profile, recipe) for g in variant_manifest["graphs"]]
+    plans = [graph_plan(g, profile, recipe, out) for g in variant_manifest["graphs"]]
     write_json_atomic(out / "plan.json", {"device": profile.device, **DEVICES[profile.device], "plans": plans})
     write_json_atomic(out / "static_check.json", {"checks": checks})
     script = out / "build_engines.sh"
     script.write_text(build_script(plans))
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    with stage(f"golden inputs and simulated outputs for checking the {precision} engines"):
+        checks_on_device = write_golden(graphs, out, variant_manifest, plans)
     engines = {}
     if importlib.util.find_spec("tensorrt") is not None:
         with stage(f"building TensorRT engines ({precision})"):
@@ -152,12 +174,13 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
                          "quantization": quantization, "engines": engines})
     record = {"seconds": round(time.perf_counter() - started, 1), "engines_built": sorted(engines),
               "static_check": {c["graph"]: "ok" for c in checks}, "plans": len(plans),
-              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), "engine_checks": checks_on_device}
     if recipe.precision in (Precision.INT8, Precision.INT4):
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
         with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
             record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+        record["measured_on"] = SIMULATED
         judged = table.verdict(record["accuracy_vs_fp32"], recipe.budget)
         record["quality_budget"] = judged.to_dict() if judged else None
     return record
@@ -184,12 +207,21 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 
 
 def report_markdown(report: dict) -> str:
+    """The variants table: size, parser check, engines, and the quality columns with what they were
+    measured on (never the engine here: ONNX Runtime on the variant's graphs, labelled simulated)."""
     lines = [f"Jetson {report['device']} (compute capability {COMPUTE_CAPABILITY})", "",
-             "| variant | size MB | TensorRT parser check | engines | " + " | ".join(table.HEADER) + " |",
-             "|---|---|---|---|" + "---|" * len(table.HEADER)]
+             "| variant | size MB | TensorRT parser check | engines | quality measured on | " + " | ".join(table.HEADER) + " |",
+             "|---|---|---|---|---|" + "---|" * len(table.HEADER)]
     for name, v in report["variants"].items():
         cells = table.cells(v.get("accuracy_vs_fp32"), RECIPES[name].budget)
         checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
-        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | "
+                     f"{v.get('measured_on', '-')} | " + " | ".join(cells) + " |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
-    return "\n".join(lines + (["", quality_note] if quality_note else [])) + "\n"
+    lines += ["", quality_note] if quality_note else []
+    lines += ["", (f"Quality here is {SIMULATED}: the numbers a TensorRT engine must reproduce. On the Jetson, after "
+                   f"`./build_engines.sh`, `./{CHECK_SCRIPT}` in a variant's folder runs each engine on golden inputs "
+                   "recorded by the generation loop and compares its outputs with the simulated ones (the fp16 export's "
+                   "tolerance); e.g.:"), ""]
+    lines += [f"    {v['engine_checks'][-1]}" for v in report["variants"].values() if v.get("engine_checks")][:1]
+    return "\n".join(lines) + "\n"

@@ -46,10 +46,9 @@ def _fp32_graphs(graphs: Path, out: Path, recipe: Recipe, profile: Profile) -> d
     for the static one: batch 1, the profile's prefill chunk and KV buffer)."""
     from vlm_export.targets.assemble import export_layout
 
-    fixed = {"kv_buffer": profile.max_context, "prefill_chunk": profile.prefill_chunk, "static_batch": 1}
-    exported = export_layout(graphs, out, layout=recipe.layout, **(fixed if recipe.layout == Layout.STATIC else {}))
-    return {"graph_files": [g["file"] for g in exported["graphs"]],
-            **({"kv_buffer": profile.max_context, "prefill_chunk": profile.prefill_chunk} if recipe.layout == Layout.STATIC else {})}
+    fixed = {"kv_buffer": profile.max_context, "prefill_chunk": profile.prefill_chunk} if recipe.layout == Layout.STATIC else {}
+    exported = export_layout(graphs, out, layout=recipe.layout, **fixed, **({"static_batch": 1} if fixed else {}))
+    return {"graph_files": [g["file"] for g in exported["graphs"]], **fixed}
 
 
 def _shipped(relative: Path, recipe: Recipe) -> bool:

@@ -217,3 +217,32 @@ def test_reports_say_simulated_and_golden_files_check_with_polygraphy(built):
         del args[index:index + 2]
         done = subprocess.run(args, check=False, cwd=variant, capture_output=True, text=True)
         assert done.returncode == 0 and "PASSED" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_int8_decoder_is_smoothed_then_quantized_on_its_attention_only(built, tmp_path):
+    """SmoothQuant folds its scales into the RMSNorm and projection weights (the float graph computes
+    the same function), then only the attention projections take int8 Q/DQ; the MLP and lm_head stay float."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from vlm_export.quantize.calibration import calibration_set, decoder_samples
+    from vlm_export.quantize.qdq_int8 import DECODER_KEEP_FLOAT
+    from vlm_export.quantize.smooth import smooth_quant
+
+    root, _ = built
+    rewrites = json.loads((root / "orin" / "int8" / "manifest.json").read_text())["rewrites"]["decoder.onnx"]
+    assert rewrites["smoothed_norms"] == 2 and rewrites["smoothed_matmuls"] == 6  # tiny: 2 layers x q, k, v
+    model = onnx.load(str(root / "orin" / "int8" / "decoder.onnx"), load_external_data=False)
+    quantized = {n.input[0].rsplit("_DequantizeLinear", 1)[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and "proj" in n.name or "lm_head" in n.name]
+    for node in matmuls:
+        int8 = any(i.endswith("_DequantizeLinear_Output") for i in node.input)
+        assert int8 == ("/mlp/" not in node.name and "lm_head" not in node.name), node.name
+    assert quantized
+    samples = decoder_samples(root / "graphs", *calibration_set(None))
+    smooth_quant(root / "graphs" / "decoder.onnx", tmp_path / "decoder.onnx", samples, skip=DECODER_KEEP_FLOAT)
+    before = ort.InferenceSession(str(root / "graphs" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    for feed in samples[:4]:
+        np.testing.assert_allclose(after.run(["logits"], feed)[0], before.run(["logits"], feed)[0], atol=1e-5, rtol=1e-4)

@@ -20,6 +20,22 @@ from vlm_export.errors import VlmExportError
 EVAL_DIR = Path(__file__).resolve().parents[2] / "calibration" / "eval"
 PROSE = "prose.txt"  # Alice's Adventures in Wonderland, chapters I-III (calibration/README.md)
 EVAL_IMAGE = "chelsea.jpg"
+# Scored positions of the eval prose per variant in a build: trained LLM weights get the field's usual
+# sample; seeded-random ones a token sample that only proves the path runs (their numbers mean nothing).
+EVAL_TOKENS = {"trained": 2048, "random": 64}
+
+
+def random_llm(model: dict) -> bool:
+    """Whether a manifest's `model` record has seeded-random LLM weights: quality budgets hold for
+    trained weights only, so such a build's variants are measured but not judged."""
+    from vlm_export.spec.model_spec import spec_from_dict
+
+    return "llm" in spec_from_dict(model).weights.untrained()
+
+
+def eval_tokens_for(given: int | None, model: dict) -> int:
+    """`given` (a build's --eval-tokens), else EVAL_TOKENS for the LLM's weights in `model`."""
+    return given if given is not None else EVAL_TOKENS["random" if random_llm(model) else "trained"]
 
 
 def prose() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_export.errors import VlmExportError
+from vlm_export.quality.eval_set import EVAL_TOKENS
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.spec.layouts import layout_of
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, choices, option, variants_help
@@ -36,9 +37,6 @@ KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the
 KERNELS = {"auto": "native where the CPU has AVX-512 VNNI and a C compiler is present, else ort",
            "native": "vlm-export's kernels (int4/int8 matmuls, decoder attention)",
            "ort": "ONNX Runtime's MatMulNBits and GroupQueryAttention"}
-# Scored positions of the eval prose per variant: trained LLM weights get the field's usual sample;
-# seeded-random ones a token sample that only proves the path runs (their numbers mean nothing).
-EVAL_TOKENS = {"trained": 2048, "random": 64}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from vlm_export.errors import VlmExportError
 from vlm_export.kernels.native_graph import use_native_graph
 from vlm_export.progress import stage, step
+from vlm_export.quality.eval_set import eval_tokens_for, random_llm
 from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.matmul_kernel import use_matmul_kernel
@@ -38,7 +39,6 @@ from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.assemble import assemble_variant, export_layout
 from vlm_export.targets.build_loop import build_stages
 from vlm_export.targets.cpu.profile import (
-    EVAL_TOKENS,
     KV_INT8,
     NATIVE_KERNELS,
     RECIPES,
@@ -91,19 +91,9 @@ def recipes_for(profile: Profile) -> list[Recipe]:
     return resolved
 
 
-def random_llm(model: dict) -> bool:
-    """Whether a manifest's `model` record has seeded-random LLM weights: quality budgets hold for
-    trained weights only, so such a build's variants are measured but not judged."""
-    from vlm_export.spec.model_spec import spec_from_dict
-
-    return "llm" in spec_from_dict(model).weights.untrained()
-
-
 def eval_tokens(profile: Profile, model: dict) -> int:
     """--eval-tokens, else EVAL_TOKENS for the LLM's weights."""
-    if profile.eval_tokens is not None:
-        return profile.eval_tokens
-    return EVAL_TOKENS["random" if random_llm(model) else "trained"]
+    return eval_tokens_for(profile.eval_tokens, model)
 
 
 def native_kernels(profile: Profile, name: str) -> bool:

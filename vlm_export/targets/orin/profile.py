@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_export.errors import VlmExportError
+from vlm_export.quality.eval_set import EVAL_TOKENS
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.orin.plan import DEVICES
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, option, variants_help
@@ -13,7 +14,9 @@ from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, o
 DECODER, VISION = GraphRole.DECODER, GraphRole.VISION
 # Pass names (target.py maps each to its code)
 FP16_EXPORT = "fp16 export (RMSNorm and softmax kept in fp32 inside)"
+SMOOTHQUANT = "SmoothQuant (alpha 0.5) into the RMSNorm weights"
 INT8_QDQ = "int8 Q/DQ, symmetric, calibrated"
+INT8_QDQ_ATTENTION = "int8 Q/DQ on the attention projections (MLP and lm_head fp16), symmetric, calibrated"
 INT4_WEIGHTS = "int4 weight-only (blocked DequantizeLinear-21, block 32, lm_head float)"
 TENSORRT = ("TensorRT",)
 # TensorRT builder flags per precision: int4 weight-only dequantizes into fp16 activations
@@ -28,8 +31,8 @@ def _recipe(name: str, graphs: str, precision: Precision, passes: tuple[Pass, ..
 
 RECIPES = {
     "fp16": _recipe("fp16", "fp16 export", Precision.FP16, (Pass(VISION, FP16_EXPORT), Pass(DECODER, FP16_EXPORT))),
-    "int8": _recipe("int8", "vision and decoder int8 Q/DQ, calibrated", Precision.INT8,
-                    (Pass(VISION, INT8_QDQ), Pass(DECODER, INT8_QDQ))),
+    "int8": _recipe("int8", "vision and decoder attention int8 Q/DQ after SmoothQuant, calibrated; MLP fp16", Precision.INT8,
+                    (Pass(VISION, INT8_QDQ), Pass(DECODER, SMOOTHQUANT), Pass(DECODER, INT8_QDQ_ATTENTION))),
     "int4": _recipe("int4", "decoder weights int4 weight-only, activations fp16", Precision.INT4,
                     (Pass(DECODER, INT4_WEIGHTS),)),
 }
@@ -44,7 +47,7 @@ class Profile:
     max_context: int = option(1024)
     vision_on_dla: bool = option(False, "--dla")
     calibration: str | None = option(None)  # folder with recipe.json (default: the repository's calibration/)
-    eval_tokens: int = option(16)
+    eval_tokens: int | None = option(None)  # None: EVAL_TOKENS by the LLM's weights
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -68,5 +71,6 @@ def cli_help() -> dict[str, str]:
         "max_context": f"KV cache length the decode profile takes (default {d.max_context}, at most the model's context)",
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 variant is calibrated on "
                        "(default: the repository's calibration/)",
-        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
+        "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
+                       f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
     }

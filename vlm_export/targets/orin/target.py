@@ -21,6 +21,7 @@ from vlm_export.artifacts import MANIFEST, verify, write_json_atomic, write_mani
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality import table
+from vlm_export.quality.eval_set import eval_tokens_for
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.spec.layouts import graph_layout
 from vlm_export.targets.build_loop import build_stages
@@ -35,7 +36,16 @@ from vlm_export.targets.orin.plan import (
     profiles_for,
     trtexec_command,
 )
-from vlm_export.targets.orin.profile import BUILDER_FLAGS, FP16_EXPORT, INT4_WEIGHTS, INT8_QDQ, RECIPES, Profile
+from vlm_export.targets.orin.profile import (
+    BUILDER_FLAGS,
+    FP16_EXPORT,
+    INT4_WEIGHTS,
+    INT8_QDQ,
+    INT8_QDQ_ATTENTION,
+    RECIPES,
+    SMOOTHQUANT,
+    Profile,
+)
 from vlm_export.targets.orin.static_check import check_graph
 from vlm_export.targets.recipe import Precision, Recipe
 
@@ -113,27 +123,62 @@ def _fp16_graphs(out: Path, manifest: dict) -> dict:
 
 def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, profile: Profile) -> dict:
     """The recipe's passes on the exported fp32 graphs: an fp16 export, or the vision and decoder
-    rewritten (int8 Q/DQ calibrated on calibration/, int4 weight-only) and the rest linked."""
+    rewritten pass by pass (SmoothQuant, int8 Q/DQ calibrated on calibration/, int4 weight-only) and the
+    rest linked."""
     from vlm_export.targets.assemble import assemble_variant
 
-    passes = {p.role: p.name for p in recipe.passes}
-    if FP16_EXPORT in passes.values():
+    names = [p.name for p in recipe.passes]
+    if FP16_EXPORT in names:
         return _fp16_graphs(out, manifest)
-    samples = {}
-    if INT8_QDQ in passes.values():
-        samples = _calibration_samples(graphs, manifest, profile)
+    samples = _calibration_samples(graphs, manifest, profile) if {INT8_QDQ, INT8_QDQ_ATTENTION, SMOOTHQUANT} & set(names) else {}
 
     def rewrite(graph: dict, source: Path, destination: Path) -> dict:
-        step(f"{passes[graph['wrapper']]}: {graph['file']}")
-        if passes[graph["wrapper"]] == INT4_WEIGHTS:
-            from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
+        done, current, temporary = {}, source, []
+        try:
+            for name in recipe.passes_on(GraphRole(graph["wrapper"])):
+                step(f"{name}: {graph['file']}")
+                last = name == recipe.passes_on(GraphRole(graph["wrapper"]))[-1]
+                target = destination / graph["file"] if last else destination / f".{name.split()[0]}-{graph['file']}"
+                temporary += [] if last else [target, target.with_name(target.name + ".data")]
+                done.update(PASSES[name](current, target, samples.get(graph["wrapper"], [])))
+                current = target
+        finally:
+            for path in temporary:
+                path.unlink(missing_ok=True)
+        return done
 
-            return quantize_weights_int4_qdq(source, destination / graph["file"])
-        from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+    roles = {p.role for p in recipe.passes}
+    return assemble_variant(graphs, out, manifest, {role: rewrite for role in roles})["rewrites"]
 
-        return quantize_int8_qdq(source, destination / graph["file"], samples[graph["wrapper"]])
 
-    return assemble_variant(graphs, out, manifest, {role: rewrite for role in passes})["rewrites"]
+def _int8_qdq(source: Path, destination: Path, samples: list[dict]) -> dict:
+    from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
+
+    return quantize_int8_qdq(source, destination, samples)
+
+
+def _int8_qdq_attention(source: Path, destination: Path, samples: list[dict]) -> dict:
+    from vlm_export.quantize.qdq_int8 import DECODER_KEEP_FLOAT, quantize_int8_qdq
+
+    return quantize_int8_qdq(source, destination, samples, keep_float=DECODER_KEEP_FLOAT)
+
+
+def _int4_weights(source: Path, destination: Path, samples: list[dict]) -> dict:
+    from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
+
+    return quantize_weights_int4_qdq(source, destination)
+
+
+def _smoothquant(source: Path, destination: Path, samples: list[dict]) -> dict:
+    from vlm_export.quantize.qdq_int8 import DECODER_KEEP_FLOAT
+    from vlm_export.quantize.smooth import smooth_quant
+
+    return smooth_quant(source, destination, samples, skip=DECODER_KEEP_FLOAT)  # the norms of float MatMuls stay
+
+
+# pass name (profile.py) -> (source graph, destination graph, calibration feeds of that graph) -> what was done
+PASSES = {INT8_QDQ: _int8_qdq, INT8_QDQ_ATTENTION: _int8_qdq_attention, INT4_WEIGHTS: _int4_weights,
+          SMOOTHQUANT: _smoothquant}
 
 
 def _calibration_samples(graphs: Path, manifest: dict, profile: Profile) -> dict:
@@ -179,7 +224,7 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
         with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
-            record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+            record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, eval_tokens_for(profile.eval_tokens, manifest["model"]))
         record["measured_on"] = SIMULATED
         judged = table.verdict(record["accuracy_vs_fp32"], recipe.budget)
         record["quality_budget"] = judged.to_dict() if judged else None

@@ -12,7 +12,7 @@ The orin int8 decoder (DECODER_KEEP_FLOAT) goes further, measured on smol agains
 tokens (2026-12-01): SmoothQuant (quantize/smooth.py) first lifts q/k/v/o/gate/up/down-less int8 from
 top-1 0.730 / KL 0.179 to 0.869 / 0.055; keeping o_proj float adds nothing (0.865 / 0.051), calibrating
 on a long prompt too adds nothing (0.859 / 0.056), keeping the MLP's gate/up float in the last 8 or 15
-layers gives 0.912 / 0.029 and 0.910 / 0.029, in every layer 0.934 / 0.017: the only form inside the
+layers gives 0.912 / 0.029 and 0.910 / 0.029, in every layer 0.934 / 0.017 (without SmoothQuant 0.875 / 0.047): the only form inside the
 gpu-int8 budget (KL <= 0.02, top-1 >= 0.92). So the MLP stays in fp16 and int8 covers the attention
 projections (and the vision tower).
 """

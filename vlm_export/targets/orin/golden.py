@@ -58,6 +58,7 @@ def write_golden(source: Path, variant: Path, manifest: dict, plans: list[dict])
     import onnxruntime as ort
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
     from vlm_export.quality.eval_set import eval_requests
     from vlm_export.quantize.calibration import recorded_samples
@@ -77,9 +78,10 @@ def write_golden(source: Path, variant: Path, manifest: dict, plans: list[dict])
             outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
             folder = variant / GOLDEN_DIR / name
             folder.mkdir(parents=True, exist_ok=True)
-            save_json([inputs], str(folder / "inputs.json"))
             runner = "onnxrt-simulated"
-            RunResults([(runner, [IterationResult(outputs, runner_name=runner)])]).save(str(folder / "outputs.json"))
+            with G_LOGGER.verbosity(G_LOGGER.WARNING):  # its "[I] Saving ..." lines are noise on the user's screen
+                save_json([inputs], str(folder / "inputs.json"))
+                RunResults([(runner, [IterationResult(outputs, runner_name=runner)])]).save(str(folder / "outputs.json"))
             commands.append(" ".join([
                 "polygraphy", "run", shlex.quote(plan["engine"]), "--model-type", "engine", "--trt",
                 "--optimization-profile", str(index), "--load-inputs", f"{GOLDEN_DIR}/{name}/inputs.json",

@@ -246,3 +246,24 @@ def test_int8_decoder_is_smoothed_then_quantized_on_its_attention_only(built, tm
     after = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
     for feed in samples[:4]:
         np.testing.assert_allclose(after.run(["logits"], feed)[0], before.run(["logits"], feed)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_missed_budget_says_why_and_is_not_recommended():
+    from vlm_export.targets.orin.target import report_markdown
+    from vlm_export.targets.recipe import recommended
+
+    def variant(passed, line):
+        return {"bytes": 1e6, "static_check": {"decoder.onnx": "ok"}, "engines_built": [],
+                "quality_budget": {"passed": passed, "line": line}}
+
+    variants = {"fp16": {"bytes": 1e6, "static_check": {"decoder.onnx": "ok"}, "engines_built": []},
+                "int8": variant(True, "within the gpu-int8 budget: mean KL 0.0153 <= 0.02"),
+                "int4": variant(False, "OVER the gpu-int4 budget: mean KL 0.2585 > 0.015")}
+    from vlm_export.targets.orin.profile import RECIPES
+
+    assert recommended(RECIPES, variants) == "int8"
+    text = report_markdown({"device": "agx-orin-64gb", "variants": variants})
+    assert "- int4: OVER the gpu-int4 budget: mean KL 0.2585 > 0.015 -- why: TensorRT's int4 weight-only blocks are symmetric" in text
+    assert "Recommended: int8 (the lowest-precision variant within its quality budget)." in text
+    variants["int8"] = variant(False, "OVER")
+    assert recommended(RECIPES, variants) == "fp16"  # not judged: within

@@ -52,6 +52,7 @@ class Recipe:
     budget: str | None = None  # quality.metrics.BUDGETS entry it is judged by; None: the baseline
     source: str | None = None  # the stage it is made from; None: the exported graphs
     shipped: bool = True  # False: an fp32 stage the variants are made from, not one to run on the device
+    over_budget_why: str | None = None  # what the report says when it misses its budget (a known, measured loss)
 
     def passes_on(self, role: GraphRole) -> list[str]:
         return [p.name for p in self.passes if p.role == role]
@@ -61,6 +62,15 @@ def option(default, flag: str | None = None):
     """A profile field that `vlm-export build` takes as `flag` (default `--field-name`; a bool field
     becomes `--flag/--no-flag`; a tuple field takes a comma-separated list)."""
     return dataclasses.field(default=default, metadata={"cli": flag})
+
+
+def recommended(recipes: dict[str, Recipe], records: dict[str, dict]) -> str | None:
+    """The variant to run: the last of a target's variants (its most compressed) that did not miss its
+    quality budget (one not judged -- a baseline, or seeded-random weights -- counts as within). None
+    when no variant is built."""
+    fitting = [name for name, record in records.items() if name in recipes and recipes[name].shipped
+               and record.get("built", True) and (record.get("quality_budget") or {}).get("passed", True)]
+    return fitting[-1] if fitting else None
 
 
 def choices(table: dict, default: str) -> str:

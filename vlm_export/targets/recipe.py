@@ -73,6 +73,16 @@ def recommended(recipes: dict[str, Recipe], records: dict[str, dict]) -> str | N
     return fitting[-1] if fitting else None
 
 
+def budget_lines(recipes: dict[str, Recipe], records: dict[str, dict]) -> list[str]:
+    """A report's verdict per judged variant, with the recipe's reason where one misses its budget,
+    then the recommended variant."""
+    lines = [f"- {name}: {r['quality_budget']['line']}" + (
+             f" -- why: {recipes[name].over_budget_why}" if not r["quality_budget"]["passed"] and recipes[name].over_budget_why else "")
+             for name, r in records.items() if name in recipes and r.get("quality_budget")]
+    best = recommended(recipes, records)
+    return lines + ([f"Recommended: {best} (the lowest-precision variant within its quality budget)."] if best else [])
+
+
 def choices(table: dict, default: str) -> str:
     """'a = what a is (default); b = ...' for a help text."""
     return "; ".join(f"{k} = {v}" + (" (default)" if k == default else "") for k, v in table.items())

@@ -47,7 +47,7 @@ from vlm_export.targets.orin.profile import (
     Profile,
 )
 from vlm_export.targets.orin.static_check import check_graph
-from vlm_export.targets.recipe import Precision, Recipe, recommended
+from vlm_export.targets.recipe import Precision, Recipe, budget_lines, recommended
 
 VARIANT_RECIPE_VERSION = 3  # part of the build-cache key: bump when a variant is made differently
 SIMULATED = "simulated (ONNX Runtime on the variant's graphs, not the engine)"
@@ -266,12 +266,7 @@ def report_markdown(report: dict) -> str:
                      f"{v.get('measured_on', '-')} | " + " | ".join(cells) + " |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
-    verdicts = [f"- {name}: {v['quality_budget']['line']}" + (
-                f" -- why: {RECIPES[name].over_budget_why}" if not v["quality_budget"]["passed"] and RECIPES[name].over_budget_why else "")
-                for name, v in report["variants"].items() if v.get("quality_budget")]
-    lines += ["", *verdicts] if verdicts else []
-    best = recommended(RECIPES, report["variants"])
-    lines += ["", f"Recommended: {best} (the lowest-precision variant within its quality budget)."] if best else []
+    lines += ["", *budget_lines(RECIPES, report["variants"])]
     lines += ["", (f"Quality here is {SIMULATED}: the numbers a TensorRT engine must reproduce. On the Jetson, after "
                    f"`./build_engines.sh`, `./{CHECK_SCRIPT}` in a variant's folder runs each engine on golden inputs "
                    "recorded by the generation loop and compares its outputs with the simulated ones (the fp16 export's "

@@ -18,6 +18,10 @@ WEIGHT_ONLY = "weight-only MatMulNBits (the cpu target's formats)"
 QNN_PROVIDERS = ("QNNExecutionProvider",)
 PHONE_CPU = ("XnnpackExecutionProvider", "CPUExecutionProvider")
 
+# Measured on smol at 59d8549 (bench/reports/sd888-smol-recipe1): decoder top-1 0.723, KL 0.219 vs fp32.
+QNN_WHY = ("the decoder's MatMul weights are uint8 with one scale per tensor; the per-channel forms the HTP "
+           "takes (1x1 Conv, FullyConnected) are not built yet")
+
 RECIPES = {
     "fp32-static": Recipe("fp32-static", "the static layout (batch 1, prefill chunk, KV buffer) in fp32: the QNN "
                           "variant's source and accuracy reference", Precision.FP32, layout=Layout.STATIC, shipped=False),
@@ -25,7 +29,7 @@ RECIPES = {
                            Precision.FP32, layout=Layout.INPLACE, shipped=False),
     "qnn": Recipe("qnn", "vision and decoder QDQ (u16 activations, u8 weights) compiled to QNN context binaries for the "
                   "Hexagon NPU", Precision.INT8, (Pass(VISION, QNN_QDQ), Pass(DECODER, QNN_QDQ)), layout=Layout.STATIC,
-                  providers=QNN_PROVIDERS, budget="npu-int8", source="fp32-static"),
+                  providers=QNN_PROVIDERS, budget="npu-int8", source="fp32-static", over_budget_why=QNN_WHY),
     "cpu-int8": Recipe("cpu-int8", "XNNPACK/CPU: vision int8 QDQ, decoder 8-bit weights, .ort models", Precision.INT8,
                        (Pass(VISION, XNNPACK_QDQ), Pass(DECODER, WEIGHT_ONLY)), layout=Layout.INPLACE,
                        providers=PHONE_CPU, budget="int8", source="fp32-inplace"),

@@ -4,6 +4,7 @@ peak memory while building, and whether each variant fits the phone's memory."""
 from __future__ import annotations
 
 from vlm_export.quality import table
+from vlm_export.targets.recipe import budget_lines
 from vlm_export.targets.sd888.profile import RECIPES
 
 PHONE_RAM_GB = 8.0
@@ -72,6 +73,7 @@ def report_markdown(report: dict) -> str:
                          f"{'-' if top1 is None else f'{top1:.3f}'} |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
+    lines += ["", *budget_lines(RECIPES, report["variants"])]
     lines += ["", (f"Phone budget: {report['memory']['app_budget_gb']} GB for the app ({report['memory']['budget_note']}); "
                    f"KV cache counted at {report['memory']['context']} tokens, fp32.")]
     return "\n".join(lines) + "\n"

@@ -97,3 +97,20 @@ def test_a_registered_layout_exports_validates_and_generates(monkeypatch, tiny_g
             answers.append(generator.generate([Request.ask("hello"), Request.ask("a longer question?")],
                                               SamplingParams(max_new_tokens=8)))
     assert [r.token_ids for r in answers[0]] == [r.token_ids for r in answers[1]]
+
+
+def test_the_cpu_target_builds_on_a_registered_layout(monkeypatch, tiny_graphs, tmp_path):
+    """A new layout that runs any batch size is a `--layout` of the cpu target with no edit there."""
+    from vlm_export.targets.cpu.profile import Profile, layouts
+    from vlm_export.targets.cpu.target import build
+
+    class WideInPlace(InPlaceLayout):
+        name = "inplace-wide"
+        summary = "inplace, for the test"
+
+    monkeypatch.setitem(REGISTRY, WideInPlace.name, WideInPlace())
+    assert "inplace-wide" in layouts() and "static" not in layouts()
+    report = build(tiny_graphs, tmp_path / "cpu", Profile(variants=("fp32", "int4"), layout="inplace-wide", kv="fp32", eval_tokens=4))
+    assert report["layout"] == "inplace-wide" and report["variants"]["int4"]["accuracy_vs_fp32"]["tokens"] == 4
+    manifest = (tmp_path / "cpu" / "int4" / "manifest.json").read_text()
+    assert '"layout": "inplace-wide"' in manifest

@@ -43,11 +43,17 @@ def check_budgets(report: dict, out: Path) -> None:
 
 
 def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_options: dict, force: bool) -> dict:
+    import dataclasses
+
+    from vlm_export.targets import option_flags
+
     module = target_module(target)
-    try:
-        profile = module.Profile(**profile_options)  # each target validates its own typed profile
-    except TypeError as exc:
-        raise VlmExportError(f"an option given does not apply to --target {target} ({exc})", "drop it") from exc
+    fields = {f.name for f in dataclasses.fields(module.Profile)}
+    foreign = [option_flags().get(name, name) for name in profile_options if name not in fields]
+    if foreign:
+        raise VlmExportError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --target {target}",
+                             "drop it" if len(foreign) == 1 else "drop them")
+    profile = module.Profile(**profile_options)  # each target validates its own typed profile
     if hasattr(module, "preflight"):  # a target's own input checks, before minutes of export
         module.preflight(profile)
     with stage(f"building {spec.name} for --target {target} in {out}"):

@@ -19,6 +19,7 @@ import typer
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, SeedOpt, VisionTowerOpt
 from vlm_export.targets import TARGETS, option_help, profile_module
+from vlm_export.targets.recipe import option_flag
 
 
 def _common(
@@ -59,7 +60,7 @@ def _is_list(hint) -> bool:
 
 
 def _option(name: str, field: dataclasses.Field, hint, described: dict[str, str]) -> inspect.Parameter:
-    flag = field.metadata["cli"] or "--" + name.replace("_", "-")
+    flag = option_flag(field)
     kinds = set(typing.get_args(hint)) | {hint}
     if bool in kinds:
         kind, declared = bool | None, f"{flag}/--no-{flag[2:]}"
@@ -107,7 +108,12 @@ def build(**options):
 
 def _signature() -> inspect.Signature:
     described = option_help()
-    generated = [_option(name, field, hint, described[name]) for name, (field, hint) in profile_fields().items()]
+    # a field without its cli_help() text still becomes an option (tests/test_build_help.py fails on it)
+    missing = "(no help text: add it to the target's cli_help())"
+    owners = {name: [t for t in TARGETS if name in {f.name for f in dataclasses.fields(profile_module(t).Profile)}]
+              for name in profile_fields()}
+    generated = [_option(name, field, hint, {t: described.get(name, {}).get(t, missing) for t in owners[name]})
+                 for name, (field, hint) in profile_fields().items()]
     return inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in COMMON] + generated)
 
 

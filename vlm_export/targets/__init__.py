@@ -39,6 +39,16 @@ def option_help() -> dict[str, dict[str, str]]:
     return fields
 
 
+def option_flags() -> dict[str, str]:
+    """Profile field -> its `build` flag, over every target's `option()` fields."""
+    import dataclasses
+
+    from vlm_export.targets.recipe import option_flag
+
+    return {f.name: option_flag(f) for name in TARGETS for f in dataclasses.fields(profile_module(name).Profile)
+            if "cli" in f.metadata}
+
+
 def target_module(name: str):
     """The target's target.py: `build`, `Profile`, optionally `preflight` (its own input checks)."""
     _check(name)

@@ -60,8 +60,14 @@ class Recipe:
 
 def option(default, flag: str | None = None):
     """A profile field that `vlm-export build` takes as `flag` (default `--field-name`; a bool field
-    becomes `--flag/--no-flag`; a tuple field takes a comma-separated list)."""
+    becomes `--flag/--no-flag`; a tuple field takes a comma-separated list). Its help text is the
+    target's `cli_help()` entry of the same name."""
     return dataclasses.field(default=default, metadata={"cli": flag})
+
+
+def option_flag(field: dataclasses.Field) -> str:
+    """The command-line flag of a profile field declared with `option()`."""
+    return field.metadata.get("cli") or "--" + field.name.replace("_", "-")
 
 
 def recommended(recipes: dict[str, Recipe], records: dict[str, dict]) -> str | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from vlm_export.errors import VlmExportError
 from vlm_export.quality.eval_set import EVAL_TOKENS
 from vlm_export.spec.graph_io import GraphRole, Layout
-from vlm_export.spec.layouts import layout_of
+from vlm_export.spec.layouts import REGISTRY
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, choices, option, variants_help
 
 ORT_CPU = ("CPUExecutionProvider",)
@@ -30,7 +30,11 @@ RECIPES = {
                     Pass(VISION, VISION_INT8)), layout=Layout.INPLACE, budget="int4", source="fp32"),
 }
 # The profile's choices and what each means: validation and `build --help` both read these.
-LAYOUTS = {name: layout_of(name).summary for name in (Layout.INPLACE, Layout.DYNAMIC)}
+def layouts() -> dict[str, str]:
+    """Every registered decoder layout that runs any batch size (the static layout's fixed shapes are
+    for NPUs), default first: name -> what it is."""
+    return {name: layout.summary for name, layout in sorted(REGISTRY.items(), key=lambda item: item[0] != Layout.INPLACE)
+            if not layout.fixed_batch}
 VISION_CHOICES = {"int8": "dynamic int8", "fp32": "float"}
 KV_CACHE = {"auto": "int8 where the variant then keeps its quality budget on the eval set, else float",
             "int8": "a calibrated scale per head and channel", "fp32": "float"}
@@ -50,8 +54,8 @@ class Profile:
     kernels: str = option("auto")  # the quantized variants' kernels: auto | native (kernels/) | ort (its own ops)
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", f"use --layout {' or '.join(LAYOUTS)}")
+        if self.layout not in layouts():
+            raise VlmExportError(f"unknown CPU decoder layout '{self.layout}'", f"use --layout {' or '.join(layouts())}")
         if self.vision not in VISION_CHOICES:
             raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", f"use --vision {' or '.join(VISION_CHOICES)}")
         if self.kv not in KV_CACHE:
@@ -70,7 +74,7 @@ def cli_help() -> dict[str, str]:
     d = Profile()
     return {
         "variants": variants_help(RECIPES, d.variants),
-        "layout": f"decoder layout: {choices(LAYOUTS, d.layout)}",
+        "layout": f"decoder layout: {choices(layouts(), d.layout)}",
         "vision": f"vision tower of the quantized variants: {choices(VISION_CHOICES, d.vision)}",
         "kv": f"KV cache of the quantized variants (inplace layout): {choices(KV_CACHE, d.kv)}",
         "kernels": f"kernels of the int8/int4 variants: {choices(KERNELS, d.kernels)}",

@@ -35,7 +35,8 @@ from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.matmul_kernel import use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
-from vlm_export.spec.graph_io import GraphRole, Layout
+from vlm_export.spec.graph_io import GraphRole, KvUpdate
+from vlm_export.spec.layouts import graph_layout, layout_of
 from vlm_export.targets.assemble import assemble_variant, export_layout
 from vlm_export.targets.build_loop import build_stages
 from vlm_export.targets.cpu.profile import (
@@ -73,8 +74,8 @@ def weight_config(name: str) -> WeightOnlyConfig | None:
 def int8_kv(profile: Profile, name: str) -> bool:
     """Whether the variant's KV cache may be int8: quantized variants of the inplace layout, unless
     --kv fp32 (with `auto` the build keeps it only where the budget holds)."""
-    return KV_INT8 in RECIPES[name].passes_on(GraphRole.DECODER) and profile.layout == Layout.INPLACE \
-        and profile.kv in ("int8", "auto")
+    return KV_INT8 in RECIPES[name].passes_on(GraphRole.DECODER) and profile.kv in ("int8", "auto") \
+        and layout_of(profile.layout).kv_update == KvUpdate.IN_PLACE  # the int8 cache is GroupQueryAttention's
 
 
 def recipes_for(profile: Profile) -> list[Recipe]:
@@ -157,7 +158,8 @@ def _variant(graphs: Path, manifest: dict, staging: Path, recipe: Recipe, kv_sca
 
     out = staging / recipe.name
     if recipe.source is None:
-        if recipe.layout != Layout.DYNAMIC:
+        decoder = next(g for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER)
+        if recipe.layout != graph_layout(decoder).name:  # relaid out; else the exported graphs as they are
             return export_layout(graphs, out, layout=recipe.layout)
         return assemble_variant(graphs, out, manifest, {}, target="cpu", variant=recipe.name, layout=recipe.layout)
     decoder = recipe.passes_on(GraphRole.DECODER)

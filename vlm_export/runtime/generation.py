@@ -148,7 +148,7 @@ class Generator:
         return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
-        plan = self.layout.pack([p.astype(self.float_dtype) for p in prompts], max_new_tokens,
+        plan = self.layout.pack([p.astype(self.float_dtype, copy=False) for p in prompts], max_new_tokens,
                                 self.spec.llm.max_context, self.artifacts.graphs)
         kv = self.new_cache(len(prompts), plan.capacity)
         for start in range(0, plan.embeds.shape[1], plan.step):

@@ -92,11 +92,6 @@ def recipes_for(profile: Profile) -> list[Recipe]:
     return resolved
 
 
-def eval_tokens(profile: Profile, model: dict) -> int:
-    """--eval-tokens, else EVAL_TOKENS for the LLM's weights."""
-    return eval_tokens_for(profile.eval_tokens, model)
-
-
 def native_kernels(profile: Profile, name: str) -> bool:
     """Whether the quantized variant ships vlm-export's kernels (int4 matmuls, attention): `auto`
     takes them where they can be built and run (`preflight` has already refused `native` where they
@@ -241,7 +236,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
                 NATIVE_KERNELS in recipe.passes_on(GraphRole.DECODER) and kernel_recipe(),
                 recipe.budget and (tokens, BUILD_RECIPE))
 
-    tokens = eval_tokens(profile, manifest["model"])
+    tokens = eval_tokens_for(profile.eval_tokens, manifest["model"])
     report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "eval_tokens": tokens,
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
     return build_stages(manifest, out, force, recipes_for(profile), report, build_stage, key, report_markdown)

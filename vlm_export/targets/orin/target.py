@@ -135,11 +135,13 @@ def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, pro
     def rewrite(graph: dict, source: Path, destination: Path) -> dict:
         done, current, temporary = {}, source, []
         try:
-            for name in recipe.passes_on(GraphRole(graph["wrapper"])):
+            names = recipe.passes_on(GraphRole(graph["wrapper"]))
+            for index, name in enumerate(names):
                 step(f"{name}: {graph['file']}")
-                last = name == recipe.passes_on(GraphRole(graph["wrapper"]))[-1]
-                target = destination / graph["file"] if last else destination / f".{name.split()[0]}-{graph['file']}"
-                temporary += [] if last else [target, target.with_name(target.name + ".data")]
+                target = destination / graph["file"]
+                if index < len(names) - 1:  # an intermediate graph, removed once the next pass has read it
+                    target = destination / f".{name.split()[0]}-{graph['file']}"
+                    temporary += [target, target.with_name(target.name + ".data")]
                 done.update(PASSES[name](current, target, samples.get(graph["wrapper"], [])))
                 current = target
         finally:

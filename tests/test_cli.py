@@ -1,5 +1,6 @@
 """End-to-end through the real `vlm-export` entry point (subprocess: exit codes and stderr as users see them)."""
 
+import re
 
 import pytest
 
@@ -52,3 +53,8 @@ def test_generate_tiny_with_real_photo(photo):
     result = vlm("generate", "tiny", "--image", str(photo), "--prompt", "What is this?", "--max-new-tokens", "5", "--no-stream")
     assert result.returncode == 0, result.stderr
     assert "[torch reference] prompt" in result.stderr and "5 new tokens" in result.stderr
+    stages = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in result.stderr.splitlines() if line.lstrip().startswith(("start", "done"))]
+    assert stages == ["start  loading tiny (PyTorch reference)", "  start  loading the tokenizer", "  done   loading the tokenizer",
+                      "  start  loading the weights", "  done   loading the weights", "done   loading tiny (PyTorch reference)"]
+    quiet = vlm("generate", "tiny", "--prompt", "Hi", "--max-new-tokens", "1", "--no-stream", "--quiet")
+    assert quiet.returncode == 0 and not any(line.lstrip().startswith(("start", "done")) for line in quiet.stderr.splitlines())

@@ -207,3 +207,26 @@ def test_fp16_export_is_validated_against_fp32(tmp_path, spec):
     decoder = next(g for g in manifest["graphs"] if g["name"] == "decoder")
     assert decoder["inputs"][0]["dtype"] == "float16" and decoder["validation"]["passed"]
     assert 0 < decoder["validation"]["outputs"]["logits"]["max_abs_diff"] < 5e-2
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "inplace"])
+def test_folding_gives_optimize_irs_graphs(spec, reference, layout, tmp_path):
+    """fold_and_clean is optimize_ir less one slow rule that never fires here: the same nodes, same names."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from vlm_export.export.onnx_export import _trace_to_onnx, fold_and_clean
+    from vlm_export.export.pipeline import make_wrapper
+    from vlm_export.export.validate import InputSampler
+    from vlm_export.spec.graph_io import graphs_for, make_inputs
+
+    sampler = InputSampler(reference)
+    for graph in graphs_for(spec, ExportOptions(layout=layout)):
+        raw = tmp_path / layout / graph.file
+        raw.parent.mkdir(exist_ok=True)
+        _trace_to_onnx(make_wrapper(reference, graph), graph, make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler), raw, 17)
+        expected, folded = ir.load(raw), ir.load(raw)
+        onnxscript.optimizer.optimize_ir(expected)
+        fold_and_clean(folded)
+        nodes = [sorted((n.op_type, n.name, len(n.inputs)) for n in m.graph.all_nodes()) for m in (expected, folded)]
+        assert nodes[0] == nodes[1] and sorted(expected.graph.initializers) == sorted(folded.graph.initializers), graph.file

@@ -38,3 +38,14 @@ def test_seeded_weights_are_reproducible():
     a = load_reference(tiny_spec("ldpnet")).lm_head.weight
     b = load_reference(tiny_spec("ldpnet")).lm_head.weight
     assert np.array_equal(a.detach().numpy(), b.detach().numpy())
+
+
+def test_a_reference_without_its_vision_tower_keeps_the_same_llm_weights(v2_checkpoint):
+    from vlm_export.spec import resolve_spec
+
+    for spec in (tiny_spec("ldpnet"), resolve_spec(str(v2_checkpoint))):  # seeded weights, and a checkpoint's
+        full, llm_only = load_reference(spec), load_reference(spec, vision=False)
+        llm = {k: v for k, v in full.state_dict().items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+        assert llm and all(torch.equal(v, llm_only.state_dict()[k]) for k, v in llm.items())
+        assert all(p.is_meta for p in llm_only.model.vision_tower.parameters())
+        assert all(p.is_meta for p in llm_only.model.mm_projector.parameters())

@@ -8,7 +8,7 @@ import typer
 
 from vlm_export.cli.errors import handles_errors
 from vlm_export.cli.notes import note_random_vision
-from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, RopeScalingOpt, SeedOpt, VisionTowerOpt
+from vlm_export.cli.options import ImageAlphaOpt, LoraOpt, ModelArg, QuietOpt, RopeScalingOpt, SeedOpt, VisionTowerOpt
 
 
 @handles_errors
@@ -23,16 +23,19 @@ def generate(
     seed: SeedOpt = 0,
     rope_scaling: RopeScalingOpt = None,
     image_alpha: ImageAlphaOpt = None,
+    quiet: QuietOpt = False,
 ):
     """Answer a prompt (optionally about an image) with the PyTorch reference model, greedily."""
     from vlm_export.errors import require_export_extra
 
     require_export_extra("the PyTorch reference model")
+    from vlm_export.progress import configure
     from vlm_export.reference import answer
     from vlm_export.runtime.sampling import SamplingParams
     from vlm_export.spec import resolve_spec
 
     SamplingParams(max_new_tokens=max_new_tokens)  # refuses an out-of-range value as `run` does
+    configure(quiet=quiet)  # loading smol's weights takes seconds, a 7B preset's minutes: say so
     on_token = (lambda text: typer.echo(text, nl=False)) if stream else None
     result = answer(
         model, prompt, image=image, max_new_tokens=max_new_tokens, on_token=on_token,

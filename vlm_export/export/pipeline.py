@@ -65,14 +65,18 @@ def weights_fingerprint(spec: ModelSpec) -> list:
 
 
 class _LazyReference:
-    """Loads the reference (and its fp16 copy) only if some graph is not cached."""
+    """Loads the reference (and its fp16 copy) only if some graph is not cached; with its vision
+    tower only if the first graph to export is the vision graph (graphs export vision first, so a
+    decoder-only export, e.g. another layout beside reused vision, never builds the tower)."""
 
     def __init__(self, spec: ModelSpec, dtype: str):
-        self.spec, self.dtype, self._models = spec, dtype, None
+        self.spec, self.dtype, self._models, self._vision = spec, dtype, None, False
 
-    def get(self):
-        if self._models is None:
-            reference = load_reference(self.spec)
+    def get(self, graph: GraphSpec):
+        vision = graph.wrapper == GraphRole.VISION
+        if self._models is None or (vision and not self._vision):
+            reference = load_reference(self.spec, vision=vision)
+            self._vision = vision
             # fp16 graphs are exported from a half copy but validated against the fp32 reference, so
             # the reported error is the whole fp16 error (RMSNorm and softmax compute in fp32).
             model = copy.deepcopy(reference).half() if self.dtype == "fp16" else reference
@@ -82,7 +86,7 @@ class _LazyReference:
 
 def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: ExportOptions) -> dict:
     step("loading the PyTorch reference")
-    reference, model, sampler = models.get()
+    reference, model, sampler = models.get(graph)
     step("tracing and writing ONNX")
     t0 = time.perf_counter()
     wrapper = make_wrapper(model, graph)

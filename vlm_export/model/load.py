@@ -148,10 +148,12 @@ def _merge_lora(model: MobileVLMForCausalLM, directory: Path) -> MobileVLMForCau
     return peft_model.merge_and_unload()
 
 
-def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> MobileVLMForCausalLM:
-    """The reference model with weights from `spec.weights` (seeded random where none are given)."""
+def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: bool = True) -> MobileVLMForCausalLM:
+    """The reference model with weights from `spec.weights` (seeded random where none are given).
+    vision=False: the vision tower and projector stay on the meta device (their weights are still
+    checked for name and shape where a checkpoint brings them, but not kept)."""
     torch.manual_seed(spec.weights.seed)
-    model = MobileVLMForCausalLM(spec)
+    model = MobileVLMForCausalLM(spec, vision=vision)
     source = spec.weights.source
     if source == "checkpoint":
         _load_checkpoint(model, spec)

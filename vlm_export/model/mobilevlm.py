@@ -11,6 +11,8 @@ the vision tower and the projector, so `state_dict()` keys equal a real checkpoi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,13 +44,17 @@ def llama_config(spec: LLMSpec) -> LlamaConfig:
 
 
 class MobileVLMForCausalLM(LlamaForCausalLM):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, vision: bool = True):
+        """vision=False: the vision tower and projector are built on the meta device (shapes, no
+        weights: exporting only the decoder needs neither the ~1.2 GB nor the seconds of seeded
+        initialisation). The LLM is built first, so its seeded weights are the same either way."""
         super().__init__(llama_config(spec.llm))
         self.spec = spec
-        self.model.vision_tower = CLIPVisionTower(spec.vision)
-        self.model.mm_projector = build_projector(
-            spec.projector_type, spec.vision.hidden_size, spec.llm.hidden_size, spec.vision.grid
-        )
+        with contextlib.nullcontext() if vision else torch.device("meta"):
+            self.model.vision_tower = CLIPVisionTower(spec.vision)
+            self.model.mm_projector = build_projector(
+                spec.projector_type, spec.vision.hidden_size, spec.llm.hidden_size, spec.vision.grid
+            )
 
     # -- the three pieces every runtime needs --------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

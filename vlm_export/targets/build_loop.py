@@ -1,6 +1,7 @@
 """The one build loop every target runs: its recipes' stages, in order, into an atomic output
 directory, each stage cached by a key of everything it depends on (an interrupted or repeated
-build reuses what is finished and intact), then the target's report."""
+build reuses what is finished and intact), then the target's report. A finished build of the very
+same inputs is reused as it stands (re-running a command is not an error)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, write_json_atomic
+from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, verify, write_json_atomic
+from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.targets.recipe import Recipe
 
@@ -22,12 +24,22 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     build_stage: (recipe, staging folder) -> the stage's report record; it writes staging/recipe.name
     key:         recipe -> what else its output depends on (profile options, format versions)
     markdown:    report -> report.md; `finish(report, staging folder)` completes the report first.
-    Returns `report` with report["variants"][name] = each stage's record. Raises what a stage raises.
+    Returns `report` with report["variants"][name] = each stage's record, and report["build_key"] (what
+    the whole build depends on); when `out` already holds a finished build with that key, that
+    build's report, each variant verified (VlmExportError if one no longer matches its manifest).
+    Raises what a stage raises.
     """
+    keys = {recipe.name: stage_key(manifest["files"], recipe, *key(recipe)) for recipe in stages}
+    build_key = stage_key(keys)
+    finished = None if force else finished_build(out, build_key, list(keys))
+    if finished is not None:
+        step(f"{out} holds a finished build of these same inputs: reused (--force rebuilds it)")
+        return finished
     report.setdefault("variants", {})
+    report["build_key"] = build_key
     with atomic_directory(out, force) as staging:
         for recipe in stages:
-            stage_id = stage_key(manifest["files"], recipe, *key(recipe))
+            stage_id = keys[recipe.name]
             record = staging.cached(recipe.name, stage_id)
             if record is not None:
                 step(f"{recipe.name}: unchanged inputs, reusing the finished stage")
@@ -42,4 +54,26 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
         staging.finish()
         write_json_atomic(staging.path / "report.json", report)
         (staging.path / "report.md").write_text(markdown(report))
+    return report
+
+
+def finished_build(out: Path, build_key: str, variants: list[str]) -> dict | None:
+    """The report of the finished build in `out` if it was built from the inputs `build_key` stands
+    for, its variants all verified; None when `out` holds no finished build. Raises VlmExportError
+    when it holds one of other inputs (replacing it needs --force) or one that fails verification."""
+    import json
+
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("build_key") != build_key:
+        raise VlmExportError(f"{out} already holds a finished build of other inputs (graphs, options or build recipe)",
+                             "pass --force to rebuild it, or choose another --out")
+    for name in variants:
+        try:
+            verify(out / name)
+        except VlmExportError as exc:
+            raise VlmExportError(f"{out} holds a finished build of these inputs, but {exc.problem}",
+                                 "pass --force to rebuild it") from exc
     return report

@@ -61,9 +61,8 @@ def fold_and_clean(model) -> None:
     functions inlined; constant folding, pattern rewrites and dead-code removal repeated (twice at
     most, stopping when nothing changes); then onnx_ir's clean-ups."""
     import onnx_ir as ir
-    import onnxscript.optimizer as optimizer
     from onnx_ir.passes import common
-    from onnxscript import rewriter
+    from onnxscript import optimizer, rewriter
 
     rules = rewrite_rules()
     if rules is None:

@@ -105,10 +105,11 @@ def gguf_llm_tensors(path: Path, num_heads: int, num_kv_heads: int):
     tensor name outside the LLaMA layout. ~5 s for SmolLM2-135M where transformers' own GGUF
     loader took ~23 s (the same values: tests/test_gguf.py compares them)."""
     import numpy as np
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    for tensor in GGUFReader(str(path)).tensors:
+    from vlm_export.spec.gguf_meta import read_gguf_reader
+
+    for tensor in read_gguf_reader(path).tensors:
         name = tensor.name
         values = dequantize(tensor.data, tensor.tensor_type)  # rows of the row length: HF's (out, in)
         parts = name.split(".")

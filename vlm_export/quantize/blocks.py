@@ -124,15 +124,12 @@ class GgufBlocks:
     KINDS = ("Q4_0", "Q4_1", "Q8_0")
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
         from gguf.quants import dequantize
 
+        from vlm_export.spec.gguf_meta import read_gguf_reader
+
         self.path = Path(path)
-        try:
-            reader = GGUFReader(str(self.path))
-        except (OSError, ValueError) as exc:
-            raise VlmExportError(f"cannot read the GGUF weights {self.path} ({exc})",
-                                 "check the file, or re-export the model") from exc
+        reader = read_gguf_reader(self.path)
         self.tensors: dict[str, Blocks] = {}
         self.rows: dict[bytes, tuple[str, int]] = {}
         for tensor in reader.tensors:

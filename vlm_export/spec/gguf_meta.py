@@ -22,18 +22,32 @@ def _field(reader, key, default=None):
     return value.item() if value.size == 1 else value.tolist()
 
 
+_READERS: dict[tuple, object] = {}  # (path, size, mtime) -> GGUFReader: one file at a time
+
+
 def read_gguf_reader(path: Path):
+    """gguf-py's reader of `path` (memory-mapped tensors), one per file version and process: its
+    constructor parses every metadata field in Python (~5 s for SmolLM2's 49,152-entry vocabulary),
+    and one build reads the same GGUF for the spec, the export, a second layout and the weight
+    carry-over. Raises VlmExportError for a missing or unreadable file."""
     import gguf
 
+    path = Path(path)
     if not path.is_file():
         raise VlmExportError(f"GGUF file {path} does not exist", "pass the path of a .gguf file")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/struct errors on corrupt files
-        raise VlmExportError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
-            "re-download the file or pass a valid .gguf",
-        ) from exc
+    stat = path.stat()
+    version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if version not in _READERS:
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # gguf raises ValueError/struct errors on corrupt files
+            raise VlmExportError(
+                f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
+                "re-download the file or pass a valid .gguf",
+            ) from exc
+        _READERS.clear()
+        _READERS[version] = reader
+    return _READERS[version]
 
 
 def llm_spec_from_gguf(path: Path) -> tuple[LLMSpec, TemplateSpec | None]:

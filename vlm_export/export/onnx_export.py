@@ -3,7 +3,9 @@
 torch.onnx.export (TorchScript tracer: predictable names and axes, ~1e-6 vs PyTorch here)
 -> onnxscript's constant folding and pattern rewrites, onnx_ir's clean-up passes (dead code, constants lifted to
 initializers, duplicate initializers, common subexpressions; weights stay memory-mapped, so a 1.4B
-decoder does not need three copies in RAM) -> saved with one external data file when over 2 GB ->
+decoder does not need three copies in RAM) -> saved with one external data file when its weights
+pass 1 GiB (protobuf's limit is 2 GB; serialising 1.2 GB of CLIP-L inline held another copy in
+memory at the export's peak, +1.0 GB on smol) ->
 shape inference -> onnx.checker(full_check).
 
 These are `onnxscript.optimizer.optimize_ir`'s passes with one pattern-rewrite rule left out:
@@ -27,7 +29,7 @@ import torch
 from vlm_export.spec.graph_io import GraphSpec
 
 log = logging.getLogger(__name__)
-TWO_GB = 2**31 - 1
+EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to `<graph>.onnx.data` (module docstring)
 
 
 def _trace_to_onnx(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, path: Path, opset: int) -> None:
@@ -83,13 +85,13 @@ def fold_and_clean(model) -> None:
 
 
 def optimize_and_save(raw: Path, final: Path) -> None:
-    """Fold and clean with onnx_ir (weights stay memory-mapped), save with one data file if > 2 GB."""
+    """Fold and clean with onnx_ir, save with one external data file past EXTERNAL_DATA_BYTES."""
     import onnx_ir as ir
 
     model = ir.load(raw)
     fold_and_clean(model)
     model.producer_name = "vlm-export"
-    external = final.name + ".data" if _initializer_bytes(model) > TWO_GB else None
+    external = final.name + ".data" if _initializer_bytes(model) > EXTERNAL_DATA_BYTES else None
     ir.save(model, final, external_data=external)
 
 

@@ -65,22 +65,25 @@ def weights_fingerprint(spec: ModelSpec) -> list:
 
 
 class _LazyReference:
-    """Loads the reference (and its fp16 copy) only if some graph is not cached; with its vision
-    tower only if the first graph to export is the vision graph (graphs export vision first, so a
-    decoder-only export, e.g. another layout beside reused vision, never builds the tower)."""
+    """Loads the reference (and its fp16 copy) only if some graph is not cached, and only the part
+    the graph needs: the vision graph's model has no LLM weights (smol: 0.5 GB less at the
+    export's peak, which is the vision tower's trace), the others' no vision tower. Graphs export
+    vision first, so a full export loads each part once."""
 
     def __init__(self, spec: ModelSpec, dtype: str):
-        self.spec, self.dtype, self._models, self._vision = spec, dtype, None, False
+        self.spec, self.dtype, self._models, self._vision = spec, dtype, None, None
 
     def get(self, graph: GraphSpec):
         vision = graph.wrapper == GraphRole.VISION
-        if self._models is None or (vision and not self._vision):
-            reference = load_reference(self.spec, vision=vision)
+        if self._models is None or self._vision != vision:
+            self._models = None
+            gc.collect()
+            reference = load_reference(self.spec, vision=vision, llm=not vision)
             self._vision = vision
             # fp16 graphs are exported from a half copy but validated against the fp32 reference, so
             # the reported error is the whole fp16 error (RMSNorm and softmax compute in fp32).
             model = copy.deepcopy(reference).half() if self.dtype == "fp16" else reference
-            self._models = (reference, model, InputSampler(reference))
+            self._models = (reference, model, None if vision else InputSampler(reference))  # the tower takes pixels only
         return self._models
 
 

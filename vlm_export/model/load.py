@@ -149,16 +149,23 @@ def _merge_lora(model: MobileVLMForCausalLM, directory: Path) -> MobileVLMForCau
     return peft_model.merge_and_unload()
 
 
-def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: bool = True) -> MobileVLMForCausalLM:
+def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: bool = True,
+                   llm: bool = True) -> MobileVLMForCausalLM:
     """The reference model with weights from `spec.weights` (seeded random where none are given).
-    vision=False: the vision tower and projector stay on the meta device (their weights are still
-    checked for name and shape where a checkpoint brings them, but not kept)."""
+    vision=False: the vision tower and projector stay on the meta device; llm=False: the LLM's
+    weights are dropped to the meta device once built (its seeded initialisation runs first, so the
+    tower's seeded weights are the same) and a GGUF's are not read. A part on the meta device has
+    its checkpoint weights still checked for name and shape, not kept (an export of only the other
+    part needs neither the memory nor the time)."""
     torch.manual_seed(spec.weights.seed)
     model = MobileVLMForCausalLM(spec, vision=vision)
+    if not llm:
+        for module in (model.model.embed_tokens, model.model.layers, model.model.norm, model.lm_head):
+            module.to("meta")
     source = spec.weights.source
     if source == "checkpoint":
         _load_checkpoint(model, spec)
-    elif source == "gguf":
+    elif source == "gguf" and llm:
         _load_gguf_llm(model, Path(spec.weights.path))
     if source != "checkpoint" and spec.weights.vision_tower_path:
         _load_clip_directory(model, Path(spec.weights.vision_tower_path))

@@ -61,16 +61,17 @@ class ReferenceCache:
 CACHE = ReferenceCache()
 
 
-def identity(generator, runner) -> str | None:
-    """What a generator's logits depend on besides its inputs; None (never cached) for graphs that
-    are not files with checksums (the PyTorch reference built from a spec)."""
+def identity(generator, all_logits: bool) -> str | None:
+    """What a generator's logits depend on besides its inputs (all_logits: whether they come from its
+    all-positions runner); None (never cached) for graphs that are not files with checksums (the
+    PyTorch reference built from a spec)."""
     artifacts = generator.artifacts
     files = artifacts.manifest.get("files") if artifacts.directory is not None else None
     if not files:
         return None
     backend = type(generator.runners[generator.decode_graph]).__name__
     return json.dumps({"files": {k: v.get("sha256") for k, v in sorted(files.items())}, "backend": backend,
-                       "all_logits": runner is not None}, sort_keys=True)
+                       "all_logits": all_logits}, sort_keys=True)
 
 
 def key(reference_identity: str | None, *parts) -> str | None:

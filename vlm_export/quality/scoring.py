@@ -91,12 +91,31 @@ def logits_runner(generator):
         yield copy
 
 
+class LazyLogitsRunner:
+    """`logits_runner(generator)`, opened (into `stack`) the first time a side runs: a reference whose
+    sequences this process has all scored before is replayed (reference_cache.py) and never builds
+    its all-positions copy, an ORT session of the whole fp32 decoder."""
+
+    def __init__(self, generator, stack: ExitStack):
+        self.generator, self._stack, self._runner, self._open = generator, stack, None, False
+        self.every_position = generator.layout.returns_every_position  # whether get() gives a runner
+
+    def get(self):
+        if not self._open:
+            self._runner, self._open = self._stack.enter_context(logits_runner(self.generator)), True
+        return self._runner
+
+
 class _Side:
     """One generator's cache, position and logits runner while a sequence is scored."""
 
-    def __init__(self, generator, runner):
-        self.generator, self.runner = generator, runner
+    def __init__(self, generator, runner: LazyLogitsRunner):
+        self.generator, self._lazy = generator, runner
         self.kv, self.position = None, 0
+
+    @property
+    def runner(self):
+        return self._lazy.get()
 
     def start(self, context: np.ndarray, capacity: int) -> np.ndarray:
         """(P, C) context embeddings -> (1, V) logits of its last position (predicting the next id)."""
@@ -217,7 +236,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
             out[label] = {"skipped": f"{len(ids)} rows exceed the context of {limit}"}
             continue
         scored = min(settings.tokens, len(ids) // 2)
-        sequence = key(identity(reference, runners[0]), "long", ids, str(image), len(ids) - scored, settings.call_tokens)
+        sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, settings.call_tokens)
         ref_embeds = None
         if CACHE.replay(sequence) is None:  # recorded sequences were checked against these ids when recorded
             ref_embeds, ref_ids = prompt_rows(reference, request)
@@ -242,9 +261,9 @@ def compare(reference, candidate, settings: Settings) -> Comparison:
     bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
     plan = chunks(len(stream), n_ctx, settings.tokens)
     with ExitStack() as stack:
-        runners = [stack.enter_context(logits_runner(g)) for g in (reference, candidate)]
+        runners = [LazyLogitsRunner(g, stack) for g in (reference, candidate)]
         step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {settings.call_tokens} per call")
-        reference_id = identity(reference, runners[0])
+        reference_id = identity(reference, runners[0].every_position)
         for chunk in plan:
             ids = chunk.ids(stream, bos)
             sequence = key(reference_id, "chunk", ids, chunk.context, settings.call_tokens)

@@ -203,3 +203,20 @@ def test_the_reference_side_is_scored_once_per_process(inplace, tmp_path, monkey
     assert recordings == [] and itself.mean_kl == 0.0 and itself.top1_agreement == 1.0
     CACHE.clear()
     assert CACHE.directory is None and not CACHE.logits
+
+
+def test_a_replayed_reference_opens_no_all_positions_copy(inplace, monkeypatch):
+    from vlm_export.quality.reference_cache import CACHE
+
+    settings = Settings(tokens=24, call_tokens=8, greedy_tokens=4)
+    CACHE.clear()
+    with Generator(ArtifactSet.open(inplace), "ort") as reference, Generator(ArtifactSet.open(inplace), "ort") as candidate:
+        first = compare(reference, candidate, settings)
+        runner, opened = reference.runners["decoder"], []
+        original = runner.all_logits
+        monkeypatch.setattr(runner, "all_logits", lambda: (opened.append("reference"), original())[1])
+        second = compare(reference, candidate, settings)
+    CACHE.clear()
+    assert opened == []  # every sequence and greedy answer of the reference was replayed
+    assert (second.quality.mean_kl, second.quality.top1_agreement, second.quality.tokens) == \
+        (first.quality.mean_kl, first.quality.top1_agreement, first.quality.tokens) == (0.0, 1.0, 24)

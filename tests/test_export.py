@@ -230,3 +230,22 @@ def test_folding_gives_optimize_irs_graphs(spec, reference, layout, tmp_path):
         fold_and_clean(folded)
         nodes = [sorted((n.op_type, n.name, len(n.inputs)) for n in m.graph.all_nodes()) for m in (expected, folded)]
         assert nodes[0] == nodes[1] and sorted(expected.graph.initializers) == sorted(folded.graph.initializers), graph.file
+
+
+def test_inline_weights_folds_external_data_back_under_the_limit(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlm_export.export import onnx_export
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")])
+    for folder, limit in (("small", onnx_export.TWO_GB), ("large", 16)):
+        path = tmp_path / folder / "g.onnx"
+        path.parent.mkdir()
+        onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+        monkeypatch.setattr(onnx_export, "TWO_GB", limit)
+        onnx_export.inline_weights(path)
+        assert sorted(p.name for p in path.parent.iterdir()) == (["g.onnx"] if folder == "small" else ["g.onnx", "g.onnx.data"])
+        np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), weight)

@@ -4,8 +4,9 @@ torch.onnx.export (TorchScript tracer: predictable names and axes, ~1e-6 vs PyTo
 -> onnxscript's constant folding and pattern rewrites, onnx_ir's clean-up passes (dead code, constants lifted to
 initializers, duplicate initializers, common subexpressions; weights stay memory-mapped, so a 1.4B
 decoder does not need three copies in RAM) -> saved with one external data file when its weights
-pass 1 GiB (protobuf's limit is 2 GB; serialising 1.2 GB of CLIP-L inline held another copy in
-memory at the export's peak, +1.0 GB on smol) ->
+pass 1 GiB (serialising 1.2 GB of CLIP-L inline held another copy in memory at the export's peak,
++1.0 GB on smol; `inline_weights` folds a graph under protobuf's 2 GB back into one file once the
+PyTorch model is gone, so the artifact keeps the layout every target expects) ->
 shape inference -> onnx.checker(full_check).
 
 These are `onnxscript.optimizer.optimize_ir`'s passes with one pattern-rewrite rule left out:
@@ -29,7 +30,8 @@ import torch
 from vlm_export.spec.graph_io import GraphSpec
 
 log = logging.getLogger(__name__)
-EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to `<graph>.onnx.data` (module docstring)
+EXTERNAL_DATA_BYTES = 1 << 30  # weights past this go to `<graph>.onnx.data` while exporting (module docstring)
+TWO_GB = 2**31 - 1  # protobuf's limit: graphs past it keep their external data file
 
 
 def _trace_to_onnx(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, path: Path, opset: int) -> None:
@@ -104,3 +106,18 @@ def export_graph(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, out_
     onnx.shape_inference.infer_shapes_path(str(final), str(final))
     onnx.checker.check_model(str(final), full_check=True)
     return final
+
+
+def inline_weights(path: Path) -> None:
+    """Put a graph's external data back into the .onnx file when the whole fits protobuf's 2 GB
+    (the exporter wrote it beside the graph only to keep the export's memory peak down); a larger
+    graph keeps its `.data` file. Atomic: the .onnx is replaced, then the .data removed."""
+    data = path.with_name(path.name + ".data")
+    if not data.is_file() or data.stat().st_size + path.stat().st_size > TWO_GB:
+        return
+    model = onnx.load(str(path))
+    partial = path.with_name(path.name + ".inline")
+    onnx.save_model(model, str(partial))
+    del model
+    partial.replace(path)
+    data.unlink()

@@ -42,3 +42,14 @@ def test_unwritable_cache_still_verifies(artifact_dir, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the cache folder should be
     assert verify(artifact_dir)["kind"] == "test"
+
+
+def test_a_written_manifest_and_a_renamed_folder_need_no_hashing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    staging = tmp_path / "set.partial"
+    staging.mkdir()
+    (staging / "weights.bin").write_bytes(b"w" * 4096)
+    write_manifest(staging, {"kind": "test"})  # hashes once, and remembers
+    staging.rename(tmp_path / "set")  # as a finished build is moved into place
+    monkeypatch.setattr(artifacts, "sha256", lambda path: pytest.fail(f"re-hashed {path}"))
+    assert verify(tmp_path / "set")["kind"] == "test"

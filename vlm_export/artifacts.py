@@ -31,6 +31,9 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+FACTS_KEPT = 4096  # files whose facts the cache keeps (~0.6 MB of JSON)
+
+
 def _hash_cache_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "vlm-export" / "file-facts.json"
@@ -38,9 +41,10 @@ def _hash_cache_path() -> Path:
 
 def _identity(path: Path) -> str:
     """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime (ns).
-    ctime cannot be set back from user space, so a rewrite with a forged mtime still shows."""
+    ctime cannot be set back from user space, so a rewrite with a forged mtime still shows. The
+    path is not part of it: a build's staging folder renamed into place keeps its files' facts."""
     st = path.stat()
-    return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 def _remembered(path: Path, kind: str, compute):
@@ -57,8 +61,10 @@ def _remembered(path: Path, kind: str, compute):
     if kind in facts:
         return facts[kind]
     value = compute(path)
-    # One entry per path: an older version's facts go.
-    live = {k: v for k, v in cache.items() if k.split("|")[0] != key.split("|")[0]}
+    # One entry per file (device and inode): an older version's facts go; past FACTS_KEPT files, the
+    # oldest entries go (files are deleted without telling the cache).
+    live = {k: v for k, v in cache.items() if k.split("|")[:2] != key.split("|")[:2]}
+    live = dict(list(live.items())[-(FACTS_KEPT - 1):])
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
@@ -76,8 +82,10 @@ def sha256_remembered(path: Path) -> str:
 
 
 def file_records(directory: Path) -> dict[str, dict]:
+    """Size and sha256 of every file below `directory` but the manifest; the digests are remembered
+    (the first `verify` or `run` after a build then reads nothing again)."""
     return {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_remembered(p)}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }

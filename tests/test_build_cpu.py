@@ -267,3 +267,14 @@ def test_strict_fails_on_a_missed_budget(tmp_path):
     with pytest.raises(Exception, match="--strict: int4 OVER the int4 budget"):
         check_budgets(report, tmp_path)
     check_budgets({"variants": {"int8": report["variants"]["int8"]}}, tmp_path)  # all within: no error
+
+
+def test_the_same_command_again_reuses_the_finished_build(built):
+    root, stdout = built
+    again = vlm("build", "tiny", "--target", "cpu", "--graphs", root / "graphs", "--out", root / "cpu")
+    assert again.returncode == 0, again.stderr
+    assert f"reused the finished build of these same inputs in {root / 'cpu'}: " in again.stdout
+    assert again.stdout.splitlines()[:-1] == stdout.splitlines()[:-1]  # the same report.md and verdicts
+    assert f"start  checking the finished build in {root / 'cpu'} against these inputs" in again.stderr
+    other = vlm("build", "tiny", "--target", "cpu", "--graphs", root / "graphs", "--out", root / "cpu", "--vision", "fp32")
+    assert other.returncode == 2 and "already holds a finished build of other inputs" in other.stderr

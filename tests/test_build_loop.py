@@ -33,7 +33,7 @@ def test_the_same_inputs_reuse_the_finished_build(tmp_path):
     first, built = _build(tmp_path / "out")
     assert built == ["fp32", "int4"]
     again, built = _build(tmp_path / "out")
-    assert built == [] and again == first and again["variants"]["int4"] == {"option": "a"}
+    assert built == [] and again == {**first, "reused": True} and again["variants"]["int4"] == {"option": "a"}
     forced, built = _build(tmp_path / "out", force=True)
     assert built == ["fp32", "int4"] and forced["build_key"] == first["build_key"]
 

@@ -101,7 +101,8 @@ def build(**options):
     typer.echo((out / "report.md").read_text().rstrip())
     for name, verdict in budget_verdicts(report):
         typer.echo(f"budget: {name} {verdict['line']}")
-    typer.echo(f"wrote {out}: {report['message']}")
+    done = "reused the finished build of these same inputs in" if report.get("reused") else "wrote"
+    typer.echo(f"{done} {out}: {report['message']}")
     if strict:
         check_budgets(report, out)
 

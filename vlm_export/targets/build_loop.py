@@ -26,15 +26,16 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     markdown:    report -> report.md; `finish(report, staging folder)` completes the report first.
     Returns `report` with report["variants"][name] = each stage's record, and report["build_key"] (what
     the whole build depends on); when `out` already holds a finished build with that key, that
-    build's report, each variant verified (VlmExportError if one no longer matches its manifest).
+    build's report with "reused": True, each variant verified (VlmExportError if one no longer
+    matches its manifest, or if `out` holds a build of other inputs).
     Raises what a stage raises.
     """
     keys = {recipe.name: stage_key(manifest["files"], recipe, *key(recipe)) for recipe in stages}
     build_key = stage_key(keys)
-    finished = None if force else finished_build(out, build_key, list(keys))
-    if finished is not None:
-        step(f"{out} holds a finished build of these same inputs: reused (--force rebuilds it)")
-        return finished
+    if not force and (out / "report.json").is_file():
+        with stage(f"checking the finished build in {out} against these inputs"):
+            finished = finished_build(out, build_key, list(keys))
+        return {**finished, "reused": True}  # not stored: says so to the caller only
     report.setdefault("variants", {})
     report["build_key"] = build_key
     with atomic_directory(out, force) as staging:
@@ -57,16 +58,16 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     return report
 
 
-def finished_build(out: Path, build_key: str, variants: list[str]) -> dict | None:
-    """The report of the finished build in `out` if it was built from the inputs `build_key` stands
-    for, its variants all verified; None when `out` holds no finished build. Raises VlmExportError
-    when it holds one of other inputs (replacing it needs --force) or one that fails verification."""
+def finished_build(out: Path, build_key: str, variants: list[str]) -> dict:
+    """The report of the finished build in `out`, which was built from the inputs `build_key` stands
+    for, its variants all verified. Raises VlmExportError when it holds one of other inputs
+    (replacing it needs --force), or one that fails verification."""
     import json
 
     try:
         report = json.loads((out / "report.json").read_text())
     except (OSError, ValueError):
-        return None
+        report = {}
     if report.get("build_key") != build_key:
         raise VlmExportError(f"{out} already holds a finished build of other inputs (graphs, options or build recipe)",
                              "pass --force to rebuild it, or choose another --out")

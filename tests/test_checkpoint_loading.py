@@ -131,10 +131,15 @@ def test_lora_adapter_is_merged(tmp_path):
     embeds = torch.randn(1, 7, 64)
     with torch.no_grad():
         expected = peft_model(inputs_embeds=embeds).logits
-    merged = load_reference(spec.replace(weights=spec.weights.__class__(lora_path=str(tmp_path / "adapter"))))
+    lora_spec = spec.replace(weights=spec.weights.__class__(lora_path=str(tmp_path / "adapter")))
+    merged = load_reference(lora_spec)
     assert not any("lora" in k for k in merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(inputs_embeds=embeds).logits, expected, atol=1e-4, rtol=1e-4)
+    # the vision export's model (LLM dropped): the adapter's q/v_proj also match CLIP's, merged the same
+    tower_only = load_reference(lora_spec, llm=False).model.vision_tower.state_dict()
+    assert tower_only.keys() == merged.model.vision_tower.state_dict().keys()
+    assert all(torch.equal(v, merged.model.vision_tower.state_dict()[k]) for k, v in tower_only.items())
 
 
 def _set_config(ckpt, **changes):

@@ -8,6 +8,7 @@ adapter merged into the weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,7 +171,9 @@ def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: 
     if source != "checkpoint" and spec.weights.vision_tower_path:
         _load_clip_directory(model, Path(spec.weights.vision_tower_path))
     if spec.weights.lora_path:
-        model = _merge_lora(model, Path(spec.weights.lora_path))
+        with warnings.catch_warnings():  # an adapter's LLM weights into a dropped LLM: a no-op torch warns about
+            warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model, which is a no-op")
+            model = _merge_lora(model, Path(spec.weights.lora_path))
     return model.to(dtype).eval()
 
 

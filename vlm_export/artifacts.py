@@ -180,8 +180,8 @@ def prepare_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise VlmExportError(f"output {out} exists and is not a directory", "choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        if (out / MANIFEST).is_file() or (out / "report.json").is_file():  # a finished export or build
-            raise VlmExportError(f"{out} already holds a finished {'export' if (out / MANIFEST).is_file() else 'build'}",
+        if (out / MANIFEST).is_file():  # a finished export (a finished build is the build loop's to judge)
+            raise VlmExportError(f"{out} already holds a finished export",
                                  "use it as it is (vlm-export run / verify), pass --force to rebuild it, or choose another --out")
         raise VlmExportError(f"output directory {out} is not empty", "pass --force to replace it or choose another --out")
     try:

@@ -10,7 +10,7 @@ outliers may cost more -- the build report measures it on the eval image for eve
 
 The graph is exactly what `onnxruntime.quantization.quantize_dynamic(per_channel=True,
 weight_type=QInt8, op_types_to_quantize=["MatMul"])` writes (ORT 1.2x; the same nodes, names and
-weight codes: tests/test_weight_formats.py compares the two), made here because ORT's quantizer
+weight codes: tests/test_dynamic_int8.py compares the two), made here because ORT's quantizer
 quantizes a per-channel weight one column at a time in Python: ~25 s for smol's CLIP-L tower, ~0.5 s
 vectorised. For each MatMul whose B is a float initializer of rank 2 (the others stay float):
 
@@ -42,9 +42,8 @@ def per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     as float32 (1.0 where that underflows float32); codes = clip(round(B / scale), -128, 127)."""
     weight = np.asarray(weight, dtype=np.float32)
     low, high = np.minimum(weight.min(axis=0), 0), np.maximum(weight.max(axis=0), 0)
-    absmax = np.maximum(np.abs(low), np.abs(high)).astype(np.float64)
-    scale = (2 * absmax / 254.0).astype(np.float32)
-    scale[(2 * absmax / 254.0) < np.finfo(np.float32).tiny] = 1.0
+    exact = 2 * np.maximum(np.abs(low), np.abs(high)).astype(np.float64) / 254.0
+    scale = np.where(exact < np.finfo(np.float32).tiny, 1.0, exact).astype(np.float32)
     codes = np.clip(np.round(weight / scale), -128, 127).astype(np.int8)
     return codes, scale
 

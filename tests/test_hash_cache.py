@@ -53,3 +53,29 @@ def test_a_written_manifest_and_a_renamed_folder_need_no_hashing(tmp_path, monke
     staging.rename(tmp_path / "set")  # as a finished build is moved into place
     monkeypatch.setattr(artifacts, "sha256", lambda path: pytest.fail(f"re-hashed {path}"))
     assert verify(tmp_path / "set")["kind"] == "test"
+
+
+def test_linking_and_unlinking_keep_the_remembered_digest(artifact_dir, tmp_path, monkeypatch):
+    from vlm_export.artifacts import link_or_copy, remove_tree
+
+    verify(artifact_dir)
+    other = tmp_path / "other"
+    link_or_copy(artifact_dir / "weights.bin", other / "weights.bin")  # moves the inode's ctime
+    write_manifest(other, {"kind": "test"})
+    hashed = []
+    monkeypatch.setattr(artifacts, "sha256", lambda path: hashed.append(path) or pytest.fail(f"re-hashed {path}"))
+    remove_tree(other)  # unlinking moves it again
+    assert not other.exists() and verify(artifact_dir)["kind"] == "test" and hashed == []
+
+
+def test_a_forged_mtime_is_still_caught_after_a_link(artifact_dir, tmp_path):
+    from vlm_export.artifacts import link_or_copy
+
+    verify(artifact_dir)
+    link_or_copy(artifact_dir / "weights.bin", tmp_path / "twin" / "weights.bin")
+    path = artifact_dir / "weights.bin"
+    before = path.stat()
+    path.write_bytes(b"c" * 4096)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(VlmExportError, match="does not match its manifest checksum"):
+        verify(artifact_dir)

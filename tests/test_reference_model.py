@@ -49,3 +49,15 @@ def test_a_reference_without_its_vision_tower_keeps_the_same_llm_weights(v2_chec
         assert llm and all(torch.equal(v, llm_only.state_dict()[k]) for k, v in llm.items())
         assert all(p.is_meta for p in llm_only.model.vision_tower.parameters())
         assert all(p.is_meta for p in llm_only.model.mm_projector.parameters())
+
+
+def test_each_part_draws_from_its_own_seed():
+    """The tower's and projector's seeded weights do not depend on the LLM built before them (the
+    vision export builds no LLM; a GGUF's LLM draws nothing)."""
+    spec = tiny_spec("ldpnet")
+    wider = spec.replace(llm=spec.llm.__class__(**{**spec.llm.__dict__, "num_layers": spec.llm.num_layers + 1}))
+    a, b = load_reference(spec), load_reference(wider, llm=False)
+    for part in ("vision_tower", "mm_projector"):
+        pa, pb = getattr(a.model, part).state_dict(), getattr(b.model, part).state_dict()
+        assert pa and all(torch.equal(v, pb[k]) for k, v in pa.items())
+    assert all(p.is_meta for p in b.model.layers.parameters())

@@ -43,8 +43,33 @@ def _identity(path: Path) -> str:
     """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime (ns).
     ctime cannot be set back from user space, so a rewrite with a forged mtime still shows. The
     path is not part of it: a build's staging folder renamed into place keeps its files' facts."""
-    st = path.stat()
+    return _stat_identity(path.stat())
+
+
+def _stat_identity(st: os.stat_result) -> str:
     return f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def _read_facts(cache_path: Path) -> dict:
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_facts(cache_path: Path, cache: dict, key: str, facts: dict) -> None:
+    """`cache` with `facts` under `key`. One entry per file (device and inode): an older version's
+    facts go; past FACTS_KEPT files, the oldest entries go (files are deleted without telling the cache)."""
+    live = {k: v for k, v in cache.items() if k.split("|")[:2] != key.split("|")[:2]}
+    live = dict(list(live.items())[-(FACTS_KEPT - 1):])
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
+        tmp.write_text(json.dumps({**live, key: facts}))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
 
 
 def _remembered(path: Path, kind: str, compute):
@@ -52,26 +77,12 @@ def _remembered(path: Path, kind: str, compute):
     $XDG_CACHE_HOME/vlm-export/file-facts.json (default ~/.cache), keyed by `_identity`. An
     unreadable or unwritable cache only costs the computing."""
     cache_path, key = _hash_cache_path(), _identity(path)
-    try:
-        cache = json.loads(cache_path.read_text())
-        cache = cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_facts(cache_path)
     facts = cache.get(key) if isinstance(cache.get(key), dict) else {}
     if kind in facts:
         return facts[kind]
     value = compute(path)
-    # One entry per file (device and inode): an older version's facts go; past FACTS_KEPT files, the
-    # oldest entries go (files are deleted without telling the cache).
-    live = {k: v for k, v in cache.items() if k.split("|")[:2] != key.split("|")[:2]}
-    live = dict(list(live.items())[-(FACTS_KEPT - 1):])
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
-        tmp.write_text(json.dumps({**live, key: {**facts, kind: value}}))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass
+    _write_facts(cache_path, cache, key, {**facts, kind: value})
     return value
 
 
@@ -91,6 +102,36 @@ def file_records(directory: Path) -> dict[str, dict]:
     }
 
 
+def _keeping_facts(path: Path, change) -> None:
+    """change() adds or removes a hard link of `path`'s inode, and the facts known of it are kept:
+    the link count moves the inode's ctime, not its bytes, so without this every linked weight file
+    would be hashed again. (The open descriptor still names the inode once `path` is unlinked.)"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = _stat_identity(os.fstat(fd))
+        change()
+        after = _stat_identity(os.fstat(fd))
+    finally:
+        os.close(fd)
+    cache_path = _hash_cache_path()
+    cache = _read_facts(cache_path)
+    if isinstance(cache.get(before), dict):
+        _write_facts(cache_path, cache, after, cache[before])
+
+
+def remove_tree(directory: Path) -> None:
+    """shutil.rmtree, keeping the facts of files still linked elsewhere (an assembled variant's
+    weights are hard links into its source's)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]:
+        with contextlib.suppress(OSError):  # a file gone meanwhile: rmtree below has nothing to do
+            if path.stat().st_nlink > 1:
+                _keeping_facts(path, path.unlink)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def link_or_copy(source: Path, destination: Path) -> None:
     """Hard-link an unchanged artifact into another artifact set (no second copy); copy across filesystems.
 
@@ -102,7 +143,7 @@ def link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
         return
     try:
-        os.link(source, destination)
+        _keeping_facts(source, lambda: os.link(source, destination))
     except OSError:
         shutil.copy2(source, destination)
 

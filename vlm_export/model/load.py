@@ -15,7 +15,7 @@ import torch
 
 from vlm_export.checkpoint_files import iter_tensors, weight_files
 from vlm_export.errors import VlmExportError
-from vlm_export.model.mobilevlm import MobileVLMForCausalLM
+from vlm_export.model.mobilevlm import Init, MobileVLMForCausalLM
 from vlm_export.spec.hf_config import VISION_PREFIX
 from vlm_export.spec.model_spec import ModelSpec
 
@@ -152,18 +152,20 @@ def _merge_lora(model: MobileVLMForCausalLM, directory: Path) -> MobileVLMForCau
 
 def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: bool = True,
                    llm: bool = True) -> MobileVLMForCausalLM:
-    """The reference model with weights from `spec.weights` (seeded random where none are given).
-    vision=False: the vision tower and projector stay on the meta device; llm=False: the LLM's
-    weights are dropped to the meta device once built (its seeded initialisation runs first, so the
-    tower's seeded weights are the same) and a GGUF's are not read. A part on the meta device has
-    its checkpoint weights still checked for name and shape, not kept (an export of only the other
-    part needs neither the memory nor the time)."""
-    torch.manual_seed(spec.weights.seed)
-    model = MobileVLMForCausalLM(spec, vision=vision)
-    if not llm:
-        for module in (model.model.embed_tokens, model.model.layers, model.model.norm, model.lm_head):
-            module.to("meta")
+    """The reference model with weights from `spec.weights` (seeded random where none are given,
+    each part from its own seed: mobilevlm.PART_SEED_OFFSETS). vision=False: the vision tower and
+    projector are built on the meta device; llm=False: the LLM is, and a GGUF's weights are not
+    read. A part on the meta device has its checkpoint weights still checked for name and shape,
+    not kept (an export of only the other part needs neither the memory nor the time).
+
+    Raises VlmExportError when a file misses, adds or reshapes a weight of the parts it provides."""
     source = spec.weights.source
+    from_file = {"llm": source in ("checkpoint", "gguf"),
+                 "vision_tower": source == "checkpoint" or bool(spec.weights.vision_tower_path),
+                 "projector": source == "checkpoint"}
+    wanted = {"llm": llm, "vision_tower": vision, "projector": vision}
+    inits = {part: Init.ABSENT if not wanted[part] else Init.LOADED if from_file[part] else Init.SEEDED for part in wanted}
+    model = MobileVLMForCausalLM(spec, spec.weights.seed, **inits)
     if source == "checkpoint":
         _load_checkpoint(model, spec)
     elif source == "gguf" and llm:
@@ -179,5 +181,4 @@ def load_reference(spec: ModelSpec, dtype: torch.dtype = torch.float32, vision: 
 
 def build_on_meta(spec: ModelSpec) -> MobileVLMForCausalLM:
     """The model's structure without allocating weights (parameter counts of 7B shapes in ms)."""
-    with torch.device("meta"):
-        return MobileVLMForCausalLM(spec)
+    return MobileVLMForCausalLM(spec, llm=Init.ABSENT, vision_tower=Init.ABSENT, projector=Init.ABSENT)

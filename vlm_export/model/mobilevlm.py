@@ -12,6 +12,7 @@ the vision tower and the projector, so `state_dict()` keys equal a real checkpoi
 from __future__ import annotations
 
 import contextlib
+import enum
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -43,15 +44,46 @@ def llama_config(spec: LLMSpec) -> LlamaConfig:
     )
 
 
+class Init(enum.Enum):
+    """How one part's weights come to be when the model is built."""
+
+    SEEDED = "seeded"  # seeded-random: torch.manual_seed(seed + PART_SEED_OFFSETS[part]), then the usual init
+    LOADED = "loaded"  # left uninitialised: a loader fills every weight next (load.copy_weights checks that)
+    ABSENT = "absent"  # on the meta device: shapes only, no memory, no time
+
+
+# Each part draws from its own seed, so a part's seeded weights do not depend on which other parts
+# are built or how large they are (the vision export skips the LLM; a GGUF's LLM skips its init).
+PART_SEED_OFFSETS = {"llm": 0, "vision_tower": 1, "projector": 2}
+
+
+@contextlib.contextmanager
+def _building(init: Init, seed: int):
+    if init is Init.ABSENT:
+        with torch.device("meta"):
+            yield
+    elif init is Init.LOADED:
+        from transformers.modeling_utils import no_init_weights  # skips torch.nn.init and _init_weights
+
+        with no_init_weights():
+            yield
+    else:
+        torch.manual_seed(seed)
+        yield
+
+
 class MobileVLMForCausalLM(LlamaForCausalLM):
-    def __init__(self, spec: ModelSpec, vision: bool = True):
-        """vision=False: the vision tower and projector are built on the meta device (shapes, no
-        weights: exporting only the decoder needs neither the ~1.2 GB nor the seconds of seeded
-        initialisation). The LLM is built first, so its seeded weights are the same either way."""
-        super().__init__(llama_config(spec.llm))
+    def __init__(self, spec: ModelSpec, seed: int = 0, llm: Init = Init.SEEDED, vision_tower: Init = Init.SEEDED,
+                 projector: Init = Init.SEEDED):
+        """Each part seeded, left for a loader, or absent (`Init`): exporting only the decoder needs
+        neither the vision tower's ~1.2 GB nor the seconds of its seeded initialisation, and weights
+        that a file provides are not first drawn at random (~2 s for smol's LLM, per load)."""
+        with _building(llm, seed + PART_SEED_OFFSETS["llm"]):
+            super().__init__(llama_config(spec.llm))
         self.spec = spec
-        with contextlib.nullcontext() if vision else torch.device("meta"):
+        with _building(vision_tower, seed + PART_SEED_OFFSETS["vision_tower"]):
             self.model.vision_tower = CLIPVisionTower(spec.vision)
+        with _building(projector, seed + PART_SEED_OFFSETS["projector"]):
             self.model.mm_projector = build_projector(
                 spec.projector_type, spec.vision.hidden_size, spec.llm.hidden_size, spec.vision.grid
             )

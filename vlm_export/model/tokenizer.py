@@ -102,8 +102,30 @@ class TextTokenizer:
         return ids
 
 
+_LOADED: dict[tuple, TextTokenizer] = {}  # per process: a build opens the same tokenizer ~8 times (~1 s each)
+
+
+def _files_key(path: Path | None) -> tuple:
+    """The tokenizer folder's file versions (name, size, mtime; a model file's folder holds its
+    tokenizer_config.json): a file rewritten in place is loaded again."""
+    if path is None or not path.exists():
+        return ()
+    folder = path if path.is_dir() else path.parent
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def load_tokenizer(spec: TokenizerSpec) -> TextTokenizer:
+    """The tokenizer a spec names (kept per process while its files are unchanged: callers share it
+    and must not change its settings). Raises VlmExportError when its files cannot be read."""
     path = Path(spec.path) if spec.path else None
+    key = (spec.kind, str(path), _files_key(path))
+    if key not in _LOADED:
+        _LOADED[key] = _load(spec, path)
+    return _LOADED[key]
+
+
+def _load(spec: TokenizerSpec, path: Path | None) -> TextTokenizer:
     try:
         if spec.kind == "sentencepiece":
             from transformers import LlamaTokenizer

@@ -25,6 +25,7 @@ class Runner:
         self.input_names = [t["name"] for t in graph["inputs"]]
         self.output_names = [t["name"] for t in graph["outputs"]]
         self.is_active = False
+        self._reopen = False  # suspended: the next infer() opens it again
 
     def activate(self) -> Runner:
         if not self.is_active:
@@ -36,6 +37,15 @@ class Runner:
         if self.is_active:
             self.deactivate_impl()
             self.is_active = False
+        self._reopen = False
+
+    def suspend(self) -> bool:
+        """Close it for a while (memory), to be opened again by the next `infer` only if one comes
+        (re-creating a session nobody uses costs seconds for a large graph). -> whether it was active."""
+        was_active = self.is_active
+        self.deactivate()
+        self._reopen = was_active
+        return was_active
 
     def __enter__(self):
         return self.activate()
@@ -44,6 +54,8 @@ class Runner:
         self.deactivate()
 
     def infer(self, feeds: dict) -> dict:
+        if not self.is_active and self._reopen:
+            self.activate()
         if not self.is_active:
             raise RuntimeError(f"runner {self.name} is not active: use `with runner:` or activate()")
         missing = [n for n in self.input_names if n not in feeds]

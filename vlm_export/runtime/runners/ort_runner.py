@@ -134,21 +134,16 @@ class OrtRunner(Runner):
     def all_logits(self):
         """Inplace decoders: a copy of the graph without its last-row gather, in a temporary
         directory (runtime/all_logits.py). This runner's own session is closed meanwhile, so a
-        large model is not held twice."""
+        large model is not held twice, and opened again only when it is next used."""
         if self.graph.get("attrs", {}).get("kv_update") != KvUpdate.IN_PLACE or self.qnn:
             yield None
             return
         from vlm_export.runtime.all_logits import AllLogitsCopy
 
-        was_active = self.is_active
-        self.deactivate()
-        try:
-            with AllLogitsCopy(self.path.parent, self.graph) as (path, record, weights_dir), \
-                    OrtRunner(record, path, self.providers, self.threads, weights_dir) as runner:
-                yield runner
-        finally:
-            if was_active:
-                self.activate()
+        self.suspend()  # opened again by its next infer(), if one comes
+        with AllLogitsCopy(self.path.parent, self.graph) as (path, record, weights_dir), \
+                OrtRunner(record, path, self.providers, self.threads, weights_dir) as runner:
+            yield runner
 
 
 def make_runner(graph: dict, directory: Path, options: dict) -> OrtRunner:

@@ -273,7 +273,7 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
     scoring an int8-KV copy of every quantized variant."""
     import onnx
 
-    from vlm_export.artifacts import link_or_copy, read_manifest
+    from vlm_export.artifacts import link_or_copy, read_manifest, remove_tree
     from vlm_export.quality.scoring import measure
 
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
@@ -284,14 +284,14 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
         return quantize_kv_cache(out / graph["file"], scales, graph)
 
     screen = staging / "kv-int8-screen"
-    shutil.rmtree(screen, ignore_errors=True)
+    remove_tree(screen)
     try:
         with stage(f"screening the int8 KV cache alone on fp32's weights ({min(tokens, SCREEN_TOKENS)} eval tokens)"):
             assemble_variant(staging / "fp32", screen, read_manifest(staging / "fp32"), {GraphRole.DECODER: rewrite},
                              target="cpu", variant="fp32-int8kv")
             return measure(staging / "fp32", screen, min(tokens, SCREEN_TOKENS), greedy_tokens=0, long_prompt_tokens=0)
     finally:
-        shutil.rmtree(screen, ignore_errors=True)
+        remove_tree(screen)  # its links into fp32 keep their remembered digests
 
 
 def _build_variant(graphs: Path, manifest: dict, staging: Path, recipe: Recipe, profile: Profile, kv_scales, tokens: int,

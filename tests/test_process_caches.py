@@ -1,0 +1,76 @@
+"""What a process computes once and reuses (image embeddings, tokenizers, a suspended session), and
+that each is computed again when what it depends on changes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from vlm_export.model.tokenizer import load_tokenizer
+from vlm_export.runtime import generation
+from vlm_export.runtime.artifact_set import ArtifactSet, tokenizer_spec_in
+from vlm_export.runtime.generation import Generator
+
+
+@pytest.fixture
+def counted_vision(monkeypatch):
+    """Count the images that really go through a vision graph; the process cache starts empty."""
+    monkeypatch.setattr(generation, "_IMAGE_EMBEDS", type(generation._IMAGE_EMBEDS)())
+    ran, original = [], Generator._run_vision
+    monkeypatch.setattr(Generator, "_run_vision", lambda self, images: (ran.extend(images), original(self, images))[1])
+    return ran
+
+
+def test_an_image_file_goes_through_a_vision_graph_once(tiny_graphs, photo, tmp_path, counted_vision):
+    image = tmp_path / "cat.png"
+    shutil.copy(photo, image)
+    with Generator(ArtifactSet.open(tiny_graphs), "ort") as first, Generator(ArtifactSet.open(tiny_graphs), "ort") as second:
+        a = first.image_embeds(image)
+        b = second.image_embeds(str(image))  # another generator of the same graphs, the path as a string
+        assert counted_vision == [image] and np.array_equal(a, b) and a.shape == (144, 64)
+        with pytest.raises(ValueError):
+            a[0, 0] = 1.0  # shared: read-only
+        os.utime(image, ns=(0, 10**9))  # the file changed (as far as anyone can tell): computed again
+        again = first.image_embeds(image)
+        assert counted_vision == [image, image] and np.array_equal(again, a)
+
+
+def test_another_vision_graph_does_not_reuse_the_embeddings(tiny_graphs, photo, tmp_path, counted_vision):
+    copy = tmp_path / "graphs"
+    shutil.copytree(tiny_graphs, copy)
+    with Generator(ArtifactSet.open(tiny_graphs), "ort") as first:
+        first.image_embeds(photo)
+    manifest = ArtifactSet.open(copy).manifest
+    manifest["files"][manifest["graphs"][0]["file"]]["sha256"] = "0" * 64  # what a re-export would change
+    artifacts = ArtifactSet(copy, manifest, ArtifactSet.open(copy).spec)
+    with Generator(artifacts, "ort") as second:
+        second.image_embeds(photo)
+    assert len(counted_vision) == 2
+
+
+def test_a_tokenizer_is_loaded_once_until_its_files_change(tiny_graphs, tmp_path):
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(tiny_graphs / "tokenizer", directory)
+    spec = tokenizer_spec_in(directory)
+    first = load_tokenizer(spec)
+    assert load_tokenizer(spec) is first
+    some_file = next(p for p in sorted(directory.iterdir()) if p.is_file())
+    os.utime(some_file, ns=(0, 10**9))
+    reloaded = load_tokenizer(spec)
+    assert reloaded is not first and reloaded.encode_text("a cat") == first.encode_text("a cat")
+
+
+def test_a_suspended_session_opens_again_only_when_used(tiny_graphs):
+    from vlm_export.runtime.runners.ort_runner import make_runner
+
+    artifacts = ArtifactSet.open(tiny_graphs)
+    runner = make_runner(artifacts.graphs["embed"], tiny_graphs, {}).activate()
+    assert runner.suspend() is True and not runner.is_active
+    out = runner.infer({"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})  # reopened by its use
+    assert runner.is_active and runner.to_numpy(out["inputs_embeds"]).shape == (1, 3, 64)
+    runner.deactivate()  # closed for good: no reopening
+    with pytest.raises(RuntimeError, match="not active"):
+        runner.infer({"input_ids": np.array([[1]], dtype=np.int64)})

@@ -83,6 +83,16 @@ def test_smol_gguf_weights_equal_transformers_loader():
 
     path = Path(resolve_spec("smol").weights.path)
     ours = dict(gguf_llm_tensors(path, num_heads=9, num_kv_heads=3))
-    theirs = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).state_dict()
+    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    theirs = model.state_dict()
     assert set(theirs) - set(ours) == {"lm_head.weight"}  # tied to the embedding in SmolLM2
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    # the reference as exports load it (the LLM's random init skipped: every weight, the tied head
+    # included, must come from the file): the same logits
+    from vlm_export.model.load import load_reference
+
+    reference = load_reference(resolve_spec("smol"), vision=False)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    ids = torch.tensor([[1, 504, 3458, 314, 4649, 46]])
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -128,7 +128,9 @@ def test_all_positions_copy_matches_one_token_per_call(inplace, external, tmp_pa
             kv = generator.new_cache(1, 24)
             prefill = generator.forward(embeds[None, :10], kv, np.arange(10)[None], runner)[0]
             rest = generator.forward(embeds[None, 10:], kv, np.arange(10, 24)[None], runner)[0]
-        assert generator.runners["decoder"].is_active  # the loop's own session is back
+        assert not generator.runners["decoder"].is_active  # suspended: opened again by its next use only
+        again = _stepped(generator, embeds[:3])
+        assert generator.runners["decoder"].is_active and np.array_equal(again, stepped[:3])
     assert prefill.shape == (10, stepped.shape[1]) and rest.shape == (14, stepped.shape[1])
     np.testing.assert_allclose(np.concatenate([prefill, rest]), stepped, atol=1e-4)
     assert sorted(p.name for p in inplace.iterdir()) == before  # nothing written beside the artifacts
@@ -168,6 +170,27 @@ def test_static_layout_is_scored_one_token_per_call(tmp_path):
         result = compare(a, b, Settings(tokens=20, greedy_tokens=2))
     assert result.n_ctx == 256 - 32 + 1  # the fixed buffer, less one chunk of front padding
     assert result.quality.tokens == 20 and result.quality.mean_kl == 0.0 and result.quality.top1_agreement == 1.0
+
+
+def test_float_caches_are_scored_in_larger_calls_with_the_same_values(inplace, tmp_path):
+    """Through a float KV cache the call size changes nothing but rounding: 256 ids per call (auto)
+    scores as 16 per call does; an int8 cache on either side keeps 16 (each call reads its loss)."""
+    from types import SimpleNamespace
+
+    from vlm_export.quality.scoring import CALL_TOKENS, FLOAT_CACHE_CALL_TOKENS, call_tokens_for
+
+    broken = tmp_path / "perturbed"
+    shutil.copytree(inplace, broken)
+    scale_matmul_weight(broken, "decoder_inplace.onnx", "/lm_head/", -3.0)
+    with Generator(ArtifactSet.open(inplace), "ort") as reference, Generator(ArtifactSet.open(broken), "ort") as candidate:
+        auto = compare(reference, candidate, Settings(tokens=96, greedy_tokens=0))
+        small = compare(reference, candidate, Settings(tokens=96, call_tokens=CALL_TOKENS, greedy_tokens=0))
+    assert (auto.call_tokens, small.call_tokens) == (FLOAT_CACHE_CALL_TOKENS, CALL_TOKENS)
+    assert auto.quality.mean_kl > 1e-3 and auto.quality.mean_kl == pytest.approx(small.quality.mean_kl, rel=1e-4)
+    assert auto.quality.top1_agreement == small.quality.top1_agreement
+    float_side, int8_side = SimpleNamespace(kv_dtype=np.dtype(np.float32)), SimpleNamespace(kv_dtype=np.dtype(np.int8))
+    assert call_tokens_for(float_side, float_side) == FLOAT_CACHE_CALL_TOKENS
+    assert call_tokens_for(float_side, int8_side) == call_tokens_for(int8_side, float_side) == CALL_TOKENS
 
 
 def test_a_perturbed_candidate_goes_over_its_budget(inplace, tmp_path):

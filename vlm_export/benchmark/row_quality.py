@@ -24,7 +24,7 @@ from pathlib import Path
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality.metrics import BUDGETS, Quality
-from vlm_export.quality.scoring import CALL_TOKENS
+from vlm_export.quality.scoring import FLOAT_CACHE_CALL_TOKENS
 
 # the quality class of an engine name's variant: ours by name, llama.cpp's by its format
 LLAMA_CLASSES = {"F32": "fp32", "Q8_0": "int8", "source": "int4", "Q4_0": "int4", "Q4_K_M": "int4"}
@@ -180,7 +180,7 @@ def _genai(row: dict, reference: Path, eval_ids: EvalIds, settings: QualitySetti
 
     candidate = Path(row["artifact"])
     key = _key("ort-genai", *[_sha256(p) for d in (reference, candidate) for p in sorted(d.glob("*.onnx*"))],
-               eval_ids.text_sha, settings.tokens, settings.n_ctx, CALL_TOKENS)
+               eval_ids.text_sha, settings.tokens, settings.n_ctx, FLOAT_CACHE_CALL_TOKENS)
     cached = cache.get(key)
     if cached is None:
         step(f"onnxruntime-genai: scoring {candidate.name} against {reference.name} ({settings.tokens} tokens)")
@@ -188,11 +188,12 @@ def _genai(row: dict, reference: Path, eval_ids: EvalIds, settings: QualitySetti
             request = Path(work) / "request.json"
             request.write_text(json.dumps({"reference": str(reference), "candidate": str(candidate), "ids": eval_ids.ids,
                                            "tokens": settings.tokens, "n_ctx": settings.n_ctx, "bos": eval_ids.bos,
-                                           "call_tokens": CALL_TOKENS}))
+                                           "call_tokens": FLOAT_CACHE_CALL_TOKENS}))
             result = run_worker(root, ["quality", str(request)], timeout=3600)
         cached = cache.put(key, {**result["quality"], "n_ctx": settings.n_ctx,
                                  "source": f"onnxruntime-genai int4 vs its own fp32 build through its runtime, context "
-                                           f"half in one call, then {CALL_TOKENS} ids per call (as quality.scoring); "
+                                           f"half in one call, then {FLOAT_CACHE_CALL_TOKENS} ids per call (as quality.scoring for "
+                                           "float KV caches); "
                                            "vlm-export's token ids"})
     return cached
 

@@ -80,6 +80,7 @@ class MobileVLMForCausalLM(LlamaForCausalLM):
         that a file provides are not first drawn at random (~2 s for smol's LLM, per load)."""
         with _building(llm, seed + PART_SEED_OFFSETS["llm"]):
             super().__init__(llama_config(spec.llm))
+        self.tie_weights()  # post_init ties lm_head to embed_tokens only when it initialises them
         self.spec = spec
         with _building(vision_tower, seed + PART_SEED_OFFSETS["vision_tower"]):
             self.model.vision_tower = CLIPVisionTower(spec.vision)

@@ -6,9 +6,13 @@ each embeds them with its own embed graph; their logits at every scored position
 
     eval prose -> ids -> chunks of n_ctx (eval_set.py)
     per chunk, on each side:   prefill context half (one call) -> last logits       -> scored
-                               scored half, `call_tokens` ids per call through the
-                               KV cache, as decode reads it (an int8 cache's error
-                               shows only here)                  -> every row's logits -> scored
+                               scored half through the KV cache, `call_tokens` ids per
+                               call: 16 where a side keeps an int8 cache (each call
+                               reads the earlier ones' quantized K/V, as decode does:
+                               its error shows only here), 256 for float caches (the
+                               same values whatever the call size; llama.cpp's
+                               perplexity feeds whole batches too)
+                                                                 -> every row's logits -> scored
 
 Logits of every position come from the decoder itself where it returns them (dynamic layout
 exported with `--logits all`), from an all-positions copy of it otherwise (inplace layout on ONNX
@@ -35,7 +39,8 @@ from vlm_export.quality.metrics import Accumulator, Quality
 from vlm_export.quality.reference_cache import CACHE, Recording, Replay, identity, key
 
 DEFAULT_N_CTX = 1024
-CALL_TOKENS = 16  # ids per decoder call over the scored half (decode-like: each call reads the cache)
+CALL_TOKENS = 16  # ids per decoder call over the scored half where a KV cache is lossy (decode-like: each call reads it)
+FLOAT_CACHE_CALL_TOKENS = 256  # where both caches are float: fewer, larger calls (the logits of a call: 256 x V floats)
 GREEDY_TOKENS = 32
 LONG_PROMPT_TOKENS = 1536  # prose ids in the long-context prompt (plus the template, plus the image)
 
@@ -44,12 +49,12 @@ LONG_PROMPT_TOKENS = 1536  # prose ids in the long-context prompt (plus the temp
 class Settings:
     tokens: int  # scored positions on the eval prose
     n_ctx: int | None = None  # None: DEFAULT_N_CTX, or less where the model's context is shorter
-    call_tokens: int = CALL_TOKENS
+    call_tokens: int | None = None  # None: call_tokens_for(reference, candidate)
     greedy_tokens: int = GREEDY_TOKENS  # 0: no greedy answers
     long_prompt_tokens: int = LONG_PROMPT_TOKENS  # 0: no long-context case
 
     def __post_init__(self):
-        if self.tokens < 1 or self.call_tokens < 1 or self.greedy_tokens < 0 or self.long_prompt_tokens < 0:
+        if self.tokens < 1 or (self.call_tokens is not None and self.call_tokens < 1) or self.greedy_tokens < 0 or self.long_prompt_tokens < 0:
             raise VlmExportError(f"invalid scoring settings {self}", "score at least 1 token, at least 1 per call")
 
 
@@ -61,13 +66,21 @@ class Comparison:
     long_context: dict = field(default_factory=dict)  # {"prompt_tokens", "text", "image"} or {"skipped": why}
     seconds: float = 0.0
     settings: Settings | None = None
+    call_tokens: int | None = None  # ids per call over the scored halves, as used
 
     def to_dict(self) -> dict:
         settings = self.settings
         return {**self.quality.to_dict(), "greedy_prefix_agreement": self.greedy_prefix_agreement, "n_ctx": self.n_ctx,
-                "call_tokens": settings.call_tokens if settings else None,
+                "call_tokens": self.call_tokens,
                 "greedy_tokens": settings.greedy_tokens if settings else None,
                 "long_context": self.long_context, "seconds": round(self.seconds, 1)}
+
+
+def call_tokens_for(reference, candidate) -> int:
+    """Ids per call over a scored half: CALL_TOKENS where either side keeps its KV cache in an
+    integer type (int8: lossy, and its loss grows call by call), else FLOAT_CACHE_CALL_TOKENS."""
+    lossy = any(np.dtype(g.kv_dtype).kind in "iu" for g in (reference, candidate))
+    return CALL_TOKENS if lossy else FLOAT_CACHE_CALL_TOKENS
 
 
 def n_ctx_for(generator, wanted: int | None = None) -> int:
@@ -213,7 +226,7 @@ def prompt_rows(generator, request) -> tuple[np.ndarray, list[int]]:
     return embeds, rows
 
 
-def long_context(reference, candidate, stream: list[int], settings: Settings, runners) -> dict:
+def long_context(reference, candidate, stream: list[int], settings: Settings, runners, call_tokens: int) -> dict:
     """The first `long_prompt_tokens` ids of prose as one user prompt, with and without the eval
     image; its last min(tokens, half) positions scored through the cache like the chunks."""
     from vlm_export.runtime.generation import Request
@@ -236,7 +249,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
             out[label] = {"skipped": f"{len(ids)} rows exceed the context of {limit}"}
             continue
         scored = min(settings.tokens, len(ids) // 2)
-        sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, settings.call_tokens)
+        sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, call_tokens)
         ref_embeds = None
         if CACHE.replay(sequence) is None:  # recorded sequences were checked against these ids when recorded
             ref_embeds, ref_ids = prompt_rows(reference, request)
@@ -245,7 +258,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
                                      "compare artifact sets of the same model")
         accumulator = Accumulator()
         _score_against_reference(reference, candidate, runners, sequence, (ref_embeds, cand_embeds), ids,
-                                 len(ids) - scored, settings.call_tokens, accumulator)
+                                 len(ids) - scored, call_tokens, accumulator)
         out[label] = accumulator.result().to_dict()
         out["prompt_tokens"] = max(out.get("prompt_tokens", 0), len(ids))
     return out
@@ -260,17 +273,18 @@ def compare(reference, candidate, settings: Settings) -> Comparison:
     n_ctx = min(n_ctx_for(reference, settings.n_ctx), n_ctx_for(candidate, settings.n_ctx))
     bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
     plan = chunks(len(stream), n_ctx, settings.tokens)
+    calls = settings.call_tokens or call_tokens_for(reference, candidate)
     with ExitStack() as stack:
         runners = [LazyLogitsRunner(g, stack) for g in (reference, candidate)]
-        step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {settings.call_tokens} per call")
+        step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {calls} per call")
         reference_id = identity(reference, runners[0].every_position)
         for chunk in plan:
             ids = chunk.ids(stream, bos)
-            sequence = key(reference_id, "chunk", ids, chunk.context, settings.call_tokens)
+            sequence = key(reference_id, "chunk", ids, chunk.context, calls)
             _score_against_reference(reference, candidate, runners, sequence, (reference.embed_ids(ids), candidate.embed_ids(ids)),
-                                     ids, chunk.context, settings.call_tokens, accumulator)
-        long = long_context(reference, candidate, stream, settings, runners)
-    return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings)
+                                     ids, chunk.context, calls, accumulator)
+        long = long_context(reference, candidate, stream, settings, runners, calls)
+    return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings, calls)
 
 
 def compare_dirs(reference_dir: Path, candidate_dir: Path, settings: Settings, backend: str = "ort") -> Comparison:

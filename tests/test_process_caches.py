@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 
 from vlm_export.model.tokenizer import load_tokenizer
-from vlm_export.runtime import generation
+from vlm_export.runtime import image_encoder
 from vlm_export.runtime.artifact_set import ArtifactSet, tokenizer_spec_in
 from vlm_export.runtime.generation import Generator
+from vlm_export.runtime.image_encoder import ImageEncoder, image_embeds
 
 
 @pytest.fixture
 def counted_vision(monkeypatch):
     """Count the images that really go through a vision graph; the process cache starts empty."""
-    monkeypatch.setattr(generation, "_IMAGE_EMBEDS", type(generation._IMAGE_EMBEDS)())
-    ran, original = [], Generator._run_vision
-    monkeypatch.setattr(Generator, "_run_vision", lambda self, images: (ran.extend(images), original(self, images))[1])
+    monkeypatch.setattr(image_encoder, "_KEPT", type(image_encoder._KEPT)())
+    ran, original = [], ImageEncoder.run
+    monkeypatch.setattr(ImageEncoder, "run", lambda self, images: (ran.extend(images), original(self, images))[1])
     return ran
 
 
@@ -30,7 +31,8 @@ def test_an_image_file_goes_through_a_vision_graph_once(tiny_graphs, photo, tmp_
     with Generator(ArtifactSet.open(tiny_graphs), "ort") as first, Generator(ArtifactSet.open(tiny_graphs), "ort") as second:
         a = first.image_embeds(image)
         b = second.image_embeds(str(image))  # another generator of the same graphs, the path as a string
-        assert counted_vision == [image] and np.array_equal(a, b) and a.shape == (144, 64)
+        c = image_embeds(tiny_graphs, image)  # the build's vision check: no generator
+        assert counted_vision == [image] and np.array_equal(a, b) and np.array_equal(a, c) and a.shape == (144, 64)
         with pytest.raises(ValueError):
             a[0, 0] = 1.0  # shared: read-only
         os.utime(image, ns=(0, 10**9))  # the file changed (as far as anyone can tell): computed again

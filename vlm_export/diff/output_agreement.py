@@ -17,13 +17,19 @@ def _valid(value: np.ndarray, feeds: dict, name: str) -> np.ndarray:
 
 
 def graph_accuracy(reference, candidate, samples: list[dict]) -> dict:
-    """Per output over held-out feeds: worst cosine, max |diff|, and top-1 agreement for logits."""
-    result = {}
+    """Per output over held-out feeds: worst cosine, max |diff|, and top-1 agreement for logits
+    (`reference`, `candidate`: ONNX Runtime sessions of one graph's two versions)."""
     names = [o.name for o in reference.get_outputs()]
-    for feeds in samples:
-        expected = dict(zip(names, reference.run(names, feeds)))
-        got = dict(zip(names, candidate.run(names, feeds)))
-        for name in names:
+    return outputs_agreement([(feeds, dict(zip(names, reference.run(names, feeds))), dict(zip(names, candidate.run(names, feeds))))
+                              for feeds in samples])
+
+
+def outputs_agreement(runs: list[tuple[dict, dict, dict]]) -> dict:
+    """(feeds, expected outputs, candidate's outputs) per sample, outputs as {name: array} -> the
+    summary `graph_accuracy` gives."""
+    result = {}
+    for feeds, expected, got in runs:
+        for name in expected:
             a, b = _valid(expected[name], feeds, name), _valid(got[name], feeds, name)
             cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
             entry = result.setdefault(name, {"cosine_min": 1.0, "max_abs_diff": 0.0, "top1": []})
@@ -34,7 +40,7 @@ def graph_accuracy(reference, candidate, samples: list[dict]) -> dict:
     for entry in result.values():
         entry["top1"] = float(np.mean(entry["top1"])) if entry["top1"] else None
     logits = result.get("logits")
-    summary = {"samples": len(samples), "outputs": len(result),
+    summary = {"samples": len(runs), "outputs": len(result),
                "cosine_min": min(e["cosine_min"] for e in result.values()) if result else None,
                "max_abs_diff": max(e["max_abs_diff"] for e in result.values()) if result else None}
     if logits:

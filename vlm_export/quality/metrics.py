@@ -21,9 +21,19 @@ import numpy as np
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """(..., V) logits, any float dtype -> float64 log-probabilities."""
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return _log_probs(logits)[0]
+
+
+def _log_probs(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., V) logits -> float64 (log-probabilities, probabilities), in place on one copy (the
+    scoring's rows are up to 256 x V at a time: fewer full-size temporaries)."""
+    logp = np.array(logits, dtype=np.float64)
+    logp -= logp.max(axis=-1, keepdims=True)
+    probs = np.exp(logp)
+    total = probs.sum(axis=-1, keepdims=True)
+    logp -= np.log(total)
+    probs /= total
+    return logp, probs
 
 
 @dataclass
@@ -67,8 +77,9 @@ class Accumulator:
         if reference.shape != candidate.shape or reference.ndim != 2 or targets.shape != reference.shape[:1]:
             raise ValueError(f"logits {reference.shape} vs {candidate.shape}, targets {targets.shape}: "
                              "expected (T, V), (T, V), (T,)")
-        ref, cand = log_softmax(reference), log_softmax(candidate)
-        self.kl.append(np.maximum((np.exp(ref) * (ref - cand)).sum(axis=-1), 0.0))  # >= 0 up to rounding
+        (ref, probs), cand = _log_probs(reference), log_softmax(candidate)
+        kl = np.einsum("tv,tv->t", probs, ref - cand)
+        self.kl.append(np.maximum(kl, 0.0))  # >= 0 up to rounding
         self.same_top1.append(ref.argmax(-1) == cand.argmax(-1))
         rows = np.arange(len(targets))
         self.nll_reference.append(-ref[rows, targets])

@@ -10,41 +10,22 @@ decoder layout's (spec/layouts/): this loop asks the layout, never compares layo
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from vlm_export.errors import VlmExportError
-from vlm_export.model.preprocess import model_pixels
 from vlm_export.model.prompt import Message, render_prompt, user_turn
 from vlm_export.model.text_stream import TextStream
 from vlm_export.results import GenerationResult
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
+from vlm_export.runtime.image_encoder import ImageEncoder, vision_identity
 from vlm_export.runtime.sampling import SamplingParams, sample_token
 from vlm_export.spec.layouts import KVCache, layout_of
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
 
 OnToken = Callable[[int, str], None]  # (row, new text)
-
-IMAGE_EMBEDS_KEPT = 32  # image embeddings a process keeps (each (144, C) float: 0.3 MB for smol, 1.2 MB at 2048 wide)
-_IMAGE_EMBEDS: OrderedDict[tuple, np.ndarray] = OrderedDict()
-
-
-def _image_key(vision: tuple | None, image) -> tuple | None:
-    """What an image file's embeddings depend on: the vision graph (its digest, the backend and its
-    options) and the file's bytes (path, size, modification time); None where that is not known (a
-    PIL image, graphs without files)."""
-    if vision is None or not isinstance(image, str | Path):
-        return None
-    try:
-        stat = Path(image).stat()
-    except OSError:
-        return None  # the loop's own error names the missing file
-    return (*vision, str(Path(image).resolve()), stat.st_size, stat.st_mtime_ns)
-
 
 @dataclass
 class Request:
@@ -72,11 +53,8 @@ class Generator:
         self.kv_dtype = kv_dtype(decoder)
         self.timings: dict[str, float] = {}
         self._decoder_seconds = 0.0
-        vision = artifacts.graphs.get("vision")
-        record = artifacts.manifest.get("files", {}).get(vision["file"]) if vision and artifacts.directory else None
-        # scoring and calibration run the same image through the same vision graph many times (both
-        # sides' greedy answers and long prompts, every variant): ~1.5-3 s of CLIP-L each on 2 cores
-        self._vision_identity = (record["sha256"], backend, repr(sorted(runner_options.items()))) if record else None
+        self.image_encoder = ImageEncoder(self.runners["vision"], self.spec, self.float_dtype,
+                                          vision_identity(artifacts, backend, runner_options))
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -90,32 +68,7 @@ class Generator:
 
     # -- inputs -----------------------------------------------------------------------------
     def _image_embeds(self, images: list) -> list[np.ndarray]:
-        """Images (paths or PIL images) -> (144, C) embeddings each; an image file's embeddings from
-        this vision graph are computed once per process (read-only arrays)."""
-        keys = [_image_key(self._vision_identity, image) for image in images]
-        todo = [i for i, k in enumerate(keys) if k is None or k not in _IMAGE_EMBEDS]
-        computed = dict(zip(todo, self._run_vision([images[i] for i in todo])))
-        out = []
-        for i, key in enumerate(keys):
-            if key is None:
-                out.append(computed[i])
-                continue
-            if i in computed:
-                computed[i].flags.writeable = False
-                _IMAGE_EMBEDS[key] = computed[i]
-                while len(_IMAGE_EMBEDS) > IMAGE_EMBEDS_KEPT:
-                    _IMAGE_EMBEDS.popitem(last=False)
-            _IMAGE_EMBEDS.move_to_end(key)
-            out.append(_IMAGE_EMBEDS[key])
-        return out
-
-    def _run_vision(self, images: list) -> list[np.ndarray]:
-        if not images:
-            return []
-        pixels = [model_pixels(image, self.spec) for image in images]  # a path or a PIL image, any mode
-        vision = self.runners["vision"].activate()
-        out = vision.infer({"pixel_values": np.concatenate(pixels).astype(self.float_dtype)})
-        return [np.array(row) for row in vision.to_numpy(out["image_embeds"])]  # each (144, C), its own buffer
+        return self.image_encoder(images)  # an image file's embeddings once per process (image_encoder.py)
 
     def _embed_ids(self, ids: list[int]) -> np.ndarray:
         embed = self.runners["embed"]

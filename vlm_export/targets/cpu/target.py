@@ -170,20 +170,14 @@ def _variant(graphs: Path, manifest: dict, staging: Path, recipe: Recipe, kv_sca
 
 
 def vision_accuracy(fp32: Path, variant: Path) -> dict:
-    """The variant's image embeddings vs fp32's on the held-out eval image."""
-    import onnxruntime as ort
+    """The variant's image embeddings vs fp32's on the held-out eval image (computed once per process:
+    scoring has usually run this image through both vision graphs already)."""
+    from vlm_export.diff.output_agreement import outputs_agreement
+    from vlm_export.quality.eval_set import eval_image
+    from vlm_export.runtime.image_encoder import image_embeds
 
-    from vlm_export.diff.end_to_end import EVAL_DIR
-    from vlm_export.diff.output_agreement import graph_accuracy
-    from vlm_export.quantize.calibration import vision_samples
-    from vlm_export.runtime.artifact_set import ArtifactSet
-
-    artifacts = ArtifactSet.open(fp32, check_hashes=False)
-    samples = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1], artifacts.spec)
-    file = artifacts.graphs["vision"]["file"]
-    cpu = ["CPUExecutionProvider"]
-    return graph_accuracy(ort.InferenceSession(str(fp32 / file), providers=cpu),
-                          ort.InferenceSession(str(variant / file), providers=cpu), samples)
+    image = eval_image()  # the image of the scoring's greedy and long prompts
+    return outputs_agreement([({}, {"image_embeds": image_embeds(fp32, image)}, {"image_embeds": image_embeds(variant, image)})])
 
 
 def preflight(profile: Profile) -> None:

@@ -96,3 +96,21 @@ def test_smol_gguf_weights_equal_transformers_loader():
     ids = torch.tensor([[1, 504, 3458, 314, 4649, 46]])
     with torch.no_grad():
         torch.testing.assert_close(reference(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_smol_tokenizer_from_the_parsed_reader_equals_transformers_own():
+    """The GGUF tokenizer is loaded with this process's parsed gguf-py reader handed to transformers
+    (model/tokenizer.py `_parsed_gguf`): the same tokenizer as transformers' own two parses give."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from vlm_export.model.tokenizer import load_tokenizer
+
+    spec = resolve_spec("smol").tokenizer
+    ours = load_tokenizer(spec).hf
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader  # restored after the load
+    path = Path(spec.path)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = ["What is in the image?", "Hello </s> world <|im_end|> 日本語 🙂", "  leading spaces\nand\ttabs"]
+    assert len(ours) == len(theirs) and ours.all_special_tokens == theirs.all_special_tokens
+    assert all(ours(t)["input_ids"] == theirs(t)["input_ids"] for t in texts)

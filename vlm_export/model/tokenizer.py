@@ -11,6 +11,7 @@ is the SentencePiece pieces of those characters, exactly what `tokenizer.onnx` g
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -115,6 +116,29 @@ def _files_key(path: Path | None) -> tuple:
     return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
+@contextlib.contextmanager
+def _parsed_gguf():
+    """transformers' GGUF tokenizer loader parses the whole file with gguf-py twice (once for the
+    config, once for the vocabulary: ~5 s each for SmolLM2's 49,152 entries, all in Python). Within
+    this block `gguf.GGUFReader`, which transformers 4.57 imports at call time, hands out this
+    process's parsed reader of the same file version instead (spec/gguf_meta.read_gguf_reader, the
+    one the spec and the weights were read with); any other use gets the real class."""
+    import gguf
+
+    from vlm_export.spec.gguf_meta import read_gguf_reader
+
+    original = gguf.GGUFReader
+
+    def parsed(path, *args, **kwargs):
+        return original(path, *args, **kwargs) if args or kwargs else read_gguf_reader(Path(path))
+
+    gguf.GGUFReader = parsed
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def load_tokenizer(spec: TokenizerSpec) -> TextTokenizer:
     """The tokenizer a spec names (kept per process while its files are unchanged: callers share it
     and must not change its settings). Raises VlmExportError when its files cannot be read."""
@@ -142,7 +166,8 @@ def _load(spec: TokenizerSpec, path: Path | None) -> TextTokenizer:
         elif spec.kind == "gguf":
             from transformers import AutoTokenizer
 
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            with _parsed_gguf():
+                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             raise VlmExportError(f"unknown tokenizer kind '{spec.kind}'", "use sentencepiece, hf or gguf")
     except (OSError, RuntimeError, ValueError, TypeError) as exc:

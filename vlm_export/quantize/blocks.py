@@ -18,7 +18,6 @@ applies does not matter); float weights are quantized here (`quantize_asymmetric
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +108,18 @@ def _gguf_blocks(kind: str, raw: np.ndarray, n: int) -> Blocks:
                   GGUF_BLOCK, f"gguf {kind} (exact)")
 
 
-def _row_keys(matrix: np.ndarray) -> list[bytes]:
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in np.ascontiguousarray(matrix, np.float32)]
+def _row_keys(matrix: np.ndarray) -> list[tuple[int, int]]:
+    """(width, 64-bit hash of the float32 bits) per row, vectorised: a multiply-add hash with fixed
+    odd multipliers (wrapping mod 2^64). A collision can only make `find` miss (it compares the
+    values it gathers), never return wrong blocks. ~20x faster than a blake2b per row in Python,
+    which cost seconds on a 49,152-row embedding."""
+    bits = np.ascontiguousarray(matrix, np.float32).view(np.uint32)
+    width = bits.shape[1]
+    multipliers = np.random.default_rng(width).integers(1, 2**63, size=width, dtype=np.uint64) | np.uint64(1)
+    hashes = np.zeros(bits.shape[0], dtype=np.uint64)
+    for start in range(0, bits.shape[0], 4096):  # rows in slabs: no (rows x width) uint64 copy at once
+        hashes[start:start + 4096] = (bits[start:start + 4096].astype(np.uint64) * multipliers).sum(axis=1)
+    return [(width, int(h)) for h in hashes]
 
 
 class GgufBlocks:
@@ -131,7 +140,7 @@ class GgufBlocks:
         self.path = Path(path)
         reader = read_gguf_reader(self.path)
         self.tensors: dict[str, Blocks] = {}
-        self.rows: dict[bytes, tuple[str, int]] = {}
+        self.rows: dict[tuple[int, int], tuple[str, int]] = {}
         for tensor in reader.tensors:
             kind = tensor.tensor_type.name
             if kind not in self.KINDS:
@@ -151,7 +160,16 @@ class GgufBlocks:
         sources = [self.tensors[name] for name in dict.fromkeys(name for name, _ in hits)]
         if len({source.origin for source in sources}) != 1:
             return None
-        pick = lambda field: np.stack([getattr(self.tensors[name], field)[row] for name, row in hits])
+        names = np.array([name for name, _ in hits])
+        rows = np.array([row for _, row in hits], dtype=np.int64)
+
+        def pick(field: str) -> np.ndarray:  # one fancy index per source tensor, rows in W's order
+            first = getattr(sources[0], field)
+            out = np.empty((len(hits), *first.shape[1:]), dtype=first.dtype)
+            for name in dict.fromkeys(names.tolist()):
+                at = names == name
+                out[at] = getattr(self.tensors[name], field)[rows[at]]
+            return out
         found = Blocks(pick("codes"), pick("scales"), pick("minimums"), sources[0].bits, sources[0].block, sources[0].origin)
         if not np.array_equal(found.dequantize(), np.asarray(weight_t, np.float32)):
             return None

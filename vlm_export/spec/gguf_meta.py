@@ -30,7 +30,7 @@ def read_gguf_reader(path: Path):
     constructor parses every metadata field in Python (~5 s for SmolLM2's 49,152-entry vocabulary),
     and one build reads the same GGUF for the spec, the export, a second layout and the weight
     carry-over. Raises VlmExportError for a missing or unreadable file."""
-    import gguf
+    import gguf.gguf_reader
 
     path = Path(path)
     if not path.is_file():
@@ -39,7 +39,7 @@ def read_gguf_reader(path: Path):
     version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if version not in _READERS:
         try:
-            reader = gguf.GGUFReader(str(path))
+            reader = gguf.gguf_reader.GGUFReader(str(path))  # its home module's name (see model/tokenizer.py)
         except Exception as exc:  # gguf raises ValueError/struct errors on corrupt files
             raise VlmExportError(
                 f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",

@@ -42,8 +42,9 @@ def test_other_inputs_are_refused_without_force(tmp_path):
     first, _ = _build(tmp_path / "out")
     with pytest.raises(VlmExportError) as refused:
         _build(tmp_path / "out", option="b")
-    assert refused.value.one_line() == (f"{tmp_path / 'out'} already holds a finished build of other inputs (graphs, options "
-                                        "or build recipe) -- fix: pass --force to rebuild it, or choose another --out")
+    assert refused.value.one_line() == (f"{tmp_path / 'out'} already holds a finished build of other inputs (fp32 and int4: "
+                                        "settings (options and format versions)) -- fix: pass --force to rebuild it, or "
+                                        "choose another --out")
     rebuilt, built = _build(tmp_path / "out", option="b", force=True)
     assert built == ["fp32", "int4"] and rebuilt["build_key"] != first["build_key"]
 
@@ -56,3 +57,17 @@ def test_a_damaged_finished_build_is_not_reused(tmp_path):
     assert refused.value.problem.startswith(f"{tmp_path / 'out'} holds a finished build of these inputs, but ")
     assert "int4/weights.bin does not match its manifest checksum" in refused.value.problem
     assert refused.value.fix == "pass --force to rebuild it"
+
+
+def test_the_refusal_names_what_differs():
+    from vlm_export.targets.build_loop import what_differs
+
+    inputs = {"graphs": "g", "variants": {"fp32": {"passes": "p0", "settings": "s0"}, "int4": {"passes": "p1", "settings": "s1"}}}
+    assert what_differs(inputs, inputs) == "graphs, options or build recipe"  # nothing in parts: the whole key moved
+    other_graphs = {**inputs, "graphs": "h"}
+    assert what_differs(other_graphs, inputs) == "the exported graphs"
+    fewer = {"graphs": "g", "variants": {"fp32": inputs["variants"]["fp32"]}}
+    assert what_differs(fewer, inputs) == "the variants: fp32 there, fp32,int4 asked"
+    recipe = {"graphs": "g", "variants": {**inputs["variants"], "int4": {"passes": "p2", "settings": "s1"}}}
+    assert what_differs(recipe, inputs) == "int4: passes (the build recipe)"
+    assert what_differs(None, inputs) == "graphs, options or build recipe"  # a report of an earlier version

@@ -32,12 +32,16 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     """
     keys = {recipe.name: stage_key(manifest["files"], recipe, *key(recipe)) for recipe in stages}
     build_key = stage_key(keys)
+    # the same inputs in parts, so that a refused build can say which of them differ
+    inputs = {"graphs": stage_key(manifest["files"]),
+              "variants": {recipe.name: {"passes": stage_key(recipe), "settings": stage_key(*key(recipe))} for recipe in stages}}
     if not force and (out / "report.json").is_file():
         with stage(f"checking the finished build in {out} against these inputs"):
-            finished = finished_build(out, build_key, list(keys))
+            finished = finished_build(out, build_key, list(keys), inputs)
         return {**finished, "reused": True}  # not stored: says so to the caller only
     report.setdefault("variants", {})
     report["build_key"] = build_key
+    report["build_inputs"] = inputs
     with atomic_directory(out, force) as staging:
         for recipe in stages:
             stage_id = keys[recipe.name]
@@ -58,10 +62,25 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     return report
 
 
-def finished_build(out: Path, build_key: str, variants: list[str]) -> dict:
+def what_differs(stored: dict | None, inputs: dict) -> str:
+    """Which inputs of a finished build (its report's "build_inputs") differ from `inputs`, in words."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("variants"), dict):
+        return "graphs, options or build recipe"  # a report written before the parts were kept
+    parts = ["the exported graphs"] if stored.get("graphs") != inputs["graphs"] else []
+    had, asked = list(stored["variants"]), list(inputs["variants"])
+    if had != asked:
+        parts.append(f"the variants: {','.join(had)} there, {','.join(asked)} asked")
+    for what in ("passes", "settings"):
+        names = [n for n in asked if n in had and stored["variants"][n].get(what) != inputs["variants"][n][what]]
+        if names:
+            parts.append(f"{' and '.join(names)}: {what} ({'the build recipe' if what == 'passes' else 'options and format versions'})")
+    return "; ".join(parts) or "graphs, options or build recipe"
+
+
+def finished_build(out: Path, build_key: str, variants: list[str], inputs: dict | None = None) -> dict:
     """The report of the finished build in `out`, which was built from the inputs `build_key` stands
-    for, its variants all verified. Raises VlmExportError when it holds one of other inputs
-    (replacing it needs --force), or one that fails verification."""
+    for (`inputs`: the same in parts), its variants all verified. Raises VlmExportError when it holds
+    one of other inputs, naming which (replacing it needs --force), or one that fails verification."""
     import json
 
     try:
@@ -69,7 +88,8 @@ def finished_build(out: Path, build_key: str, variants: list[str]) -> dict:
     except (OSError, ValueError):
         report = {}
     if report.get("build_key") != build_key:
-        raise VlmExportError(f"{out} already holds a finished build of other inputs (graphs, options or build recipe)",
+        differs = what_differs(report.get("build_inputs"), inputs) if inputs else "graphs, options or build recipe"
+        raise VlmExportError(f"{out} already holds a finished build of other inputs ({differs})",
                              "pass --force to rebuild it, or choose another --out")
     for name in variants:
         try:

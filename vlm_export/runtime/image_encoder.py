@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm_export.errors import VlmExportError
 from vlm_export.model.preprocess import model_pixels
 
 IMAGE_EMBEDS_KEPT = 32  # embeddings a process keeps (each (144, C) float: 0.3 MB for smol, 1.2 MB at 2048 wide)
@@ -39,7 +40,8 @@ def _image_key(vision: tuple | None, image) -> tuple | None:
 
 
 class ImageEncoder:
-    """A vision graph's runner (activated on first use) behind the process's embeddings cache."""
+    """A vision graph's runner (activated on first use; None: the set has no vision graph) behind the
+    process's embeddings cache."""
 
     def __init__(self, runner, spec, dtype: np.dtype, identity: tuple | None):
         self.runner, self.spec, self.dtype, self.identity = runner, spec, np.dtype(dtype), identity
@@ -67,6 +69,8 @@ class ImageEncoder:
         """The vision graph on `images`, no cache: (144, C) arrays, each its own buffer."""
         if not images:
             return []
+        if self.runner is None:
+            raise VlmExportError("these artifacts have no vision graph", "ask without --image, or export the model's vision graph")
         pixels = [model_pixels(image, self.spec) for image in images]
         vision = self.runner.activate()
         out = vision.infer({"pixel_values": np.concatenate(pixels).astype(self.dtype)})

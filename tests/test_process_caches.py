@@ -76,3 +76,15 @@ def test_a_suspended_session_opens_again_only_when_used(tiny_graphs):
     runner.deactivate()  # closed for good: no reopening
     with pytest.raises(RuntimeError, match="not active"):
         runner.infer({"input_ids": np.array([[1]], dtype=np.int64)})
+
+
+def test_a_recording_runner_sees_every_image_even_when_cached(tiny_graphs, photo, counted_vision):
+    """Calibration and golden files record each graph's feeds through the loop: the vision graph's
+    must not be answered from the process's cache."""
+    from vlm_export.quantize.calibration import recorded_samples
+    from vlm_export.runtime.generation import Request
+
+    with Generator(ArtifactSet.open(tiny_graphs), "ort") as generator:
+        generator.image_embeds(photo)  # now cached
+    recorded = recorded_samples(tiny_graphs, [Request.ask("Describe the image.", photo)], new_tokens=1)
+    assert len(recorded["vision"]) == 1 and recorded["vision"][0]["pixel_values"].shape[0] == 1

@@ -54,7 +54,7 @@ class Generator:
         self.kv_dtype = kv_dtype(decoder)
         self.timings: dict[str, float] = {}
         self._decoder_seconds = 0.0
-        self.image_encoder = ImageEncoder(self.runners.get("vision"), self.spec, self.float_dtype,
+        self.image_encoder = ImageEncoder(lambda: self.runners.get("vision"), self.spec, self.float_dtype,
                                           vision_identity(artifacts, backend, runner_options))
 
     def close(self) -> None:

@@ -10,12 +10,14 @@ digest are always run.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from vlm_export.errors import VlmExportError
 from vlm_export.model.preprocess import model_pixels
+from vlm_export.runtime.runners.base import Runner
 
 IMAGE_EMBEDS_KEPT = 32  # embeddings a process keeps (each (144, C) float: 0.3 MB for smol, 1.2 MB at 2048 wide)
 _KEPT: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -40,15 +42,19 @@ def _image_key(vision: tuple | None, image) -> tuple | None:
 
 
 class ImageEncoder:
-    """A vision graph's runner (activated on first use; None: the set has no vision graph) behind the
-    process's embeddings cache."""
+    """A set's vision graph behind the process's embeddings cache. `runner()` gives the vision runner
+    (activated on first use; None: the set has no vision graph) at each call, so a caller that wraps
+    the runners later is seen: a runner that records its feeds (calibration, golden files) gets every
+    image run through it, never a cached answer."""
 
-    def __init__(self, runner, spec, dtype: np.dtype, identity: tuple | None):
+    def __init__(self, runner: Callable[[], Runner | None], spec, dtype: np.dtype, identity: tuple | None):
         self.runner, self.spec, self.dtype, self.identity = runner, spec, np.dtype(dtype), identity
 
     def __call__(self, images: list) -> list[np.ndarray]:
         """Images (paths or PIL images, any mode) -> (144, C) embeddings each (cached ones read-only)."""
-        keys = [_image_key(self.identity, image) for image in images]
+        runner = self.runner()
+        identity = None if getattr(runner, "records_feeds", False) else self.identity
+        keys = [_image_key(identity, image) for image in images]
         todo = [i for i, k in enumerate(keys) if k is None or k not in _KEPT]
         computed = dict(zip(todo, self.run([images[i] for i in todo])))
         out = []
@@ -69,10 +75,11 @@ class ImageEncoder:
         """The vision graph on `images`, no cache: (144, C) arrays, each its own buffer."""
         if not images:
             return []
-        if self.runner is None:
+        runner = self.runner()
+        if runner is None:
             raise VlmExportError("these artifacts have no vision graph", "ask without --image, or export the model's vision graph")
         pixels = [model_pixels(image, self.spec) for image in images]
-        vision = self.runner.activate()
+        vision = runner.activate()
         out = vision.infer({"pixel_values": np.concatenate(pixels).astype(self.dtype)})
         return [np.array(row) for row in vision.to_numpy(out["image_embeds"])]
 
@@ -86,6 +93,6 @@ def image_embeds(directory: Path, image, backend: str = "ort") -> np.ndarray:
     runner = artifacts.runners(backend)["vision"]
     dtype = artifacts.graphs["vision"]["inputs"][0]["dtype"]
     try:
-        return ImageEncoder(runner, artifacts.spec, dtype, vision_identity(artifacts, backend, {}))([image])[0]
+        return ImageEncoder(lambda: runner, artifacts.spec, dtype, vision_identity(artifacts, backend, {}))([image])[0]
     finally:
         runner.deactivate()

@@ -19,6 +19,8 @@ from vlm_export.errors import VlmExportError
 
 
 class Runner:
+    records_feeds = False  # True for a runner whose callers must run every feed through it (recording.py)
+
     def __init__(self, graph: dict):
         self.graph = graph  # the manifest record: name, file, inputs, outputs, attrs
         self.name = graph["name"]

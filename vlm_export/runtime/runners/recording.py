@@ -12,6 +12,8 @@ class RecordingRunner(Runner):
     """Wraps `inner` (any Runner, active or not); each `infer` appends a host copy of its feeds
     ({name: numpy array}, backend tensors fetched with the inner runner's `to_numpy`) to `sink`."""
 
+    records_feeds = True  # every feed must reach it: callers do not answer from a cache (runtime/image_encoder.py)
+
     def __init__(self, inner: Runner, sink: list[dict]):
         super().__init__(inner.graph)
         self.inner, self.sink = inner, sink

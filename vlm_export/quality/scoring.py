@@ -265,7 +265,15 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
 
 
 def compare(reference, candidate, settings: Settings) -> Comparison:
-    """Two open Generators (any backends, any layouts) -> the candidate's quality against the reference."""
+    """Two open Generators (any backends, any layouts) -> the candidate's quality against the reference
+    (each image file through each vision graph once per process: runtime/image_encoder.py)."""
+    from vlm_export.runtime.image_encoder import cached_images
+
+    with cached_images():
+        return _compare(reference, candidate, settings)
+
+
+def _compare(reference, candidate, settings: Settings) -> Comparison:
     started = time.perf_counter()
     accumulator = Accumulator()
     prefix = greedy(reference, candidate, settings.greedy_tokens, accumulator)  # the loop's own runners

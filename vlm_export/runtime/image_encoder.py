@@ -1,14 +1,17 @@
-"""Images -> (144, C) embeddings through a vision graph, each image file once per process.
+"""Images -> (144, C) embeddings through a vision graph; inside `cached_images()`, each image file
+once per process.
 
-Scoring, calibration and the build's vision check run the same image through the same vision graph
-many times (both sides' greedy answers and long prompts, every variant, the fp32-vs-int8 check):
-~1.5-5 s of CLIP-L each on 2 cores. Embeddings are kept per (vision graph digest, backend and its
-options, image file path, size and modification time); PIL images and graphs without a recorded
-digest are always run.
+Scoring and the build's vision check run the same image through the same vision graph many times
+(both sides' greedy answers and long prompts, every variant, the fp32-vs-int8 check): ~1.5-5 s of
+CLIP-L each on 2 cores. Inside the block, embeddings are kept per (vision graph digest, backend and
+its options, image file path, size and modification time); PIL images, graphs without a recorded
+digest and runners that record their feeds always run. Outside it every image runs: `run`, `generate`
+and the benchmark time the vision graph itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,17 @@ from vlm_export.runtime.runners.base import Runner
 
 IMAGE_EMBEDS_KEPT = 32  # embeddings a process keeps (each (144, C) float: 0.3 MB for smol, 1.2 MB at 2048 wide)
 _KEPT: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_CACHING = [0]  # open cached_images() blocks
+
+
+@contextlib.contextmanager
+def cached_images():
+    """Within this block image files' embeddings are computed once per process and vision graph."""
+    _CACHING[0] += 1
+    try:
+        yield
+    finally:
+        _CACHING[0] -= 1
 
 
 def vision_identity(artifacts, backend: str, options: dict) -> tuple | None:
@@ -53,7 +67,7 @@ class ImageEncoder:
     def __call__(self, images: list) -> list[np.ndarray]:
         """Images (paths or PIL images, any mode) -> (144, C) embeddings each (cached ones read-only)."""
         runner = self.runner()
-        identity = None if getattr(runner, "records_feeds", False) else self.identity
+        identity = self.identity if _CACHING[0] and not getattr(runner, "records_feeds", False) else None
         keys = [_image_key(identity, image) for image in images]
         todo = [i for i, k in enumerate(keys) if k is None or k not in _KEPT]
         computed = dict(zip(todo, self.run([images[i] for i in todo])))
@@ -86,7 +100,7 @@ class ImageEncoder:
 
 def image_embeds(directory: Path, image, backend: str = "ort") -> np.ndarray:
     """One image through the vision graph of the artifact set in `directory` (opening only that
-    graph's session, and none where this process already has the embeddings) -> (144, C)."""
+    graph's session, and none inside `cached_images()` where this process has them) -> (144, C)."""
     from vlm_export.runtime.artifact_set import ArtifactSet
 
     artifacts = ArtifactSet.open(directory, check_hashes=False)

@@ -174,10 +174,12 @@ def vision_accuracy(fp32: Path, variant: Path) -> dict:
     scoring has usually run this image through both vision graphs already)."""
     from vlm_export.diff.output_agreement import outputs_agreement
     from vlm_export.quality.eval_set import eval_image
-    from vlm_export.runtime.image_encoder import image_embeds
+    from vlm_export.runtime.image_encoder import cached_images, image_embeds
 
     image = eval_image()  # the image of the scoring's greedy and long prompts
-    return outputs_agreement([({}, {"image_embeds": image_embeds(fp32, image)}, {"image_embeds": image_embeds(variant, image)})])
+    with cached_images():
+        pair = {"image_embeds": image_embeds(fp32, image)}, {"image_embeds": image_embeds(variant, image)}
+    return outputs_agreement([({}, *pair)])
 
 
 def preflight(profile: Profile) -> None:

@@ -277,4 +277,5 @@ def test_the_same_command_again_reuses_the_finished_build(built):
     assert again.stdout.splitlines()[:-1] == stdout.splitlines()[:-1]  # the same report.md and verdicts
     assert f"start  checking the finished build in {root / 'cpu'} against these inputs" in again.stderr
     other = vlm("build", "tiny", "--target", "cpu", "--graphs", root / "graphs", "--out", root / "cpu", "--vision", "fp32")
-    assert other.returncode == 2 and "already holds a finished build of other inputs" in other.stderr
+    assert other.returncode == 2 and "already holds a finished build of other inputs (" in other.stderr
+    assert "without 'vision: dynamic int8'" in other.stderr  # names what --vision fp32 changed

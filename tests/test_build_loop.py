@@ -43,7 +43,7 @@ def test_other_inputs_are_refused_without_force(tmp_path):
     with pytest.raises(VlmExportError) as refused:
         _build(tmp_path / "out", option="b")
     assert refused.value.one_line() == (f"{tmp_path / 'out'} already holds a finished build of other inputs (fp32 and int4: "
-                                        "settings (options and format versions)) -- fix: pass --force to rebuild it, or "
+                                        "other options or format versions) -- fix: pass --force to rebuild it, or "
                                         "choose another --out")
     rebuilt, built = _build(tmp_path / "out", option="b", force=True)
     assert built == ["fp32", "int4"] and rebuilt["build_key"] != first["build_key"]
@@ -62,12 +62,16 @@ def test_a_damaged_finished_build_is_not_reused(tmp_path):
 def test_the_refusal_names_what_differs():
     from vlm_export.targets.build_loop import what_differs
 
-    inputs = {"graphs": "g", "variants": {"fp32": {"passes": "p0", "settings": "s0"}, "int4": {"passes": "p1", "settings": "s1"}}}
+    def variant(passes=("vision: dynamic int8",), recipe="r", settings="s"):
+        return {"recipe": recipe, "passes": list(passes), "settings": settings}
+
+    inputs = {"graphs": "g", "variants": {"fp32": variant(()), "int4": variant()}}
     assert what_differs(inputs, inputs) == "graphs, options or build recipe"  # nothing in parts: the whole key moved
-    other_graphs = {**inputs, "graphs": "h"}
-    assert what_differs(other_graphs, inputs) == "the exported graphs"
-    fewer = {"graphs": "g", "variants": {"fp32": inputs["variants"]["fp32"]}}
+    assert what_differs({**inputs, "graphs": "h"}, inputs) == "the exported graphs"
+    fewer = {"graphs": "g", "variants": {"fp32": variant(())}}
     assert what_differs(fewer, inputs) == "the variants: fp32 there, fp32,int4 asked"
-    recipe = {"graphs": "g", "variants": {**inputs["variants"], "int4": {"passes": "p2", "settings": "s1"}}}
-    assert what_differs(recipe, inputs) == "int4: passes (the build recipe)"
+    float_vision = {"graphs": "g", "variants": {"fp32": variant(()), "int4": variant(("decoder: int4",))}}
+    assert what_differs(float_vision, inputs) == "int4: without 'decoder: int4'; with 'vision: dynamic int8'"
+    other = {"graphs": "g", "variants": {"fp32": variant((), recipe="q"), "int4": variant(settings="t")}}
+    assert what_differs(other, inputs) == "fp32: another build recipe; int4: other options or format versions"
     assert what_differs(None, inputs) == "graphs, options or build recipe"  # a report of an earlier version

@@ -34,7 +34,8 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
     build_key = stage_key(keys)
     # the same inputs in parts, so that a refused build can say which of them differ
     inputs = {"graphs": stage_key(manifest["files"]),
-              "variants": {recipe.name: {"passes": stage_key(recipe), "settings": stage_key(*key(recipe))} for recipe in stages}}
+              "variants": {recipe.name: {"recipe": stage_key(recipe), "passes": [str(p) for p in recipe.passes],
+                                         "settings": stage_key(*key(recipe))} for recipe in stages}}
     if not force and (out / "report.json").is_file():
         with stage(f"checking the finished build in {out} against these inputs"):
             finished = finished_build(out, build_key, list(keys), inputs)
@@ -63,17 +64,27 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
 
 
 def what_differs(stored: dict | None, inputs: dict) -> str:
-    """Which inputs of a finished build (its report's "build_inputs") differ from `inputs`, in words."""
+    """Which inputs of a finished build (its report's "build_inputs") differ from `inputs`, in words:
+    the exported graphs, the variants, a variant's passes (named), the rest of its recipe, its settings."""
     if not isinstance(stored, dict) or not isinstance(stored.get("variants"), dict):
         return "graphs, options or build recipe"  # a report written before the parts were kept
     parts = ["the exported graphs"] if stored.get("graphs") != inputs["graphs"] else []
     had, asked = list(stored["variants"]), list(inputs["variants"])
     if had != asked:
         parts.append(f"the variants: {','.join(had)} there, {','.join(asked)} asked")
-    for what in ("passes", "settings"):
-        names = [n for n in asked if n in had and stored["variants"][n].get(what) != inputs["variants"][n][what]]
-        if names:
-            parts.append(f"{' and '.join(names)}: {what} ({'the build recipe' if what == 'passes' else 'options and format versions'})")
+    changes: dict[str, list[str]] = {}  # what changed -> the variants it changed in
+    for name in (n for n in asked if n in had):
+        old, new = stored["variants"][name], inputs["variants"][name]
+        if old.get("passes") != new["passes"]:
+            gone = [p for p in old.get("passes", []) if p not in new["passes"]]
+            added = [p for p in new["passes"] if p not in old.get("passes", [])]
+            change = "; ".join([f"without '{p}'" for p in gone] + [f"with '{p}'" for p in added]) or "passes reordered"
+            changes.setdefault(change, []).append(name)
+        elif old.get("recipe") != new["recipe"]:
+            changes.setdefault("another build recipe", []).append(name)
+        if old.get("settings") != new["settings"]:
+            changes.setdefault("other options or format versions", []).append(name)
+    parts += [f"{' and '.join(names)}: {change}" for change, names in changes.items()]
     return "; ".join(parts) or "graphs, options or build recipe"
 
 

@@ -278,4 +278,4 @@ def test_the_same_command_again_reuses_the_finished_build(built):
     assert f"start  checking the finished build in {root / 'cpu'} against these inputs" in again.stderr
     other = vlm("build", "tiny", "--target", "cpu", "--graphs", root / "graphs", "--out", root / "cpu", "--vision", "fp32")
     assert other.returncode == 2 and "already holds a finished build of other inputs (" in other.stderr
-    assert "without 'vision: dynamic int8'" in other.stderr  # names what --vision fp32 changed
+    assert "(int8 and int4: without 'vision: dynamic int8')" in other.stderr  # names what --vision fp32 changed

@@ -42,4 +42,4 @@ def note(accuracies: list) -> str:
         return ""
     return (f"Quality against fp32: teacher-forced on {'/'.join(map(str, tokens))} scored tokens of "
             "calibration/eval/prose.txt (ppl: variant, baseline in brackets; KL in nats), greedy identical: eval prompts "
-            "answered token for token alike; budgets: vlm_export/quality/metrics.py BUDGETS (shown, not enforced).")
+            "answered token for token alike; budgets: vlm_export/quality/metrics.py BUDGETS (each variant judged in the budget column; `build --strict` fails on a miss).")

@@ -361,7 +361,7 @@ def report_markdown(report: dict) -> str:
     fp32, vision cosine), then one verdict line per quantized variant and where its weights came from."""
     from vlm_export.quality.table import HEADER, cells, note
 
-    head = ["variant", "size MB", "build s", "matmuls", "KV cache", *HEADER, "vision cosine"]
+    head = ["variant", "size MB", "assembly s", "matmuls", "KV cache", *HEADER, "vision cosine"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in report["variants"].items():
         acc, vision = v.get("accuracy_vs_fp32"), v.get("vision_vs_fp32")

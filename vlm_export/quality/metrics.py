@@ -21,19 +21,19 @@ import numpy as np
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """(..., V) logits, any float dtype -> float64 log-probabilities."""
-    return _log_probs(logits)[0]
+    logp, _, _ = _log_probs(logits)
+    return logp
 
 
-def _log_probs(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(..., V) logits -> float64 (log-probabilities, probabilities), in place on one copy (the
-    scoring's rows are up to 256 x V at a time: fewer full-size temporaries)."""
+def _log_probs(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(..., V) logits -> float64 (log-probabilities, unnormalised exp(logits - max), their sums),
+    in place on one copy (the scoring's rows are up to 256 x V at a time: fewer full-size temporaries)."""
     logp = np.array(logits, dtype=np.float64)
     logp -= logp.max(axis=-1, keepdims=True)
-    probs = np.exp(logp)
-    total = probs.sum(axis=-1, keepdims=True)
+    weights = np.exp(logp)
+    total = weights.sum(axis=-1, keepdims=True)
     logp -= np.log(total)
-    probs /= total
-    return logp, probs
+    return logp, weights, total
 
 
 @dataclass
@@ -77,8 +77,8 @@ class Accumulator:
         if reference.shape != candidate.shape or reference.ndim != 2 or targets.shape != reference.shape[:1]:
             raise ValueError(f"logits {reference.shape} vs {candidate.shape}, targets {targets.shape}: "
                              "expected (T, V), (T, V), (T,)")
-        (ref, probs), cand = _log_probs(reference), log_softmax(candidate)
-        kl = np.einsum("tv,tv->t", probs, ref - cand)
+        (ref, weights, total), cand = _log_probs(reference), log_softmax(candidate)
+        kl = np.einsum("tv,tv->t", weights, ref - cand) / total[:, 0]  # sum_v p_v (log p_v - log q_v)
         self.kl.append(np.maximum(kl, 0.0))  # >= 0 up to rounding
         self.same_top1.append(ref.argmax(-1) == cand.argmax(-1))
         rows = np.arange(len(targets))

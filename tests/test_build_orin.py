@@ -112,6 +112,11 @@ def test_int4_is_blocked_weight_only_dequantize_that_runs_in_ort(built):
     assert blocked and all(weights[n.input[0]] == onnx.TensorProto.INT4 for n in blocked)
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in blocked)
     assert not any(n.op_type == "MatMulNBits" for n in decoder.graph.node)  # standard ONNX only, for TensorRT
+    done = json.loads((root / "orin" / "int4" / "manifest.json").read_text())["quantization"]["decoder.onnx"]
+    # tiny's seeded weights are float: AWQ scales on every norm's projections, min/max blocks with offsets
+    assert done["awq_norm_groups"] == 4 and done["awq_groups_held_exactly"] == 0
+    assert done["awq_calibration_error"] <= done["awq_calibration_error_rtn"]
+    assert done["block_offset_terms"] == done["int4_blocked_dequantize"] == 14  # 2 layers x 7 projections
     report = json.loads((root / "orin" / "report.json").read_text())
     int4 = report["variants"]["int4"]
     assert set(int4["static_check"].values()) == {"ok"}
@@ -263,7 +268,13 @@ def test_a_missed_budget_says_why_and_is_not_recommended():
 
     assert recommended(RECIPES, variants) == "int8"
     text = report_markdown({"device": "agx-orin-64gb", "variants": variants})
-    assert "- int4: OVER the gpu-int4 budget: mean KL 0.2585 > 0.015 -- why: TensorRT's int4 weight-only blocks are symmetric" in text
+    assert "- int4: OVER the gpu-int4 budget: mean KL 0.2585 > 0.015\n" in text  # no known reason declared
+    from dataclasses import replace
+
+    from vlm_export.targets.recipe import budget_lines
+
+    explained = {**RECIPES, "int4": replace(RECIPES["int4"], over_budget_why="a measured reason")}
+    assert "- int4: OVER the gpu-int4 budget: mean KL 0.2585 > 0.015 -- why: a measured reason" in budget_lines(explained, variants)
     assert "Recommended: int8 (the lowest-precision variant within its quality budget)." in text
     variants["int8"] = variant(False, "OVER")
     assert recommended(RECIPES, variants) == "fp16"  # not judged: within

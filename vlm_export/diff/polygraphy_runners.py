@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.logger import G_LOGGER
 
@@ -51,17 +51,17 @@ class TorchGraphRunner(BaseRunner):
 
 
 def ort_runner(path: Path, name: str, providers: list[str] | None = None, library: Path | None = None) -> OnnxrtRunner:
-    """`library`: the variant's kernel library (custom ops), registered in the session."""
+    """`library`: the variant's kernel library (custom ops), registered in the session. Sessions take
+    the runtime's session config (`ort_runner.SESSION_CONFIG`: float activations for int4 weight-only)."""
     providers = providers or ["CPUExecutionProvider"]
-    if library is None:
-        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=name)
 
     def session():
         import onnxruntime as ort
 
-        from vlm_export.runtime.runners.ort_runner import register_kernels
+        from vlm_export.runtime.runners.ort_runner import register_kernels, session_options
 
-        options = ort.SessionOptions()
-        register_kernels(options, library)
+        options = session_options()
+        if library is not None:
+            register_kernels(options, library)
         return ort.InferenceSession(str(path), options, providers=providers)
     return OnnxrtRunner(session, name=name)

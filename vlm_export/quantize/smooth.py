@@ -15,6 +15,7 @@ calibration feeds the quantizer uses. The final norm feeds lm_head, which stays 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ ALPHA = 0.5
 MIN_SCALE = 1e-5
 
 
-def _groups(model: onnx.ModelProto, skip: tuple[str, ...]) -> list[tuple[onnx.NodeProto, int, list[onnx.NodeProto]]]:
+def norm_groups(model: onnx.ModelProto, skip: tuple[str, ...]) -> list[tuple[onnx.NodeProto, int, list[onnx.NodeProto]]]:
     """(norm weight Mul, index of its weight input, the MatMuls reading its output) per RMSNorm whose
     every MatMul reader has a 2-D weight initializer and none is named in `skip`."""
     initializers = {i.name: i for i in model.graph.initializer}
@@ -50,24 +51,72 @@ def _groups(model: onnx.ModelProto, skip: tuple[str, ...]) -> list[tuple[onnx.No
     return groups
 
 
-def _activation_maxima(path: Path, outputs: list[str], samples: list[dict]) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of `outputs` (last axis) over every calibration feed."""
+@dataclass
+class ChannelStatistics:
+    """Per-channel statistics of one activation over calibration feeds (C = its last axis)."""
+
+    maximum: np.ndarray  # (C,) float32, max |x|
+    mean_abs: np.ndarray  # (C,) float32, mean |x| over every row
+    rows: np.ndarray  # (R, C) float32, up to `keep_rows` rows drawn evenly at random from every feed
+
+
+def channel_statistics(path: Path, outputs: list[str], samples: list[dict], keep_rows: int = 0, seed: int = 0) -> dict[str, ChannelStatistics]:
+    """Run the graph at `path` on `samples` (feed dicts) with `outputs` exposed and return each one's
+    per-channel statistics (the last axis is the channel)."""
     import onnxruntime as ort
 
+    if not outputs:
+        return {}
     model = onnx.load(str(path), load_external_data=False)
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
     probe = path.with_name(path.stem + ".probe.onnx")  # beside the source, so its external data resolves
+    rng = np.random.default_rng(seed)
+    per_feed = -(-keep_rows // max(len(samples), 1))
+    maxima: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    count = 0
     try:
         onnx.save_model(model, str(probe))
         session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-        maxima: dict[str, np.ndarray] = {}
         for feed in samples:
             for name, value in zip(outputs, session.run(outputs, feed)):
-                channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-                maxima[name] = np.maximum(maxima.get(name, channel), channel)
-        return maxima
+                rows = np.abs(value.reshape(-1, value.shape[-1]))
+                maxima[name] = np.maximum(maxima.get(name, 0), rows.max(axis=0))
+                sums[name] = sums.get(name, 0) + rows.sum(axis=0, dtype=np.float64)
+                if per_feed:
+                    pick = rng.choice(len(rows), size=min(per_feed, len(rows)), replace=False)
+                    kept[name].append(value.reshape(-1, value.shape[-1])[np.sort(pick)].astype(np.float32))
+            count += int(np.prod(value.shape[:-1]))
     finally:
         probe.unlink(missing_ok=True)
+    return {name: ChannelStatistics(maxima[name].astype(np.float32), (sums[name] / max(count, 1)).astype(np.float32),
+                                    np.concatenate(kept[name])[:keep_rows] if kept[name] else np.zeros((0, len(maxima[name])), np.float32))
+            for name in outputs}
+
+
+def fold_scales(model: onnx.ModelProto, group: tuple[onnx.NodeProto, int, list[onnx.NodeProto]], scale: np.ndarray) -> None:
+    """Divide the group's RMSNorm weight by `scale` (C,) and multiply the rows (input channels) of
+    every MatMul weight reading it: the float graph computes the same function. New initializers,
+    because the exporter shares one tensor between norms whose weights are equal."""
+    mul, weight_index, matmuls = group
+    initializers = {i.name: i for i in model.graph.initializer}
+    norm = numpy_helper.to_array(initializers[mul.input[weight_index]])
+    name = f"{mul.name}/scaled_weight"
+    model.graph.initializer.append(numpy_helper.from_array((norm / scale).astype(np.float32), name))
+    mul.input[weight_index] = name
+    for matmul in matmuls:
+        w = numpy_helper.to_array(initializers[matmul.input[1]])
+        name = f"{matmul.name}/scaled_weight"
+        model.graph.initializer.append(numpy_helper.from_array((w * scale[:, None]).astype(np.float32), name))
+        matmul.input[1] = name
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def smooth_quant(source: Path, destination: Path, samples: list[dict], skip: tuple[str, ...] = (), alpha: float = ALPHA) -> dict:
@@ -78,30 +127,20 @@ def smooth_quant(source: Path, destination: Path, samples: list[dict], skip: tup
     if not samples:
         raise VlmExportError(f"no calibration samples to smooth {source.name}", "check the calibration folder")
     model = onnx.load(str(source))
-    groups = _groups(model, skip)
-    maxima = _activation_maxima(source, [mul.output[0] for mul, _, _ in groups], samples)
+    groups = norm_groups(model, skip)
+    stats = channel_statistics(source, [mul.output[0] for mul, _, _ in groups], samples)
     initializers = {i.name: i for i in model.graph.initializer}
     ratios = []
-    for mul, weight_index, matmuls in groups:
+    for group in groups:
+        mul, _, matmuls = group
         weights = [numpy_helper.to_array(initializers[m.input[1]]) for m in matmuls]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        act_max = maxima[mul.output[0]]
+        act_max = stats[mul.output[0]].maximum
         scale = np.where((act_max > 0) & (weight_max > 0),
                          act_max ** alpha / np.maximum(weight_max, 1e-12) ** (1 - alpha), 1.0).clip(MIN_SCALE)
         ratios.append(float(act_max.max() / max(np.median(act_max), 1e-12)))
-        norm = numpy_helper.to_array(initializers[mul.input[weight_index]])
-        # new initializers: the exporter shares one tensor between norms whose weights are equal
-        name = f"{mul.name}/smoothed_weight"
-        model.graph.initializer.append(numpy_helper.from_array((norm / scale).astype(np.float32), name))
-        mul.input[weight_index] = name
-        for matmul, w in zip(matmuls, weights):
-            name = f"{matmul.name}/smoothed_weight"
-            model.graph.initializer.append(numpy_helper.from_array((w * scale[:, None]).astype(np.float32), name))
-            matmul.input[1] = name
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+        fold_scales(model, group, scale)
+    drop_unused_initializers(model)
     onnx.save_model(model, str(destination), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=destination.name + ".data", size_threshold=1024)
     return {"smoothquant_alpha": alpha, "smoothed_norms": len(groups),

@@ -113,48 +113,89 @@ def choose_blocks(weight_t: np.ndarray, name: str, config: WeightOnlyConfig, sou
 MINIMUMS = "/minimums/"  # node names of a MatMulNBits' minimum term (int4_kernel.py folds it back in)
 
 
+def _offset_term(node: onnx.NodeProto, blocks: Blocks, matmul_out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The part of a min/max block's value a centred zero point does not describe, added to
+    `matmul_out` (x times the centred codes) to give the node's output:
+
+        sum_b (m + z s)[n, b] * sum_(k in b) x[k]        z = 2^(bits-1), the centred zero point
+
+    a block sum of x (a Reshape and a ReduceSum) and a (K/block, N) float MatMul: exact, and 1/block
+    of the weight's MACs. With int8 activations the rounding error is then weighted by q - z, not by q
+    (measured on SmolLM2, zero point 0 instead: mean KL 0.013 / top-1 0.928, against 0.003 / 0.977 centred)."""
+    k = blocks.codes.shape[1]
+    base, out, name = node.input[1], node.output[0], node.name + MINIMUMS
+    offsets = blocks.minimums + 2 ** (blocks.bits - 1) * blocks.scales
+    tensors = [numpy_helper.from_array(np.array([0, 0, k // blocks.block, blocks.block], np.int64), f"{base}.block_shape"),
+               numpy_helper.from_array(np.array([-1], np.int64), f"{base}.last_axis"),
+               numpy_helper.from_array(np.ascontiguousarray(offsets.T.astype(np.float32)), f"{base}.block_offsets")]
+    nodes = [helper.make_node("Reshape", [node.input[0], tensors[0].name], [f"{out}/blocks"], name=name + "Reshape"),
+             helper.make_node("ReduceSum", [f"{out}/blocks", tensors[1].name], [f"{out}/block_sums"], name=name + "ReduceSum",
+                              keepdims=0),
+             helper.make_node("MatMul", [f"{out}/block_sums", tensors[2].name], [f"{out}/minimum_term"], name=name + "MatMul"),
+             helper.make_node("Add", [matmul_out, f"{out}/minimum_term"], [out], name=name + "Add")]
+    return nodes, tensors
+
+
+def _centred(blocks: Blocks) -> bool:
+    """The blocks' minimums are -z s for the centred zero point z = 2^(bits-1) (Q4_0, Q8_0, absmax)."""
+    return bool(np.array_equal(blocks.minimums, -2 ** (blocks.bits - 1) * blocks.scales))
+
+
 def matmul_nbits(node: onnx.NodeProto, blocks: Blocks, accuracy_level: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """A MatMul node (input rank 3) and its weight's blocks -> MatMulNBits nodes and initializers.
 
     Blocks with minimums MatMulNBits' default zero point z does not describe (Q4_1) become
-    MatMulNBits over the codes (value = s (q - z)) plus the offset term
-    sum_b (m + z s)[n, b] * sum_(k in b) x[k]: a block sum of x and a (K/block, N) MatMul. Exact, and fast:
-    a float zero point would also be exact, but ONNX Runtime then dequantizes the whole weight at
-    every call (measured on SmolLM2-135M: 1.0 decode steps/s instead of ~20)."""
+    MatMulNBits over the codes (value = s (q - z)) plus `_offset_term`. Exact, and fast: a float zero
+    point would also be exact, but ONNX Runtime then dequantizes the whole weight at every call
+    (measured on SmolLM2-135M: 1.0 decode steps/s instead of ~20)."""
     n, k = blocks.codes.shape
-    nb = k // blocks.block
-    codes = blocks.codes.reshape(n, nb, blocks.block)
+    codes = blocks.codes.reshape(n, k // blocks.block, blocks.block)
     packed = codes if blocks.bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     base, out = node.input[1], node.output[0]
     tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}.nbits"),
                numpy_helper.from_array(blocks.scales.reshape(-1).astype(np.float32), f"{base}.scales")]
     inputs = [node.input[0], tensors[0].name, tensors[1].name]
     attrs = {"K": k, "N": n, "bits": blocks.bits, "block_size": blocks.block, "accuracy_level": accuracy_level}
-    if np.array_equal(blocks.minimums, -2 ** (blocks.bits - 1) * blocks.scales):  # the default zero point
+    if _centred(blocks):
         return [helper.make_node("MatMulNBits", inputs, [out], name=node.name, domain="com.microsoft", **attrs)], tensors
-    # The codes keep the default (centred) zero point and the term carries the rest, m + z s: with
-    # int8 activations the rounding error is then weighted by q - z, not by q (measured on SmolLM2,
-    # zero point 0 instead: mean KL 0.013 / top-1 0.928, against 0.003 / 0.977 centred).
-    offsets = blocks.minimums + 2 ** (blocks.bits - 1) * blocks.scales
-    tensors += [numpy_helper.from_array(np.array([0, 0, nb, blocks.block], np.int64), f"{base}.block_shape"),
-                numpy_helper.from_array(np.array([-1], np.int64), f"{base}.last_axis"),
-                numpy_helper.from_array(np.ascontiguousarray(offsets.T.astype(np.float32)), f"{base}.block_offsets")]
-    name = node.name + MINIMUMS
-    nodes = [helper.make_node("MatMulNBits", inputs, [f"{out}/codes"], name=node.name, domain="com.microsoft", **attrs),
-             helper.make_node("Reshape", [node.input[0], tensors[2].name], [f"{out}/blocks"], name=name + "Reshape"),
-             helper.make_node("ReduceSum", [f"{out}/blocks", tensors[3].name], [f"{out}/block_sums"], name=name + "ReduceSum",
-                              keepdims=0),
-             helper.make_node("MatMul", [f"{out}/block_sums", tensors[4].name], [f"{out}/minimum_term"], name=name + "MatMul"),
-             helper.make_node("Add", [f"{out}/codes", f"{out}/minimum_term"], [out], name=name + "Add")]
-    return nodes, tensors
+    term, term_tensors = _offset_term(node, blocks, f"{out}/codes")
+    nodes = [helper.make_node("MatMulNBits", inputs, [f"{out}/codes"], name=node.name, domain="com.microsoft", **attrs)]
+    return nodes + term, tensors + term_tensors
 
 
-def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, weights_from: GgufBlocks | None = None) -> dict:
-    """Every MatMul with a constant (K, N) weight in `source` -> MatMulNBits; `weights_from`: the
-    model's GGUF blocks, carried over where they fit. Returns counts per weight origin for the report.
+def int4_dequantize_matmul(node: onnx.NodeProto, blocks: Blocks) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A MatMul node and its weight's 4-bit blocks -> standard ONNX that TensorRT takes as int4
+    weight-only: DequantizeLinear-21 of INT4 codes q - 8 (K, N) with float32 scales (K/block, N),
+    axis 0, `block_size`, no zero point (TensorRT's blocked int4 is symmetric), feeding the MatMul;
+    min/max blocks (llama.cpp's Q4_1) add `_offset_term`, so they are held exactly rather than
+    re-quantized to a symmetric grid (which cost smol mean KL 0.259 / top-1 0.680 against fp32).
 
-    Raises VlmExportError when no MatMul has a constant weight, or a width does not split into blocks."""
-    model = onnx.load(str(source), load_external_data=True)
+    Raises VlmExportError for blocks that are not 4-bit."""
+    if blocks.bits != 4:
+        raise VlmExportError(f"{node.name}: {blocks.bits}-bit blocks cannot be written as int4", "use 4-bit blocks")
+    n, k = blocks.codes.shape
+    signed = (blocks.codes.astype(np.int16) - 8).T.reshape(-1)  # (K, N) row-major, -8..7
+    nibbles = (signed & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)  # ONNX INT4: element 2i in the low nibble
+    base, out = node.input[1], node.output[0]
+    codes = helper.make_tensor(f"{base}.int4", onnx.TensorProto.INT4, [k, n], packed.tobytes(), raw=True)
+    scales = numpy_helper.from_array(np.ascontiguousarray(blocks.scales.T.astype(np.float32)), f"{base}.int4_scales")
+    dequantized = f"{base}.dequantized"
+    nodes = [helper.make_node("DequantizeLinear", [codes.name, scales.name], [dequantized], name=node.name + "/DequantizeLinear",
+                              axis=0, block_size=blocks.block)]
+    if _centred(blocks):
+        return nodes + [helper.make_node("MatMul", [node.input[0], dequantized], [out], name=node.name)], [codes, scales]
+    term, term_tensors = _offset_term(node, blocks, f"{out}/codes")
+    nodes.append(helper.make_node("MatMul", [node.input[0], dequantized], [f"{out}/codes"], name=node.name))
+    return nodes + term, [codes, scales, *term_tensors]
+
+
+def _rewrite_matmuls(model: onnx.ModelProto, config: WeightOnlyConfig, weights_from: GgufBlocks | None, write,
+                     exclude: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
+    """Each MatMul of `model` with a constant (K, N) weight, not named in `exclude` -> `write(node,
+    blocks)`'s nodes and initializers, in place. Returns (MatMul count, blocks per weight origin)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -166,11 +207,11 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, 
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         matmuls += node.op_type == "MatMul"
-        if weight is None or len(weight.dims) != 2:
+        if weight is None or len(weight.dims) != 2 or any(p in node.name for p in exclude):
             nodes.append(node)
             continue
         blocks = choose_blocks(numpy_helper.to_array(weight).T, node.name, config, weights_from)
-        quantized, tensors = matmul_nbits(node, blocks, config.accuracy_level)
+        quantized, tensors = write(node, blocks)
         nodes.extend(quantized)
         graph.initializer.extend(tensors)
         uses[node.input[1]] -= 1
@@ -178,10 +219,21 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, 
             graph.initializer.remove(initializers.pop(node.input[1]))
         key = f"{blocks.bits}-bit {blocks.origin}"
         origins[key] = origins.get(key, 0) + 1
-    if not origins:
-        raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
     del graph.node[:]
     graph.node.extend(nodes)
+    return matmuls, origins
+
+
+def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, weights_from: GgufBlocks | None = None) -> dict:
+    """Every MatMul with a constant (K, N) weight in `source` -> MatMulNBits; `weights_from`: the
+    model's GGUF blocks, carried over where they fit. Returns counts per weight origin for the report.
+
+    Raises VlmExportError when no MatMul has a constant weight, or a width does not split into blocks."""
+    model = onnx.load(str(source), load_external_data=True)
+    matmuls, origins = _rewrite_matmuls(model, config, weights_from,
+                                        lambda node, blocks: matmul_nbits(node, blocks, config.accuracy_level))
+    if not origins:
+        raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save_like(source, destination, model)
@@ -191,32 +243,29 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, 
             "bits": config.bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level}
 
 
-def quantize_weights_int4_qdq(source: Path, destination: Path, block_size: int = 32, exclude: tuple[str, ...] = ("/lm_head/",)) -> dict:
-    """int4 weight-only in standard ONNX: blocked DequantizeLinear (opset 21, int4 weights, zero
-    zero points, one fp32 scale per `block_size` inputs) feeding a plain MatMul -- the form TensorRT
-    fuses into a weight-only int4 GEMM and ONNX Runtime runs as written, so it is checked here.
+INT4_DQ_OPSET = 21  # the first opset whose DequantizeLinear takes INT4 and block_size
 
-    ORT's quantizer raises the opset to 21 without converting ops whose form changed since 17
-    (ReduceMean's axes become an input in 18, and ORT then rejects the graph), so the graph is
-    version-converted first. `lm_head` stays float, as NVIDIA's Model Optimizer int4 export does.
-    """
+
+def quantize_weights_int4_qdq(source: Path, destination: Path, weights_from: GgufBlocks | None = None, block_size: int = 32,
+                              exclude: tuple[str, ...] = ("/lm_head/",)) -> dict:
+    """int4 weight-only in standard ONNX (`int4_dequantize_matmul`): the form TensorRT fuses into a
+    weight-only int4 GEMM and ONNX Runtime runs as written, so its accuracy is measured here.
+    Weights are min/max blocks (Q4_1-style, an offset term beside the symmetric codes); a GGUF's own
+    4-bit blocks of `block_size` (`weights_from`) are carried over bit for bit. `lm_head` stays
+    float, as NVIDIA's Model Optimizer int4 export does.
+
+    The graph is version-converted to opset 21 first: ops whose form changed since 17 (ReduceMean's
+    axes became an input in 18) must change with it, or ONNX Runtime rejects the graph.
+    Raises VlmExportError when no MatMul has a constant weight, or a width does not split into blocks."""
     from onnx import version_converter
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = version_converter.convert_version(onnx.load(str(source), load_external_data=True), 21)
-    skip = {n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in exclude)}
-    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=None, bits=4,
-                                        quant_format=QuantFormat.QDQ)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_exclude=list(skip),
-                                     algo_config=algo)
-    quantizer.process()
-    quantized = quantizer.model.model
-    del model
-    blocked = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" for a in n.attribute)]
-    if not blocked:
+    config = WeightOnlyConfig(bits=4, block_size=block_size, head_bits=4)
+    model = version_converter.convert_version(onnx.load(str(source), load_external_data=True), INT4_DQ_OPSET)
+    matmuls, origins = _rewrite_matmuls(model, config, weights_from, int4_dequantize_matmul, exclude)
+    if not origins:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized to int4", "check the graph has constant MatMul weights")
-    _save_like(source, destination, quantized)
-    return {"int4_blocked_dequantize": len(blocked), "float_matmuls": len(skip), "block_size": block_size, "opset": 21,
-            "symmetric": True}
+    offsets = sum(n.op_type == "MatMul" and n.name.endswith(MINIMUMS + "MatMul") for n in model.graph.node)
+    _save_like(source, destination, model)
+    return {"int4_blocked_dequantize": sum(origins.values()), "float_matmuls": matmuls - sum(origins.values()),
+            "weight_origins": origins, "block_offset_terms": offsets, "block_size": block_size, "opset": INT4_DQ_OPSET,
+            "format": "int4 codes with zero point 0, float32 block scales; min/max blocks add a block-offset MatMul"}

@@ -89,6 +89,13 @@ def budget_lines(recipes: dict[str, Recipe], records: dict[str, dict]) -> list[s
     return lines + ([f"Recommended: {best} (the lowest-precision variant within its quality budget)."] if best else [])
 
 
+def weight_lines(records: dict[str, dict]) -> list[str]:
+    """'- <variant> weights: <count> <origin>, ...' per variant whose record carries `weights`
+    (blocks per origin, as `quantize.weight_only` counts them)."""
+    return [f"- {name} weights: " + ", ".join(f"{count} {origin}" for origin, count in r["weights"].items())
+            for name, r in records.items() if r.get("weights")]
+
+
 def choices(table: dict, default: str) -> str:
     """'a = what a is (default); b = ...' for a help text."""
     return "; ".join(f"{k} = {v}" + (" (default)" if k == default else "") for k, v in table.items())

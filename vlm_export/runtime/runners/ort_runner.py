@@ -29,6 +29,24 @@ def check_providers(providers: list[str]) -> None:
         )
 
 
+# ONNX Runtime fuses a blocked DequantizeLinear feeding a MatMul (orin's int4 weight-only form) into
+# MatMulNBits, which by default (accuracy level 4) quantizes the activations to int8. TensorRT's int4
+# weight-only GEMM keeps fp16 activations, so every session here asks for float ones (level 1): on a
+# Q4_1 weight the fused default was 0.4 % off x @ W, level 1 matches it to float rounding. Graphs
+# that carry MatMulNBits themselves (the cpu variants) keep their own accuracy_level attribute.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
+def session_options():
+    """onnxruntime.SessionOptions with this project's `SESSION_CONFIG`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 def register_kernels(options, library: Path) -> None:
     """The variant's own kernels (vlm_export/kernels) in this session. They cut each call into parts
     that the session's own thread pool runs, so the session's intra-op thread count is theirs."""
@@ -69,7 +87,7 @@ class OrtRunner(Runner):
             self.session = qnn_ep.create_session(self.path, self.qnn["soc"], self.threads)
             return
         check_providers(self.providers)
-        options = ort.SessionOptions()
+        options = session_options()
         options.log_severity_level = 3
         # The embedding lookup is a Gather: a thread pool of its own would only spin beside the
         # decoder's between steps (each session has its own pool).

@@ -47,7 +47,7 @@ from vlm_export.targets.cpu.profile import (
     WEIGHT_ONLY,
     Profile,
 )
-from vlm_export.targets.recipe import Recipe
+from vlm_export.targets.recipe import Recipe, weight_lines
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}  # precision -> MatMulNBits bits (quantize/weight_only.py says why these formats)
 KV_RECIPE = "int8 per-channel, calibration/ prefills, margin 1.2"  # in the build-cache key
@@ -375,8 +375,7 @@ def report_markdown(report: dict) -> str:
     lines += ["", footer] if footer else []
     details = ([f"- {name}: {v['quality_budget']['line']}" for name, v in variants if v.get("quality_budget")]
                + [f"- {name}: {v['kv_int8_rejected']} -> float KV cache" for name, v in variants if v.get("kv_int8_rejected")]
-               + [f"- {name} weights: " + ", ".join(f"{count} {origin}" for origin, count in v["weights"].items())
-                  for name, v in variants if v.get("weights")]
+               + weight_lines(report["variants"])
                + [f"- {name} attention: {v['attention']}" for name, v in variants if v.get("attention")])
     lines += ["", *details] if details else []
     return "\n".join(lines) + "\n"

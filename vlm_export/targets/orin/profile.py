@@ -17,7 +17,8 @@ FP16_EXPORT = "fp16 export (RMSNorm and softmax kept in fp32 inside)"
 SMOOTHQUANT = "SmoothQuant (alpha 0.5) into the RMSNorm weights"
 INT8_QDQ = "int8 Q/DQ, symmetric, calibrated"
 INT8_QDQ_ATTENTION = "int8 Q/DQ on the attention projections (MLP and lm_head fp16), symmetric, calibrated"
-INT4_WEIGHTS = "int4 weight-only (blocked DequantizeLinear-21, block 32, lm_head float)"
+AWQ = "AWQ scales (activation-aware, calibrated) into the RMSNorm weights"
+INT4_WEIGHTS = "int4 weight-only (blocked DequantizeLinear-21, block 32, min/max blocks, lm_head float)"
 TENSORRT = ("TensorRT",)
 # TensorRT builder flags per precision: int4 weight-only dequantizes into fp16 activations
 BUILDER_FLAGS = {Precision.FP16: ("fp16",), Precision.INT8: ("int8", "fp16"), Precision.INT4: ("fp16",)}
@@ -29,18 +30,12 @@ def _recipe(name: str, graphs: str, precision: Precision, passes: tuple[Pass, ..
                   providers=TENSORRT, budget=f"gpu-{name}", over_budget_why=why)
 
 
-# Measured on smol (real SmolLM2-135M weights, 2048 eval tokens, 2026-12-01): int4 KL 0.259 / top-1 0.680.
-INT4_WHY = ("TensorRT's int4 weight-only blocks are symmetric (zero point 0): they cannot hold weights that sit "
-            "on an asymmetric grid (a Q4_1 GGUF such as smol's); llama.cpp's symmetric Q4_0 loses as much on "
-            "the same model (KL 0.259, top-1 0.686)")
-
-
 RECIPES = {
     "fp16": _recipe("fp16", "fp16 export", Precision.FP16, (Pass(VISION, FP16_EXPORT), Pass(DECODER, FP16_EXPORT))),
     "int8": _recipe("int8", "vision and decoder attention int8 Q/DQ after SmoothQuant, calibrated; MLP fp16", Precision.INT8,
                     (Pass(VISION, INT8_QDQ), Pass(DECODER, SMOOTHQUANT), Pass(DECODER, INT8_QDQ_ATTENTION))),
-    "int4": _recipe("int4", "decoder weights int4 weight-only, activations fp16", Precision.INT4,
-                    (Pass(DECODER, INT4_WEIGHTS),), INT4_WHY),
+    "int4": _recipe("int4", "decoder weights int4 weight-only after AWQ (a GGUF's Q4_1 blocks kept exactly), activations fp16",
+                    Precision.INT4, (Pass(DECODER, AWQ), Pass(DECODER, INT4_WEIGHTS))),
 }
 
 

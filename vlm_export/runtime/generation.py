@@ -21,6 +21,7 @@ from vlm_export.model.text_stream import TextStream
 from vlm_export.results import GenerationResult
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
 from vlm_export.runtime.image_encoder import ImageEncoder, vision_identity
+from vlm_export.runtime.kv_prefix import KvPrefix
 from vlm_export.runtime.sampling import SamplingParams, sample_token
 from vlm_export.spec.layouts import KVCache, layout_of
 from vlm_export.spec.model_spec import IMAGE_TOKEN_INDEX
@@ -56,6 +57,8 @@ class Generator:
         self._decoder_seconds = 0.0
         self.image_encoder = ImageEncoder(lambda: self.runners.get("vision"), self.spec, self.float_dtype,
                                           vision_identity(artifacts, backend, runner_options))
+        # the K/V of the template's first token, computed in float at build time (runtime/kv_prefix.py)
+        self.kv_prefix = KvPrefix.load(artifacts.directory, artifacts.manifest.get("kv_prefix")) if artifacts.directory else None
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -145,13 +148,17 @@ class Generator:
         return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
-        plan = self.layout.pack([p.astype(self.float_dtype, copy=False) for p in prompts], max_new_tokens,
+        prefix = self.kv_prefix if self.kv_prefix and all(self.kv_prefix.applies(p) for p in prompts) else None
+        skip = prefix.length if prefix else 0  # rows the cache gets from the prefix, not from a decoder call
+        plan = self.layout.pack([p[skip:].astype(self.float_dtype, copy=False) for p in prompts], max_new_tokens + skip,
                                 self.spec.llm.max_context, self.artifacts.graphs)
         kv = self.new_cache(len(prompts), plan.capacity)
+        if prefix:
+            kv.write_prefix(prefix.values)
         for start in range(0, plan.embeds.shape[1], plan.step):
             sl = slice(start, start + plan.step)
-            logits = self._step(plan.graph, kv, plan.embeds[:, sl], plan.keep[:, sl], plan.positions[:, sl])
-        return kv, logits, plan.lengths
+            logits = self._step(plan.graph, kv, plan.embeds[:, sl], plan.keep[:, sl], plan.positions[:, sl] + skip)
+        return kv, logits, plan.lengths + skip
 
     # -- the loop --------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: SamplingParams = SamplingParams(),

@@ -46,6 +46,15 @@ class StaticKV:
     def feeds(self, keep: np.ndarray, positions: np.ndarray) -> dict:
         return {"attention_mask": self.step_mask(keep), "position_ids": positions, **self.values}
 
+    def write_prefix(self, values: dict[str, np.ndarray]) -> None:
+        """Fill the first slots of an empty cache with a KV prefix (runtime/kv_prefix.py):
+        `values` past_key_values.N.key|value -> (num_kv_heads, P, head_dim), the same for every row."""
+        length = next(iter(values.values())).shape[1]
+        for name in self.past_names:
+            self.values[name][:, :, :length] = values[name][None]
+        self.valid[:, :length] = 1
+        self.slot = length
+
     def update(self, outputs: dict, keep: np.ndarray) -> None:
         end = self.slot + keep.shape[1]
         for past, present in zip(self.past_names, self.present_names):

@@ -37,8 +37,20 @@ def _fixed_inputs(graph: dict) -> None:
         tensor["shape"] = [1 if isinstance(d, str) else d for d in tensor["shape"]]  # batch 1 on the NPU
 
 
+def unpadded(samples: list[dict]) -> list[dict]:
+    """The feeds of a static prefill graph whose chunk holds no padding, when there are any.
+
+    Front-padding rows are masked out of every real row's attention, so their values never reach an
+    answer; but they sit at position 0 with nothing to attend to and grow the first-token massive
+    activations (smol: 2.9e4 at block 12, against ~100 for real rows), which would set the
+    per-tensor activation ranges. At run time they saturate, harmlessly."""
+    def full(feeds: dict) -> bool:
+        return bool((feeds["attention_mask"][:, -feeds["inputs_embeds"].shape[1]:] > 0).all())
+    return [f for f in samples if full(f)] or samples
+
+
 def _qnn_rewrite(profile, samples: dict, held_out: dict):
-    from vlm_export.quantize.qnn_qdq import fix_dims, quantize_for_qnn
+    from vlm_export.quantize.qnn_qdq import fix_dims, matmuls_as_conv, quantize_for_qnn
 
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
         import onnxruntime as ort
@@ -49,9 +61,14 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
         try:
             fixed = work / f"{name}.fixed.onnx"
             fix_dims(source, fixed, {"batch": 1})
+            convs, feeds = 0, samples[name]
+            if graph["wrapper"] == GraphRole.DECODER:  # per-channel weights need the Conv form on the HTP
+                shaped = work / f"{name}.conv.onnx"
+                convs = matmuls_as_conv(fixed, shaped)
+                fixed, feeds = shaped, unpadded(feeds)
             qdq = work / f"{name}.qdq.onnx"
-            step(f"qnn: quantizing {name} (QDQ u16/u8, {len(samples[name])} samples)")
-            info = quantize_for_qnn(fixed, qdq, samples[name], profile.qnn_16bit_weights)
+            step(f"qnn: quantizing {name} (QDQ u16/u8, {len(feeds)} samples)")
+            info = quantize_for_qnn(fixed, qdq, feeds, profile.qnn_16bit_weights)
             nodes = len(onnx.load(str(qdq), load_external_data=False).graph.node)
             context = out / f"{Path(graph['file']).stem}_ctx.onnx"
             step(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
@@ -68,7 +85,7 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
         graph.update(file=context.name, qnn={"soc": profile.soc, "htp_arch": soc[1], "context_binary": binary,
                                              "embed_mode": EMBED_MODE})
         _fixed_inputs(graph)
-        return {**info, "placement": {"nodes": nodes, "on_qnn": nodes, "cpu_fallback": "disabled"},
+        return {**info, "matmuls_as_conv": convs, "placement": {"nodes": nodes, "on_qnn": nodes, "cpu_fallback": "disabled"},
                 "context_binary_bytes": (out / binary).stat().st_size, "accuracy_vs_fp32": accuracy}
 
     return rewrite

@@ -48,7 +48,33 @@ def _fp32_graphs(graphs: Path, out: Path, recipe: Recipe, profile: Profile) -> d
 
     fixed = {"kv_buffer": profile.max_context, "prefill_chunk": profile.prefill_chunk} if recipe.layout == Layout.STATIC else {}
     exported = export_layout(graphs, out, layout=recipe.layout, **fixed, **({"static_batch": 1} if fixed else {}))
-    return {"graph_files": [g["file"] for g in exported["graphs"]], **fixed}
+    record = {"graph_files": [g["file"] for g in exported["graphs"]], **fixed}
+    if recipe.layout == Layout.STATIC:
+        record["kv_prefix"] = _write_kv_prefix(out)
+    return record
+
+
+def _write_kv_prefix(static: Path) -> dict | None:
+    """The chat template's first token as a KV prefix of the static graphs (runtime/kv_prefix.py),
+    when every templated prompt starts with the same token; its K/V come from these fp32 graphs, so
+    the fp32 stage and the variants made from it run the same function. None when prompts differ there."""
+    import numpy as np
+
+    from vlm_export.artifacts import read_manifest, write_manifest
+    from vlm_export.progress import step
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator, Request
+    from vlm_export.runtime.kv_prefix import compute_prefix
+
+    step("KV prefix: the template's first token in fp32")
+    with Generator(ArtifactSet.open(static, check_hashes=False)) as generator:
+        firsts = [generator.encode(Request.ask(text), None)[0][:1] for text in ("Hi.", "What is in the picture?")]
+        if not np.array_equal(*firsts):
+            return None
+        record = compute_prefix(generator, firsts[0]).save(static)
+    manifest = read_manifest(static)
+    write_manifest(static, {**{k: v for k, v in manifest.items() if k != "files"}, "kv_prefix": record})
+    return record
 
 
 def _shipped(relative: Path, recipe: Recipe) -> bool:

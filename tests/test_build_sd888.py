@@ -101,8 +101,14 @@ def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(buil
         with_prefix = generator.start([embeds], 4)
         generator.kv_prefix = None
         without = generator.start([embeds], 4)
+        generator.kv_prefix = prefix
+        raw = generator.start([embeds[1:]], 4)  # starts otherwise: the prefix goes in front, as an attention sink
+        capacity = generator.max_positions()
     np.testing.assert_allclose(with_prefix.logits, without.logits, atol=1e-4)
     assert with_prefix.positions.tolist() == without.positions.tolist() == [embeds.shape[0]]
+    np.testing.assert_allclose(raw.logits, without.logits, atol=1e-4)  # here the prefix is the token it dropped
+    assert raw.positions.tolist() == [embeds.shape[0]]
+    assert capacity == generator.layout.max_positions(generator.artifacts.graphs, 10**9) - 1  # the prefix's slot
 
 
 @qnn

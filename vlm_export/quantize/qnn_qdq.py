@@ -1,6 +1,7 @@
 """QDQ quantization for the Qualcomm HTP with ONNX Runtime's QNN tooling.
 
-    fixed shapes -> qnn_preprocess_model (LayerNorm fusion...) -> get_qnn_qdq_config -> quantize
+    fixed shapes -> (decoder) MatMuls as 1x1 Convs -> qnn_preprocess_model (LayerNorm fusion...)
+    -> get_qnn_qdq_config -> quantize
 
 What HTP v68 (Snapdragon 888) takes, measured in emulation with the CPU fallback disabled:
 float ops are rejected (they surface as QNN_COMMON_ERROR_MEM_ALLOC at graph finalize), so every
@@ -8,9 +9,11 @@ tensor must be in Q/DQ form. ORT's QDQ quantizer leaves a `Where` whose value in
 in float unless `ForceQuantizeNoInputCheck` is on; with it, the attention-mask `Where` is quantized
 and the whole decoder lands on the HTP. Activations are 16-bit (u8 activations cost the vision
 graph cosine 0.99994 -> 0.987 on tiny), weights 8-bit: per output channel for Conv (v68 compiles
-it), per-tensor for MatMul (QNN has no per-channel MatMul; bench/reports/qnn-overrides-smol-decode.json).
-`overrides` names weights to keep 16-bit; measured on smol, a 16-bit lm_head has no HTP kernel
-(the node falls off the NPU), so none is kept by default.
+it), per-tensor for MatMul (QNN has no per-channel MatMul; bench/reports/qnn-overrides-smol-decode.json
+shows the same graph either way). So the decoder's MatMuls are rewritten as 1x1 Convs first
+(`matmuls_as_conv`), and their weights take per-channel scales. `overrides` names weights to keep
+16-bit; measured on smol, a 16-bit lm_head has no HTP kernel (the node falls off the NPU), so none
+is kept by default.
 """
 
 from __future__ import annotations

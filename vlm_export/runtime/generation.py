@@ -128,7 +128,8 @@ class Generator:
     def max_positions(self) -> int:
         """The longest sequence one cache holds: the model's context (static layout: its fixed KV
         buffer less one prefill chunk of front padding)."""
-        return self.layout.max_positions(self.artifacts.graphs, self.spec.llm.max_context)
+        positions = self.layout.max_positions(self.artifacts.graphs, self.spec.llm.max_context)
+        return positions - (self.kv_prefix.length if self.kv_prefix else 0)  # the prefix's slots are taken
 
     def start(self, prompts: list[np.ndarray], max_new_tokens: int) -> DecodeSession:
         """The loop's own prefill of a batch: `prompts` (T_i, C) embeddings per row (`encode`,
@@ -148,17 +149,20 @@ class Generator:
         return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
-        prefix = self.kv_prefix if self.kv_prefix and all(self.kv_prefix.applies(p) for p in prompts) else None
-        skip = prefix.length if prefix else 0  # rows the cache gets from the prefix, not from a decoder call
-        plan = self.layout.pack([p[skip:].astype(self.float_dtype, copy=False) for p in prompts], max_new_tokens + skip,
+        # A KV prefix (runtime/kv_prefix.py) fills the first slots; a prompt that starts with its tokens
+        # drops them, any other gets them in front (an attention sink, as the float stage it was made from)
+        prefix = self.kv_prefix
+        shift = prefix.length if prefix else 0
+        prompts = [p[shift if prefix.applies(p) else 0:] if prefix else p for p in prompts]
+        plan = self.layout.pack([p.astype(self.float_dtype, copy=False) for p in prompts], max_new_tokens + shift,
                                 self.spec.llm.max_context, self.artifacts.graphs)
         kv = self.new_cache(len(prompts), plan.capacity)
         if prefix:
             kv.write_prefix(prefix.values)
         for start in range(0, plan.embeds.shape[1], plan.step):
             sl = slice(start, start + plan.step)
-            logits = self._step(plan.graph, kv, plan.embeds[:, sl], plan.keep[:, sl], plan.positions[:, sl] + skip)
-        return kv, logits, plan.lengths + skip
+            logits = self._step(plan.graph, kv, plan.embeds[:, sl], plan.keep[:, sl], plan.positions[:, sl] + shift)
+        return kv, logits, plan.lengths + shift
 
     # -- the loop --------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: SamplingParams = SamplingParams(),

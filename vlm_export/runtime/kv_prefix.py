@@ -10,9 +10,12 @@ PrefixQuant (Chen et al., 2024, arXiv 2410.05265) keeps such outlier tokens as a
 of the KV cache; we do the same for the chat template's first token, which every templated prompt
 shares (`<|im_start|>` for SmolLM2).
 
-The prefix applies to a prompt whose first rows equal its embeddings (compared exactly as float32),
-so the result is the same function the float graphs compute (position 0 is causal: its K/V depend on
-nothing else). A prompt that starts otherwise (raw text) runs as it is.
+A prompt whose first rows equal the prefix's embeddings (compared exactly as float32) drops them:
+the result is the function the float graphs compute (position 0 is causal: its K/V depend on nothing
+else), for every templated prompt. Any other sequence (raw text, as the eval prose is scored) gets
+the prefix in front, one position earlier: an attention sink, as in PrefixQuant. The float stage the
+variant is measured against carries the same prefix, so both sides compute the same function; what
+differs from the model without it is the raw-text case only.
 
 File: `kv_prefix.npz` beside the graphs, with `embeds` (P, C) float32 and one (num_kv_heads, P,
 head_dim) float32 array per `past_key_values.N.key|value` input; the manifest's `kv_prefix` record

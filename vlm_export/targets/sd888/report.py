@@ -74,6 +74,13 @@ def report_markdown(report: dict) -> str:
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
     lines += ["", *budget_lines(RECIPES, report["variants"])]
+    static = report["variants"].get("fp32-static", {})
+    if "kv_prefix" in static:
+        prefix = static["kv_prefix"]
+        lines += ["", (f"KV prefix: the K/V of the chat template's first {prefix['tokens']} token(s), computed in fp32, are "
+                       "written into the cache before the prefill, so the NPU never runs position 0 and its massive "
+                       "activations (runtime/kv_prefix.py)." if prefix else
+                       "No KV prefix: templated prompts do not start with one shared token; position 0 runs on the NPU.")]
     lines += ["", (f"Phone budget: {report['memory']['app_budget_gb']} GB for the app ({report['memory']['budget_note']}); "
                    f"KV cache counted at {report['memory']['context']} tokens, fp32.")]
     return "\n".join(lines) + "\n"

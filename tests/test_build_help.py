@@ -30,7 +30,8 @@ def _flat(text: str) -> str:
 def test_orin_variants_name_int4(build_help):
     text = _flat(build_help)
     assert "orin: comma-separated subset of fp16,int8,int4 (default fp16,int8,int4)" in text
-    assert "int4 = decoder weights int4 weight-only, activations fp16, TensorRT flags fp16" in text
+    assert ("int4 = decoder weights int4 weight-only after AWQ (a GGUF's Q4_1 blocks kept exactly), activations fp16, "
+            "TensorRT flags fp16") in text
 
 
 def test_options_are_grouped_by_target(build_help):

@@ -19,8 +19,12 @@ QNN_PROVIDERS = ("QNNExecutionProvider",)
 PHONE_CPU = ("XnnpackExecutionProvider", "CPUExecutionProvider")
 
 # Measured on smol at 59d8549 (bench/reports/sd888-smol-recipe1): decoder top-1 0.723, KL 0.219 vs fp32.
-QNN_WHY = ("the decoder's MatMul weights are uint8 with one scale per tensor; the per-channel forms the HTP "
-           "takes (1x1 Conv, FullyConnected) are not built yet")
+# Measured on smol, 2026-12-01 (bench/reports/qnn-decoder-smol.md): per-channel Conv weights, the KV prefix and
+# unpadded calibration take the prefill graph's held-out logits cosine from -0.68 to 0.996, but end to end
+# (ONNX Runtime's CPU EP on the QDQ graphs, 256 eval tokens) top-1 is 0.801 and mean KL 0.185.
+QNN_WHY = ("per-tensor uint16 activations still lose too much on SmolLM2 end to end (simulated on the QDQ graphs, "
+           "256 tokens: top-1 0.801, KL 0.185) after per-channel Conv weights, the first token as a float KV prefix "
+           "and unpadded calibration")
 
 RECIPES = {
     "fp32-static": Recipe("fp32-static", "the static layout (batch 1, prefill chunk, KV buffer) in fp32: the QNN "

@@ -66,6 +66,8 @@ def matmuls_as_conv(source: Path, destination: Path) -> int:
     int8 Conv weights 1.1 %."""
     from onnx import helper, numpy_helper, shape_inference
 
+    from vlm_export.quantize.smooth import drop_unused_initializers
+
     model = onnx.load(str(source))
     inferred = shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
@@ -92,10 +94,7 @@ def matmuls_as_conv(source: Path, destination: Path) -> int:
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
     _save(model, destination, _has_external_data(source))
     return rewritten
 

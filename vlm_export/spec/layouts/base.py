@@ -181,6 +181,17 @@ def past_buffers(graph: GraphSpec, batch: int, length: int, prefix: list[np.ndar
     return buffers
 
 
+def decoder_tolerance(dtype: str) -> dict[str, float]:
+    """Export validation tolerance of a decoder graph against PyTorch: |diff| <= atol + rtol * max|ref|.
+
+    fp32: PyTorch and ONNX Runtime sum in different orders, and the order depends on the CPU's
+    vector units; through smol's 30 blocks that reached 5.2e-4 on logits of magnitude 31.5
+    (1.6e-5 relative) on an AMD EPYC (AVX-512, no AMX), against under 4.2e-4 on the Intel Xeon
+    (AMX) the earlier bound was set on. rtol 1e-4 keeps 6x headroom over that and stays far below
+    what an export fault costs (1e-2 and up). fp16: half-precision rounding."""
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == "float32" else {"atol": 5e-2, "rtol": 1e-2}
+
+
 def decoder_graph(spec: ModelSpec, opts: ExportOptions, name: str, file: str, batch: Dim, seq: Dim, past: Dim,
                   total: Dim, cases: tuple[dict, ...], present_len: Dim, attrs: dict, last_only: bool) -> GraphSpec:
     """A decoder spec with attention_mask/position_ids inputs and K/V past/present (dynamic, static)."""
@@ -198,6 +209,6 @@ def decoder_graph(spec: ModelSpec, opts: ExportOptions, name: str, file: str, ba
             *kv_tensors(spec, PRESENT, batch, present_len, f),
         ),
         cases=cases,
-        atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
+        **decoder_tolerance(f),
         attrs={**attrs, "last_logits_only": last_only},
     )

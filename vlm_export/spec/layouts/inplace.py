@@ -8,7 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 from vlm_export.spec.graph_io import GraphRole, GraphSpec, KvUpdate, Layout, TensorSpec, kv_tensors
-from vlm_export.spec.layouts.base import PAST, PRESENT, DecoderLayout, PrefillPlan, kv_names, one_call_plan, past_buffers
+from vlm_export.spec.layouts.base import (
+    PAST,
+    PRESENT,
+    DecoderLayout,
+    PrefillPlan,
+    decoder_tolerance,
+    kv_names,
+    one_call_plan,
+    past_buffers,
+)
 
 
 class InPlaceKV:
@@ -65,7 +74,7 @@ class InPlaceLayout(DecoderLayout):
                 *kv_tensors(spec, PRESENT, "batch", "kv_capacity", f),
             ),
             cases=self.cases,
-            atol=1e-4 if f == "float32" else 5e-2, rtol=1e-5 if f == "float32" else 1e-2,
+            **decoder_tolerance(f),
             attrs={"layout": self.name, "kv_update": self.kv_update, "last_logits_only": True,
                    "max_capacity": spec.llm.max_context},
         )]

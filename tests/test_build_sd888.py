@@ -82,6 +82,89 @@ def test_matmuls_as_conv_keeps_the_function_and_takes_per_channel_scales(tmp_pat
     assert values[conv_weight.input[1]].shape == (24,)  # one scale per output channel
 
 
+def _decomposed_rmsnorm(path: Path, weight: np.ndarray, exponent: float = 2.0) -> None:
+    """x -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div(1, .) -> Mul(x, .) -> Mul(weight, .), as the exporter writes it."""
+    const = {"two": np.float32(exponent), "eps": np.float32(1e-5), "one": np.float32(1.0)}
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"], name="/blocks.0/input_layernorm/Pow"),
+             helper.make_node("ReduceMean", ["sq"], ["ms"], name="/blocks.0/input_layernorm/ReduceMean", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"], name="/blocks.0/input_layernorm/Add"),
+             helper.make_node("Sqrt", ["mse"], ["rms"], name="/blocks.0/input_layernorm/Sqrt"),
+             helper.make_node("Div", ["one", "rms"], ["inv"], name="/blocks.0/input_layernorm/Div"),
+             helper.make_node("Mul", ["x", "inv"], ["normed"], name="/blocks.0/input_layernorm/Mul"),
+             helper.make_node("Mul", ["w", "normed"], ["y"], name="/blocks.0/input_layernorm/Mul_1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])],
+                              [numpy_helper.from_array(weight, "w"), *(numpy_helper.from_array(np.array(v), k) for k, v in const.items())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_rmsnorms_fused_keeps_the_function_in_one_op(tmp_path):
+    """The decomposed RMSNorm becomes one RMSNormalization (opset 23; the HTP's RmsNorm) with the same
+    outputs, which stays one op between Q/DQ pairs after quantization; a Pow that is not a square stays."""
+    import onnxruntime as ort
+
+    from vlm_export.quantize.qnn_qdq import quantize_for_qnn, rmsnorms_fused
+
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.5, 2.0, 16).astype(np.float32)
+    _decomposed_rmsnorm(tmp_path / "rms.onnx", weight)
+    assert rmsnorms_fused(tmp_path / "rms.onnx", tmp_path / "fused.onnx") == 1
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert [n.op_type for n in fused.graph.node] == ["RMSNormalization"]
+    assert fused.opset_import[0].version == 23
+    assert {i.name for i in fused.graph.initializer} == {"w"}  # the chain's constants dropped
+    x = (rng.normal(size=(1, 5, 16)) * np.array([1, 1, 1, 1, 300])[None, :, None]).astype(np.float32)  # one outlier row
+    (y,) = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * weight
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    quantize_for_qnn(tmp_path / "fused.onnx", tmp_path / "qdq.onnx", [{"x": x}])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "qdq.onnx")).graph.node]
+    assert ops.count("RMSNormalization") == 1 and "Pow" not in ops
+    _decomposed_rmsnorm(tmp_path / "cube.onnx", weight, exponent=3.0)
+    assert rmsnorms_fused(tmp_path / "cube.onnx", tmp_path / "cube-out.onnx") == 0
+
+
+def _swiglu(path: Path, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+    """x -> down(silu(gate(x)) * up(x)) + x, as the exporter writes a LLaMA MLP."""
+    nodes = [helper.make_node("MatMul", ["x", "wg"], ["g"], name="/blocks.0/mlp/gate_proj/MatMul"),
+             helper.make_node("Sigmoid", ["g"], ["sg"], name="/blocks.0/mlp/act_fn/Sigmoid"),
+             helper.make_node("Mul", ["g", "sg"], ["silu"], name="/blocks.0/mlp/act_fn/Mul"),
+             helper.make_node("MatMul", ["x", "wu"], ["u"], name="/blocks.0/mlp/up_proj/MatMul"),
+             helper.make_node("Mul", ["silu", "u"], ["h"], name="/blocks.0/mlp/Mul"),
+             helper.make_node("MatMul", ["h", "wd"], ["d"], name="/blocks.0/mlp/down_proj/MatMul"),
+             helper.make_node("Add", ["x", "d"], ["y"], name="/blocks.0/Add_4")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])],
+                              [numpy_helper.from_array(w, n) for n, w in (("wg", gate), ("wu", up), ("wd", down))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_mlp_outliers_split_gives_outlier_channels_their_own_range(tmp_path):
+    """A SwiGLU MLP whose down_proj input has an outlier channel is computed in two parts with the same
+    outputs; after quantization the outlier part's input has its own (wider) scale, so the rest keeps a
+    fine one. Without an outlier nothing changes."""
+    import onnxruntime as ort
+
+    from vlm_export.quantize.qnn_qdq import mlp_outliers_split, quantize_for_qnn
+
+    rng = np.random.default_rng(0)
+    gate, up, down = (rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 64), (8, 64), (64, 8)))
+    up_hot = up.copy()
+    up_hot[:, 5] *= 60  # channel 5 of the down_proj input: ~60x the others
+    feeds = [{"x": rng.normal(size=(1, 5, 8)).astype(np.float32)} for _ in range(4)]
+    _swiglu(tmp_path / "hot.onnx", gate, up_hot, down)
+    assert mlp_outliers_split(tmp_path / "hot.onnx", tmp_path / "split.onnx", feeds) == {"mlps_split": 1, "outlier_channels": 1}
+    run = {p: ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]) for p in ("hot.onnx", "split.onnx")}
+    np.testing.assert_allclose(run["split.onnx"].run(None, feeds[0])[0], run["hot.onnx"].run(None, feeds[0])[0], rtol=1e-5, atol=1e-5)
+    quantize_for_qnn(tmp_path / "split.onnx", tmp_path / "qdq.onnx", feeds)
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    scales = {n.input[0]: float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n.input[1])))
+              for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["/blocks.0/mlp/Mul/outliers"] > 10 * scales["h"]
+    _swiglu(tmp_path / "calm.onnx", gate, up, down)
+    assert mlp_outliers_split(tmp_path / "calm.onnx", tmp_path / "same.onnx", feeds) == {"mlps_split": 0, "outlier_channels": 0}
+
+
 def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(built):
     """The static stage carries the K/V of the template's first token (runtime/kv_prefix.py); the loop
     writes them into the cache instead of running position 0, with the same logits and positions in

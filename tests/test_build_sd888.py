@@ -124,45 +124,47 @@ def test_rmsnorms_fused_keeps_the_function_in_one_op(tmp_path):
     assert rmsnorms_fused(tmp_path / "cube.onnx", tmp_path / "cube-out.onnx") == 0
 
 
-def _swiglu(path: Path, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
-    """x -> down(silu(gate(x)) * up(x)) + x, as the exporter writes a LLaMA MLP."""
-    nodes = [helper.make_node("MatMul", ["x", "wg"], ["g"], name="/blocks.0/mlp/gate_proj/MatMul"),
-             helper.make_node("Sigmoid", ["g"], ["sg"], name="/blocks.0/mlp/act_fn/Sigmoid"),
-             helper.make_node("Mul", ["g", "sg"], ["silu"], name="/blocks.0/mlp/act_fn/Mul"),
-             helper.make_node("MatMul", ["x", "wu"], ["u"], name="/blocks.0/mlp/up_proj/MatMul"),
-             helper.make_node("Mul", ["silu", "u"], ["h"], name="/blocks.0/mlp/Mul"),
-             helper.make_node("MatMul", ["h", "wd"], ["d"], name="/blocks.0/mlp/down_proj/MatMul"),
-             helper.make_node("Add", ["x", "d"], ["y"], name="/blocks.0/Add_4")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])],
-                              [numpy_helper.from_array(w, n) for n, w in (("wg", gate), ("wu", up), ("wd", down))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def test_mlp_outliers_split_gives_outlier_channels_their_own_range(tmp_path):
-    """A SwiGLU MLP whose down_proj input has an outlier channel is computed in two parts with the same
-    outputs; after quantization the outlier part's input has its own (wider) scale, so the rest keeps a
-    fine one. Without an outlier nothing changes."""
+def test_widen_ranges_keeps_unseen_outliers_unclipped(tmp_path):
+    """An MLP activation beyond anything calibration saw is clipped at its calibrated 16-bit range and
+    comes through once widen_ranges gives the MLP's tensors a 4x margin (zero points kept); tensors
+    outside the MLP keep their scales."""
     import onnxruntime as ort
 
-    from vlm_export.quantize.qnn_qdq import mlp_outliers_split, quantize_for_qnn
+    from vlm_export.quantize.qnn_qdq import quantize_for_qnn, widen_ranges
 
     rng = np.random.default_rng(0)
-    gate, up, down = (rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 64), (8, 64), (64, 8)))
-    up_hot = up.copy()
-    up_hot[:, 5] *= 60  # channel 5 of the down_proj input: ~60x the others
-    feeds = [{"x": rng.normal(size=(1, 5, 8)).astype(np.float32)} for _ in range(4)]
-    _swiglu(tmp_path / "hot.onnx", gate, up_hot, down)
-    assert mlp_outliers_split(tmp_path / "hot.onnx", tmp_path / "split.onnx", feeds) == {"mlps_split": 1, "outlier_channels": 1}
-    run = {p: ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"]) for p in ("hot.onnx", "split.onnx")}
-    np.testing.assert_allclose(run["split.onnx"].run(None, feeds[0])[0], run["hot.onnx"].run(None, feeds[0])[0], rtol=1e-5, atol=1e-5)
-    quantize_for_qnn(tmp_path / "split.onnx", tmp_path / "qdq.onnx", feeds)
-    model = onnx.load(str(tmp_path / "qdq.onnx"))
-    scales = {n.input[0]: float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n.input[1])))
-              for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    assert scales["/blocks.0/mlp/Mul/outliers"] > 10 * scales["h"]
-    _swiglu(tmp_path / "calm.onnx", gate, up, down)
-    assert mlp_outliers_split(tmp_path / "calm.onnx", tmp_path / "same.onnx", feeds) == {"mlps_split": 0, "outlier_channels": 0}
+    weight = rng.normal(size=(16, 24)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["/blocks.0/mlp/up_proj/MatMul_output_0"],
+                                                name="/blocks.0/mlp/up_proj/MatMul"),
+                               helper.make_node("Add", ["/blocks.0/mlp/up_proj/MatMul_output_0", "b"], ["/blocks.0/mlp/y"], name="/blocks.0/mlp/Add")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
+                              [helper.make_tensor_value_info("/blocks.0/mlp/y", TensorProto.FLOAT, [1, 5, 24])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.full(24, 0.5, np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mm.onnx"))
+    calibration = [{"x": rng.normal(size=(1, 5, 16)).astype(np.float32)} for _ in range(4)]
+    quantize_for_qnn(tmp_path / "mm.onnx", tmp_path / "qdq.onnx", calibration)
+
+    def scales() -> dict:
+        model = onnx.load(str(tmp_path / "qdq.onnx"))
+        values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]])) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    def run(x):
+        session = ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    # inside x's calibrated range, but aligned with weight column 0: that output far beyond its calibrated range
+    reach = 0.9 * min(np.abs(c["x"]).max() for c in calibration)
+    unseen = np.broadcast_to(reach * np.sign(weight[:, 0]), (1, 5, 16)).astype(np.float32)
+    want = unseen @ weight + 0.5
+    clipped, before = run(unseen), scales()
+    assert widen_ranges(tmp_path / "qdq.onnx") == 2
+    after = scales()
+    for inside in ("/blocks.0/mlp/up_proj/MatMul_output_0", "/blocks.0/mlp/y_QuantizeLinear_Input"):
+        assert after[inside] == pytest.approx((before[inside][0] * 4, before[inside][1]))
+    assert after["x"] == before["x"]  # outside the MLP
+    widened = run(unseen)
+    assert np.abs(widened - want).max() < 0.2 * np.abs(clipped - want).max()
 
 
 def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(built):

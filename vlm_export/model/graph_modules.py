@@ -50,12 +50,17 @@ class EmbedGraph(nn.Module):
 
 
 def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, P+S) keep-mask -> (B, 1, S, P+S) additive mask, causal over the concatenated keys."""
+    """(B, P+S) keep-mask -> (B, 1, S, P+S) additive mask, causal over the concatenated keys.
+
+    Each row also sees its own key. A real row's own key is valid anyway; a padding row (masked out
+    of every other row, its outputs never read) then computes what a real token would, where with no
+    key at all it grew values of 3e4 (smol, block 12) that set the 16-bit ranges of quantized graphs."""
     total = attention_mask.shape[1]
     past = total - seq_len
     key_pos = torch.arange(total, device=attention_mask.device)[None, :]
     query_pos = torch.arange(seq_len, device=attention_mask.device)[:, None] + past
-    allowed = (key_pos <= query_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
+    own = (key_pos == query_pos)[None, None]
+    allowed = (key_pos <= query_pos)[None, None] & ((attention_mask[:, None, None, :] > 0) | own)
     zero = torch.zeros((), dtype=dtype)
     return torch.where(allowed, zero, torch.tensor(-100.0, dtype=dtype))
 

@@ -2,7 +2,10 @@
 decoder_prefill (one chunk) and decoder_decode (one token). `present.*` holds only the step's new
 entries: the host writes them at the current slot of its buffer. Prompts are front-padded to a
 whole number of chunks so the last prompt token is the last chunk's last position, whose logits
-are the graph's only logits."""
+are the graph's only logits. Padding rows repeat the prompt's first row at its position: masked out
+of every real row, each sees only the KV prefix and its own key (model/graph_modules.additive_mask),
+so it computes what the first real token does and stays in the activation ranges of real tokens
+(smol's zero padding rows reached 3e4 in the residual stream, real rows ~100-700)."""
 
 from __future__ import annotations
 
@@ -117,6 +120,8 @@ class StaticLayout(DecoderLayout):
         span = chunk_count(max(p.shape[0] for p in prompts), chunk) * chunk
         check_context(span, max_new_tokens, buffer, "the static KV buffer (incl. chunk padding)")
         embeds, keep, positions = pad_prompts(prompts, span, right=False)
+        for row, prompt in enumerate(prompts):  # padding rows: see the module docstring
+            embeds[row, : span - prompt.shape[0]] = prompt[0]
         return PrefillPlan(self.prefill_graph, embeds, keep, positions, chunk, span + max_new_tokens)
 
     def max_positions(self, graphs: dict, max_context: int) -> int:

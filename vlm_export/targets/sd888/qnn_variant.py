@@ -59,7 +59,14 @@ def unpadded(samples: list[dict]) -> list[dict]:
 
 
 def _qnn_rewrite(profile, samples: dict, held_out: dict):
-    from vlm_export.quantize.qnn_qdq import fix_dims, matmuls_as_conv, quantize_for_qnn, rmsnorms_fused
+    from vlm_export.quantize.qnn_qdq import (
+        RANGE_MARGIN,
+        fix_dims,
+        matmuls_as_conv,
+        quantize_for_qnn,
+        rmsnorms_fused,
+        widen_ranges,
+    )
 
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
         import onnxruntime as ort
@@ -79,6 +86,7 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
             qdq = work / f"{name}.qdq.onnx"
             step(f"qnn: quantizing {name} (QDQ u16/u8, {len(feeds)} samples)")
             info = quantize_for_qnn(fixed, qdq, feeds, profile.qnn_16bit_weights)
+            widened = widen_ranges(qdq) if graph["wrapper"] == GraphRole.DECODER else 0
             nodes = len(onnx.load(str(qdq), load_external_data=False).graph.node)
             context = out / f"{Path(graph['file']).stem}_ctx.onnx"
             step(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
@@ -95,7 +103,8 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
         graph.update(file=context.name, qnn={"soc": profile.soc, "htp_arch": soc[1], "context_binary": binary,
                                              "embed_mode": EMBED_MODE})
         _fixed_inputs(graph)
-        return {**info, "matmuls_as_conv": convs, "rmsnorms_fused": norms, "placement": {"nodes": nodes, "on_qnn": nodes, "cpu_fallback": "disabled"},
+        return {**info, "matmuls_as_conv": convs, "rmsnorms_fused": norms,
+                "ranges_widened": {"tensors": widened, "factor": RANGE_MARGIN} if widened else None, "placement": {"nodes": nodes, "on_qnn": nodes, "cpu_fallback": "disabled"},
                 "context_binary_bytes": (out / binary).stat().st_size, "accuracy_vs_fp32": accuracy}
 
     return rewrite

@@ -46,18 +46,6 @@ def _fixed_inputs(graph: dict) -> None:
         tensor["shape"] = [1 if isinstance(d, str) else d for d in tensor["shape"]]  # batch 1 on the NPU
 
 
-def unpadded(samples: list[dict]) -> list[dict]:
-    """The feeds of a static prefill graph whose chunk holds no padding, when there are any.
-
-    Front-padding rows are masked out of every real row's attention, so their values never reach an
-    answer; but they sit at position 0 with nothing to attend to and grow the first-token massive
-    activations (smol: 2.9e4 at block 12, against ~100 for real rows), which would set the
-    per-tensor activation ranges. At run time they saturate, harmlessly."""
-    def full(feeds: dict) -> bool:
-        return bool((feeds["attention_mask"][:, -feeds["inputs_embeds"].shape[1]:] > 0).all())
-    return [f for f in samples if full(f)] or samples
-
-
 def _qnn_rewrite(profile, samples: dict, held_out: dict):
     from vlm_export.quantize.qnn_qdq import (
         RANGE_MARGIN,
@@ -82,7 +70,7 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict):
                 shaped = work / f"{name}.conv.onnx"
                 convs = matmuls_as_conv(fixed, shaped)
                 norms = rmsnorms_fused(shaped, shaped)
-                fixed, feeds = shaped, unpadded(feeds)
+                fixed = shaped  # every prefill chunk, padded ones too (spec/layouts/static.py: padding rows stay in range)
             qdq = work / f"{name}.qdq.onnx"
             step(f"qnn: quantizing {name} (QDQ u16/u8, {len(feeds)} samples)")
             info = quantize_for_qnn(fixed, qdq, feeds, profile.qnn_16bit_weights)

@@ -51,11 +51,14 @@ def test_every_qnn_node_is_on_the_htp_of_the_888(built):
 @qnn
 def test_decoder_weights_go_onto_the_htp_as_convs(built):
     """Every decoder MatMul with a constant weight became a 1x1 Conv before quantization (the form the
-    HTP takes per-channel weight scales in), and the binaries still hold every node (test above)."""
+    HTP takes per-channel weight scales in), every RMSNorm one RMSNormalization, the MLP ranges got their
+    margin, and the binaries still hold every node (test above)."""
     out, _ = built
     graphs = json.loads((out / "report.json").read_text())["variants"]["qnn"]["graphs"]
     for name in ("decoder_prefill.onnx", "decoder_decode.onnx"):
         assert graphs[name]["matmuls_as_conv"] == 2 * 7 + 1  # tiny: 2 layers x 7 projections, lm_head
+        assert graphs[name]["rmsnorms_fused"] == 2 * 2 + 1  # two per layer, the final norm
+        assert graphs[name]["ranges_widened"]["tensors"] >= 2 * 4 and graphs[name]["ranges_widened"]["factor"] == 4.0  # gate, up, SwiGLU, down per layer at least
     assert graphs["vision.onnx"]["matmuls_as_conv"] == 0
 
 

@@ -34,7 +34,7 @@ from vlm_export.targets.recipe import Recipe
 from vlm_export.targets.sd888.profile import QNN_QDQ, RECIPES, Profile
 from vlm_export.targets.sd888.report import phone_fit, report_markdown
 
-RECIPE_VERSION = 2  # part of the build-cache key: bump when a variant is made differently
+RECIPE_VERSION = 3  # part of the build-cache key: bump when a variant is made differently
 
 
 def _peak_rss_mb() -> int:

@@ -46,6 +46,9 @@ def test_every_qnn_node_is_on_the_htp_of_the_888(built):
         assert binary_soc(out / "qnn" / graph["qnn"]["context_binary"]) == ("SM8350", "68")
         assert graph["qnn"]["embed_mode"] == 0 and graph["inputs"][0]["shape"][0] == 1
     assert "HTP v68" in stdout and "fits 8 GB phone" in stdout
+    assert qnn_record["accuracy_vs_fp32"]["measured_on"].startswith("simulated")  # the CPU EP on the QDQ graphs
+    assert "qnn's end-to-end quality is simulated" in (out / "report.md").read_text()
+    assert not list(out.glob(".*"))  # the QDQ graphs of that check are not left in the build
 
 
 @qnn

@@ -71,6 +71,9 @@ def report_markdown(report: dict) -> str:
             top1 = acc.get("logits", {}).get("top1")
             lines.append(f"| {variant} | {graph} | {acc['cosine_min']:.5f} | {acc['max_abs_diff']:.3g} | "
                          f"{'-' if top1 is None else f'{top1:.3f}'} |")
+    simulated = [f"{name}'s end-to-end quality is {v['accuracy_vs_fp32']['measured_on']}." for name, v in report["variants"].items()
+                 if (v.get("accuracy_vs_fp32") or {}).get("measured_on")]
+    lines += ["", *simulated] if simulated else []
     quality_note = table.note([v.get("accuracy_vs_fp32") for v in report["variants"].values()])
     lines += ["", quality_note] if quality_note else []
     lines += ["", *budget_lines(RECIPES, report["variants"])]

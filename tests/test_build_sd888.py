@@ -4,6 +4,7 @@ node on the NPU, XNNPACK/CPU variants with ORT-format models, and the bad-input 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,14 +26,14 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd888")
     result = vlm("build", "tiny", "--target", "sd888", "--graphs", root / "graphs", "--out", root / "sd888")
     assert result.returncode == 0, result.stderr[-2000:]
-    return root / "sd888", result.stdout
+    return root / "sd888", result.stdout, result.stderr
 
 
 @qnn
 def test_every_qnn_node_is_on_the_htp_of_the_888(built):
     from vlm_export.artifacts import binary_soc
 
-    out, stdout = built
+    out, stdout, _ = built
     report = json.loads((out / "report.json").read_text())
     qnn_record = report["variants"]["qnn"]
     assert set(qnn_record["graphs"]) == {"vision.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"}
@@ -56,7 +57,7 @@ def test_decoder_weights_go_onto_the_htp_as_convs(built):
     """Every decoder MatMul with a constant weight became a 1x1 Conv before quantization (the form the
     HTP takes per-channel weight scales in), every RMSNorm one RMSNormalization, the MLP ranges got their
     margin, and the binaries still hold every node (test above)."""
-    out, _ = built
+    out, _, _ = built
     graphs = json.loads((out / "report.json").read_text())["variants"]["qnn"]["graphs"]
     for name in ("decoder_prefill.onnx", "decoder_decode.onnx"):
         assert graphs[name]["matmuls_as_conv"] == 2 * 7 + 1  # tiny: 2 layers x 7 projections, lm_head
@@ -181,7 +182,7 @@ def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(buil
     from vlm_export.runtime.artifact_set import ArtifactSet
     from vlm_export.runtime.generation import Generator, Request
 
-    out, _ = built
+    out, _, _ = built
     static = out / "fp32-static"
     record = read_manifest(static)["kv_prefix"]
     assert record == {"file": "kv_prefix.npz", "tokens": 1}
@@ -204,7 +205,7 @@ def test_kv_prefix_is_the_template_first_token_and_changes_nothing_in_float(buil
 
 @qnn
 def test_qnn_variant_runs_through_the_generation_loop(built):
-    out, _ = built
+    out, _, _ = built
     result = vlm("run", out / "qnn", "--prompt", "Describe the image.", "--image", "calibration/eval/chelsea.jpg",
                  "--max-new-tokens", "6")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -212,8 +213,24 @@ def test_qnn_variant_runs_through_the_generation_loop(built):
     assert vlm("verify", out / "qnn").returncode == 0
 
 
+@qnn
+def test_each_qnn_and_cpu_stage_is_a_progress_line_and_scored_on_the_default_tokens(built):
+    """A log shows what a long sd888 build is doing (a smol build spends ~25 minutes in `qnn`), and
+    each variant is scored on EVAL_TOKENS for its weights (tiny: seeded-random, 64)."""
+    out, _, stderr = built
+    for graph in ("vision", "decoder"):
+        for what in ("quantizing", "compiling", "measuring"):
+            assert f"start  {what} {graph}" in stderr, stderr[-3000:]
+            assert re.search(rf"done   {what} {graph}.*\(\d+\.\d s\)", stderr)
+    assert "start  recording calibration and held-out feeds" in stderr
+    report = json.loads((out / "report.json").read_text())
+    for variant in ("qnn", "cpu-int8", "cpu-int4"):
+        assert f"start  measuring {variant} against fp32 (64 eval tokens" in stderr
+        assert report["variants"][variant]["accuracy_vs_fp32"]["tokens"] == 64
+
+
 def test_cpu_variants_ship_ort_models_and_a_partition_report(built):
-    out, _ = built
+    out, _, _ = built
     report = json.loads((out / "report.json").read_text())
     for name, bits in (("cpu-int8", 8), ("cpu-int4", 4)):
         variant = out / name

@@ -249,3 +249,32 @@ def test_inline_weights_folds_external_data_back_under_the_limit(tmp_path, monke
         onnx_export.inline_weights(path)
         assert sorted(p.name for p in path.parent.iterdir()) == (["g.onnx"] if folder == "small" else ["g.onnx", "g.onnx.data"])
         np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), weight)
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "inplace"])
+def test_the_traces_outputs_are_the_references_and_validation_reuses_them(spec, reference, layout, tmp_path):
+    """export_graph hands back what the trace computed on the example; validate_graph compares ORT
+    with those for the first case (the same draw) and runs the wrapper only for the others."""
+    from vlm_export.export.onnx_export import export_graph
+    from vlm_export.export.pipeline import make_wrapper
+    from vlm_export.export.validate import InputSampler, validate_graph
+    from vlm_export.spec.graph_io import graphs_for, make_inputs
+
+    sampler = InputSampler(reference)
+    for graph in graphs_for(spec, ExportOptions(layout=layout)):
+        wrapper = make_wrapper(reference, graph)
+        example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
+        fresh = {k: v.copy() for k, v in example.items()}
+        path, traced = export_graph(wrapper, graph, example, tmp_path, 17)
+        with torch.no_grad():
+            eager = wrapper(*(torch.from_numpy(fresh[t.name]) for t in graph.inputs))
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        assert len(traced) == len(eager) == len(graph.outputs)
+        for a, b in zip(traced, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        calls = []
+        hook = wrapper.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        known = validate_graph(wrapper, graph, path, sampler, known=(fresh, traced))
+        hook.remove()
+        assert known["passed"] and len(calls) == len(graph.cases) - 1, graph.file
+        assert known == validate_graph(wrapper, graph, path, sampler), graph.file  # the same figures as running it again

@@ -94,11 +94,12 @@ def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: E
     t0 = time.perf_counter()
     wrapper = make_wrapper(model, graph)
     example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
-    path = export_graph(wrapper, graph, example, staging, opts.opset)
+    path, traced = export_graph(wrapper, graph, example, staging, opts.opset)
     exported = time.perf_counter() - t0
     step("validating against PyTorch")
     reference_wrapper = wrapper if model is reference else make_wrapper(reference, graph)
-    validation = validate_graph(reference_wrapper, graph, path, sampler)
+    known = (example, traced) if model is reference and traced is not None else None  # an fp16 trace is not the reference
+    validation = validate_graph(reference_wrapper, graph, path, sampler, known=known)
     log.info("%s: exported in %.1f s, validation %s", graph.file, exported, validation)
     if graph.wrapper == GraphRole.VISION:
         release_vision(model, reference)

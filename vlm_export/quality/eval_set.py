@@ -23,6 +23,16 @@ EVAL_IMAGE = "chelsea.jpg"
 # Scored positions of the eval prose per variant in a build: trained LLM weights get the field's usual
 # sample; seeded-random ones a token sample that only proves the path runs (their numbers mean nothing).
 EVAL_TOKENS = {"trained": 2048, "random": 64}
+EVAL_TOKENS_HELP = (f"eval-prose tokens each quantized variant is scored on against fp32 (default {EVAL_TOKENS['trained']} "
+                    f"for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)")
+
+
+def check_eval_tokens(given: int | None) -> None:
+    """A build's --eval-tokens: None (EVAL_TOKENS by the weights) or enough positions to score.
+    Raises VlmExportError below 2 (a KL needs a context position and a scored one)."""
+    if given is not None and given < 2:
+        raise VlmExportError(f"--eval-tokens {given} is too few to score",
+                             f"pass --eval-tokens 2 or more (default {EVAL_TOKENS['trained']})")
 
 
 def random_llm(model: dict) -> bool:

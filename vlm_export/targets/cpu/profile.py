@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_export.errors import VlmExportError
-from vlm_export.quality.eval_set import EVAL_TOKENS
+from vlm_export.quality.eval_set import EVAL_TOKENS_HELP, check_eval_tokens
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.spec.layouts import REGISTRY
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, choices, option, variants_help
@@ -60,8 +60,7 @@ class Profile:
             raise VlmExportError(f"unknown CPU vision precision '{self.vision}'", f"use --vision {' or '.join(VISION_CHOICES)}")
         if self.kv not in KV_CACHE:
             raise VlmExportError(f"unknown CPU KV cache precision '{self.kv}'", f"use --kv {' or '.join(KV_CACHE)}")
-        if self.eval_tokens is not None and self.eval_tokens < 2:
-            raise VlmExportError(f"--eval-tokens {self.eval_tokens} is too few to score", "pass --eval-tokens 2 or more (default 2048)")
+        check_eval_tokens(self.eval_tokens)
         if self.kernels not in KERNELS:
             raise VlmExportError(f"unknown CPU kernels '{self.kernels}'", f"use --kernels {', '.join(KERNELS)}")
         check_variants("CPU", RECIPES, self.variants)
@@ -78,8 +77,7 @@ def cli_help() -> dict[str, str]:
         "vision": f"vision tower of the quantized variants: {choices(VISION_CHOICES, d.vision)}",
         "kv": f"KV cache of the quantized variants (inplace layout): {choices(KV_CACHE, d.kv)}",
         "kernels": f"kernels of the int8/int4 variants: {choices(KERNELS, d.kernels)}",
-        "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
-                       f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
+        "eval_tokens": EVAL_TOKENS_HELP,
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 KV scales are calibrated on "
                        "(default: the repository's calibration/)",
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_export.errors import VlmExportError
-from vlm_export.quality.eval_set import EVAL_TOKENS
+from vlm_export.quality.eval_set import EVAL_TOKENS_HELP, check_eval_tokens
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.orin.plan import DEVICES
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, option, variants_help
@@ -54,6 +54,7 @@ class Profile:
         if self.device not in DEVICES:
             raise VlmExportError(f"unknown Orin device '{self.device}'", f"use one of {', '.join(DEVICES)}")
         check_variants("orin", RECIPES, self.variants)
+        check_eval_tokens(self.eval_tokens)
         if self.vision_on_dla and DEVICES[self.device]["dla_cores"] == 0:
             raise VlmExportError(f"{self.device} has no DLA core", "drop --dla or pick a module with DLA")
         if not 0 < self.max_prompt < self.max_context:
@@ -72,6 +73,5 @@ def cli_help() -> dict[str, str]:
         "max_context": f"KV cache length the decode profile takes (default {d.max_context}, at most the model's context)",
         "calibration": "folder (recipe.json, images/, prompts.txt) the int8 variant is calibrated on "
                        "(default: the repository's calibration/)",
-        "eval_tokens": f"eval-prose tokens each quantized variant is scored on against fp32 (default "
-                       f"{EVAL_TOKENS['trained']} for a trained LLM, {EVAL_TOKENS['random']} for seeded-random weights)",
+        "eval_tokens": EVAL_TOKENS_HELP,
     }

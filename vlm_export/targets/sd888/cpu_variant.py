@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import verify, write_json_atomic, write_manifest
 from vlm_export.diff.output_agreement import graph_accuracy
-from vlm_export.progress import step
+from vlm_export.progress import stage
 from vlm_export.quality import table
 from vlm_export.quantize.qdq_int8 import quantize_int8_qdq
 from vlm_export.quantize.weight_only import quantize_weights, source_blocks
@@ -35,6 +35,7 @@ def build_cpu_variant(graphs: Path, out: Path, recipe, profile) -> dict:
     """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference;
     `recipe` (targets/recipe.py): its precision picks the decoder's weight format."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
+    from vlm_export.quality.eval_set import eval_tokens_for
     from vlm_export.quantize.calibration import calibration_set, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
 
@@ -45,20 +46,21 @@ def build_cpu_variant(graphs: Path, out: Path, recipe, profile) -> dict:
     held_out = vision_samples(sorted(EVAL_DIR.glob("*.jpg"))[:1] or images[:1], spec)
     name = recipe.name
     config = weight_config(str(recipe.precision))  # the cpu target's formats
-    step(f"{name}: vision int8 QDQ, decoder MatMulNBits {config.bits}-bit")
     rewrites = {GraphRole.VISION: lambda g, src, dst: quantize_int8_qdq(src, dst / g["file"], samples, uint8_activations=True),
                 GraphRole.DECODER: lambda g, src, dst: quantize_weights(src, dst / g["file"], config, source_blocks(manifest["model"]))}
-    built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
+    with stage(f"assembling {name} (vision int8 QDQ, decoder MatMulNBits {config.bits}-bit)"):
+        built = assemble_variant(graphs, out, manifest, rewrites, target="sd888", variant=name)
     graph_files = [g["file"] for g in built["graphs"]]
-    step(f"{name}: ORT format and reduced-operator config")
-    mobile = convert_to_ort(out, graph_files, out / "mobile")
-    partition = partition_report(out, graph_files)
+    with stage(f"{name}: ORT format, reduced-operator config and XNNPACK partition"):
+        mobile = convert_to_ort(out, graph_files, out / "mobile")
+        partition = partition_report(out, graph_files)
     write_json_atomic(out / "xnnpack_partition.json", partition)
     body = {k: v for k, v in built.items() if k != "files"}
     write_manifest(out, {**body, "mobile": mobile})
     vision_file = next(g["file"] for g in built["graphs"] if g["wrapper"] == GraphRole.VISION)
-    step(f"{name}: measuring against fp32")
-    accuracy = accuracy_vs_fp32(graphs, out, profile.eval_tokens)
+    tokens = eval_tokens_for(profile.eval_tokens, manifest["model"])
+    with stage(f"measuring {name} against fp32 ({tokens} eval tokens)"):
+        accuracy = accuracy_vs_fp32(graphs, out, tokens)
     judged = table.verdict(accuracy, recipe.budget)
     return {"graphs": built["rewrites"], "mobile": mobile,
             "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},

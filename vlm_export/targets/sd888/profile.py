@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_export.errors import VlmExportError
+from vlm_export.quality.eval_set import EVAL_TOKENS_HELP, check_eval_tokens
 from vlm_export.runtime.runners.qnn_ep import SOCS
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.targets.recipe import Pass, Precision, Recipe, check_variants, option, variants_help
@@ -55,10 +56,11 @@ class Profile:
     prefill_chunk: int = option(128)
     qnn_16bit_weights: tuple[str, ...] = ()  # node-name patterns whose weights stay 16-bit on the HTP (no CLI option)
     calibration: str | None = option(None)
-    eval_tokens: int = option(16)
+    eval_tokens: int | None = option(None)  # None: EVAL_TOKENS by the LLM's weights
 
     def __post_init__(self):
         check_variants("sd888", RECIPES, self.variants)
+        check_eval_tokens(self.eval_tokens)
         if self.soc not in SOCS:
             raise VlmExportError(f"unknown Snapdragon SoC '{self.soc}'", f"use one of {', '.join(SOCS)}")
         bad = [g for g in self.qnn_graphs if g not in QNN_GRAPHS]
@@ -82,5 +84,5 @@ def cli_help() -> dict[str, str]:
         "prefill_chunk": f"prompt tokens per static prefill call (default {d.prefill_chunk})",
         "calibration": "folder (recipe.json, images/, prompts.txt) the QNN and CPU variants are calibrated on "
                        "(default: the repository's calibration/)",
-        "eval_tokens": f"eval-prose tokens each variant is scored on against fp32 (default {d.eval_tokens})",
+        "eval_tokens": EVAL_TOKENS_HELP,
     }

@@ -17,7 +17,7 @@ import onnx
 
 from vlm_export.artifacts import binary_soc, check_binary, link_or_copy, remove_tree, verify, write_manifest
 from vlm_export.diff.output_agreement import graph_accuracy
-from vlm_export.progress import step
+from vlm_export.progress import stage
 from vlm_export.quality import table
 from vlm_export.runtime.runners import qnn_ep
 from vlm_export.spec.graph_io import GraphRole
@@ -77,9 +77,9 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict, simulation: Path):
                 norms = rmsnorms_fused(shaped, shaped)
                 fixed = shaped  # every prefill chunk, padded ones too (spec/layouts/static.py: padding rows stay in range)
             qdq = work / f"{name}.qdq.onnx"
-            step(f"qnn: quantizing {name} (QDQ u16/u8, {len(feeds)} samples)")
-            info = quantize_for_qnn(fixed, qdq, feeds, profile.qnn_16bit_weights)
-            widened = widen_ranges(qdq) if graph["wrapper"] == GraphRole.DECODER else 0
+            with stage(f"quantizing {name} for the HTP (QDQ u16/u8, {len(feeds)} calibration samples)"):
+                info = quantize_for_qnn(fixed, qdq, feeds, profile.qnn_16bit_weights)
+                widened = widen_ranges(qdq) if graph["wrapper"] == GraphRole.DECODER else 0
             nodes = len(onnx.load(str(qdq), load_external_data=False).graph.node)
             kept = simulation / source.name  # for the end-to-end check (SIMULATED), under the graph's own name
             if qdq.with_name(qdq.name + ".data").exists():
@@ -87,14 +87,14 @@ def _qnn_rewrite(profile, samples: dict, held_out: dict, simulation: Path):
             else:
                 shutil.copyfile(qdq, kept)
             context = out / f"{Path(graph['file']).stem}_ctx.onnx"
-            step(f"qnn: compiling {name} for {profile.soc} (all {nodes} nodes on the HTP)")
-            qnn_ep.create_session(qdq, profile.soc, context_file=context, embed_mode=EMBED_MODE)
-            binary = next(p.name for p in out.glob(f"{context.stem}*.bin"))
-            check_binary(out / binary, profile.soc)
-            step(f"qnn: measuring {name} on the emulated HTP against fp32")
-            compiled = qnn_ep.create_session(context, profile.soc)
-            reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-            accuracy = graph_accuracy(reference, compiled, held_out[name])
+            with stage(f"compiling {name} for {profile.soc} (all {nodes} nodes on the HTP, CPU fallback off)"):
+                qnn_ep.create_session(qdq, profile.soc, context_file=context, embed_mode=EMBED_MODE)
+                binary = next(p.name for p in out.glob(f"{context.stem}*.bin"))
+                check_binary(out / binary, profile.soc)
+            with stage(f"measuring {name} on the emulated HTP against fp32 ({len(held_out[name])} held-out samples)"):
+                compiled = qnn_ep.create_session(context, profile.soc)
+                reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+                accuracy = graph_accuracy(reference, compiled, held_out[name])
         finally:
             shutil.rmtree(work, ignore_errors=True)
         soc = binary_soc(out / binary)
@@ -113,6 +113,7 @@ def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
     the NPU; any layout when only the vision graph does); `recipe` (targets/recipe.py): its passes
     name the graphs that go onto the HTP."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32, eval_requests
+    from vlm_export.quality.eval_set import eval_tokens_for
     from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
 
@@ -124,9 +125,9 @@ def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
     samples, held_out = {}, {}
     on_npu = {p.role for p in recipe.passes}
     if GraphRole.DECODER in on_npu:
-        step("qnn: recording calibration feeds on the fp32 static graphs")
-        samples = recorded_samples(static, calibration_requests(images, prompts), new_tokens=DECODE_CALIBRATION_TOKENS)
-        held_out = recorded_samples(static, eval_requests(), new_tokens=4)
+        with stage("recording calibration and held-out feeds on the fp32 static graphs"):
+            samples = recorded_samples(static, calibration_requests(images, prompts), new_tokens=DECODE_CALIBRATION_TOKENS)
+            held_out = recorded_samples(static, eval_requests(), new_tokens=4)
     samples["vision"] = vision_samples(images, spec)  # every photo, as the recipe says
     held_out["vision"] = vision_samples(eval_images, spec)
     simulation = out.parent / f".{out.name}-qdq"  # the QDQ graphs as an artifact set, removed below
@@ -136,14 +137,15 @@ def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
         built = assemble_variant(static, out, manifest, {role: rewrite for role in on_npu},
                                  target="sd888", variant=recipe.name, soc=profile.soc)
         on_cpu = {g["file"]: CPU_BY_DESIGN[g["wrapper"]] for g in built["graphs"] if not g.get("qnn")}
-        step("qnn: end-to-end agreement with fp32 (generation loop on the QDQ graphs, CPU EP: simulated)")
-        for item in static.rglob("*"):
-            target = simulation / item.relative_to(static)
-            if item.is_file() and not target.exists() and item.name != "manifest.json":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                link_or_copy(item, target)
-        write_manifest(simulation, {k: v for k, v in manifest.items() if k != "files"})
-        accuracy = {**accuracy_vs_fp32(static, simulation, profile.eval_tokens), "measured_on": SIMULATED}
+        tokens = eval_tokens_for(profile.eval_tokens, manifest["model"])
+        with stage(f"measuring qnn against fp32 ({tokens} eval tokens; generation loop on the QDQ graphs, CPU EP: simulated)"):
+            for item in static.rglob("*"):
+                target = simulation / item.relative_to(static)
+                if item.is_file() and not target.exists() and item.name != "manifest.json":
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(item, target)
+            write_manifest(simulation, {k: v for k, v in manifest.items() if k != "files"})
+            accuracy = {**accuracy_vs_fp32(static, simulation, tokens), "measured_on": SIMULATED}
     finally:
         remove_tree(simulation)
     judged = table.verdict(accuracy, recipe.budget)

@@ -223,6 +223,7 @@ def test_each_qnn_and_cpu_stage_is_a_progress_line_and_scored_on_the_default_tok
             assert f"start  {what} {graph}" in stderr, stderr[-3000:]
             assert re.search(rf"done   {what} {graph}.*\(\d+\.\d s\)", stderr)
     assert "start  recording calibration and held-out feeds" in stderr
+    assert "LIBNATIVE" not in stderr  # the QNN SDK's notice on loading its backend (progress.NATIVE_NOISE)
     report = json.loads((out / "report.json").read_text())
     for variant in ("qnn", "cpu-int8", "cpu-int4"):
         assert f"start  measuring {variant} against fp32 (64 eval tokens" in stderr

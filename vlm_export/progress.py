@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-# glog-style info lines as SentencePiece writes them: `normalizer.cc(51) LOG(INFO) ...`
-NATIVE_NOISE = re.compile(r"^\S+\.(cc|cpp|c)\(\d+\) LOG\(INFO\) ")
+# glog-style info lines as SentencePiece writes them: `normalizer.cc(51) LOG(INFO) ...`; the QNN SDK's
+# notice on loading its HTP backend: ` # LIBNATIVE: No alternate configuration present in libnative_tls.conf ...`
+NATIVE_NOISE = re.compile(r"^(\S+\.(cc|cpp|c)\(\d+\) LOG\(INFO\) | # LIBNATIVE: )")
 
 
 @dataclass

@@ -75,9 +75,12 @@ def session_options(soc: str, threads: int | None = None, context_file: Path | N
 def create_session(path: Path, soc: str, threads: int | None = None, context_file: Path | None = None, embed_mode: int = 0):
     import onnxruntime as ort
 
+    from vlm_export.progress import native_stderr_filtered
+
     options = session_options(soc, threads, context_file, embed_mode)
     try:
-        return ort.InferenceSession(str(path), options)
+        with native_stderr_filtered():  # the QNN SDK's "# LIBNATIVE: ..." notice on loading its backend
+            return ort.InferenceSession(str(path), options)
     except Exception as exc:
         first = str(exc).splitlines()[0][:220]
         if "fallback to CPU EP has been explicitly disabled" in first or "finalize" in first.lower():

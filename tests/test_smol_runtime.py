@@ -121,3 +121,48 @@ def test_smol_int4_keeps_the_budget(smol_dynamic, tmp_path):
     accumulator.add(reference[255:-1], candidate[255:-1], np.asarray(ids[256:]))
     verdict = BUDGETS["int4"].verdict(accumulator.result())
     assert verdict.passed, verdict.line()
+
+
+def test_smol_runs_its_tokenizer_without_transformers(smol_dynamic, tmp_path):
+    """The export proved the `tokenizers` library alone equal to transformers on smol's saved
+    tokenizer (model/tokenizers_backend.py): a text question imports no transformers (~1 s of every
+    run), the prompt ids are transformers' own, and a folder where they differ keeps transformers."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from vlm_export.model.prompt import render_prompt
+    from vlm_export.model.tokenizer import TextTokenizer
+    from vlm_export.model.tokenizers_backend import CHECK_FILE, TokenizersBackend, check
+    from vlm_export.runtime.artifact_set import tokenizer_spec_in
+
+    folder = smol_dynamic / "tokenizer"
+    assert json.loads((folder / CHECK_FILE).read_text())["passed"]
+    assert tokenizer_spec_in(folder).kind == "tokenizers"
+    spec = ArtifactSet.open(smol_dynamic, check_hashes=False).spec
+    ours, theirs = TextTokenizer(TokenizersBackend(folder)), TextTokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    for request in (Request.ask("What is in the image?", "photo.jpg"), Request.ask("Hi <|im_end|> there </s>"),
+                    Request.ask(STORY)):
+        prompts = [render_prompt(spec.template, request.messages, t) for t in (ours, theirs)]
+        assert prompts[0] == prompts[1] and prompts[0].content_spans == prompts[1].content_spans
+        assert ours.tokenize_prompt(prompts[0], spec.template.add_bos) == theirs.tokenize_prompt(prompts[1], spec.template.add_bos)
+    code = ("import sys; from vlm_export.runtime.artifact_set import ArtifactSet; "
+            "from vlm_export.runtime.generation import Generator, Request; from vlm_export.runtime.sampling import SamplingParams; "
+            f"g = Generator(ArtifactSet.open({str(smol_dynamic)!r}), 'ort'); "
+            "r = g.generate([Request.ask('What is the capital of France?')], SamplingParams(max_new_tokens=4))[0]; "
+            "print(r.text, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "False" and result.stdout.startswith("The capital")
+
+    broken = tmp_path / "tokenizer"  # a post-processor that adds no BOS: the ids differ, the proof fails
+    shutil.copytree(folder, broken)
+    saved = json.loads((broken / "tokenizer.json").read_text())
+    saved["post_processor"] = None
+    (broken / "tokenizer.json").write_text(json.dumps(saved))
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    verdict = check(broken, hf, ["Hello world"], [], None)
+    assert not verdict["passed"] and "special True" in verdict["mismatches"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
+from vlm_export.model.tokenizers_backend import CHECK_FILE
 from vlm_export.runtime.runners import backend_module
 from vlm_export.spec.graph_io import GraphRole
 from vlm_export.spec.layouts import graph_layout
@@ -24,9 +26,13 @@ def kv_dtype(decoder: dict) -> np.dtype:
 
 def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
     # A saved fast tokenizer (tokenizer.json) is authoritative; GGUF-born ones also write a stray
-    # tokenizer.model that the slow LLaMA tokenizer cannot read.
+    # tokenizer.model that the slow LLaMA tokenizer cannot read. Where the export proved the
+    # `tokenizers` library alone equal to transformers on it, that is used (no transformers import).
     if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
         return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
+    proof = directory / CHECK_FILE
+    if proof.is_file() and json.loads(proof.read_text()).get("passed") is True:
+        return TokenizerSpec(kind="tokenizers", path=str(directory))
     return TokenizerSpec(kind="hf", path=str(directory))
 
 

@@ -125,19 +125,17 @@ def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
 
 
 def _prove_tokenizers_backend(spec: ModelSpec, directory: Path) -> dict:
-    """Whether the runtime may tokenize `directory` with the `tokenizers` library alone
-    (model/tokenizers_backend.py): compared with what transformers loads from the same folder on
+    """Whether the runtime may tokenize `directory` without transformers (model/tokenizers_backend.py:
+    `tokenizers` or `sentencepiece` alone): compared with what transformers loads from the same folder on
     the tokenizer graph's check texts, a page of the eval prose, the template's control strings and
     chat renderings; the result is written into the folder (CHECK_FILE), which the runtime reads."""
-    from transformers import AutoTokenizer
-
     from vlm_export.export.tokenizer_graph import CHECK_TEXTS
     from vlm_export.model.tokenizers_backend import CHECK_FILE, check
     from vlm_export.quality.eval_set import prose
+    from vlm_export.runtime.artifact_set import tokenizer_spec_in
 
-    if not (directory / "tokenizer.json").is_file():
-        return {"backend": "transformers", "why": "no tokenizer.json (a SentencePiece model file only)"}
-    hf = AutoTokenizer.from_pretrained(str(directory))  # what the runtime loads from this folder otherwise
+    (directory / CHECK_FILE).unlink(missing_ok=True)  # an interrupted export's: prove again
+    hf = load_tokenizer(tokenizer_spec_in(directory)).hf  # what the runtime loads from this folder otherwise
     controls = " ".join(t.content for t in hf.added_tokens_decoder.values())
     texts = [*CHECK_TEXTS, prose()[:3000], controls, f"x{controls.replace(' ', 'y')}z"]
     conversations = [
@@ -148,7 +146,7 @@ def _prove_tokenizers_backend(spec: ModelSpec, directory: Path) -> dict:
     ]
     result = check(directory, hf, texts, conversations, spec.template.jinja)
     (directory / CHECK_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    return {"backend": "tokenizers" if result["passed"] else "transformers", **result}
+    return {**result, "backend": result["backend"] if result["passed"] else "transformers"}
 
 
 def _reuse_tokenizer(source: Path, staging: Path) -> dict:

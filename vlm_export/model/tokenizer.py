@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TextTokenizer:
-    hf: object  # a transformers PreTrainedTokenizer(Fast), or a TokenizersBackend (that API on `tokenizers` alone)
+    hf: object  # a transformers PreTrainedTokenizer(Fast), or a tokenizers_backend.BACKENDS one (that API without transformers)
 
     @functools.cached_property
     def vocab_size(self) -> int:
@@ -159,10 +159,10 @@ def _load(spec: TokenizerSpec, path: Path | None) -> TextTokenizer:
                 hf = LlamaTokenizer.from_pretrained(str(config_dir))
             else:
                 hf = LlamaTokenizer(vocab_file=str(path), legacy=True)
-        elif spec.kind == "tokenizers":  # a folder the export proved equal to transformers (tokenizers_backend.py)
-            from vlm_export.model.tokenizers_backend import TokenizersBackend
+        elif spec.kind == "direct":  # a folder the export proved equal to transformers (tokenizers_backend.py)
+            from vlm_export.model.tokenizers_backend import open_proven
 
-            hf = TokenizersBackend(path)
+            hf = open_proven(path)
         elif spec.kind == "hf":
             from transformers import AutoTokenizer
 
@@ -173,7 +173,7 @@ def _load(spec: TokenizerSpec, path: Path | None) -> TextTokenizer:
             with _parsed_gguf():
                 hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            raise VlmExportError(f"unknown tokenizer kind '{spec.kind}'", "use sentencepiece, hf, tokenizers or gguf")
+            raise VlmExportError(f"unknown tokenizer kind '{spec.kind}'", "use sentencepiece, hf, direct or gguf")
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise VlmExportError(f"cannot load tokenizer {path} ({str(exc).splitlines()[0]})", "restore the checkpoint's tokenizer files") from exc
     return TextTokenizer(hf)

@@ -1,4 +1,5 @@
-"""A saved fast tokenizer run on the `tokenizers` library directly, without importing transformers.
+"""A saved tokenizer run without importing transformers: a fast tokenizer on the `tokenizers`
+library, a LLaMA SentencePiece tokenizer on `sentencepiece`.
 
 Importing transformers costs ~1-1.4 s of every `vlm-export run` on this machine (it scans its
 800+ model modules before a tokenizer class is reachable), more than a one-token answer takes.
@@ -15,15 +16,20 @@ Importing transformers costs ~1-1.4 s of every `vlm-export run` on this machine 
                                                                Jinja environment, with special_tokens_map as
                                                                template variables
 
-A tokenizer folder gets this backend only where the export proved it equal to transformers on that
-folder (`check`, written to CHECK_FILE beside the tokenizer files); any other folder loads through
-transformers as before.
+`SentencePieceBackend` does the same for transformers' slow `LlamaTokenizer` (legacy=True), the
+tokenizer of MobileVLM checkpoints and of `tiny`.
+
+A tokenizer folder gets one of these backends only where the export proved it equal to transformers
+on that folder (`check`, written to CHECK_FILE beside the tokenizer files); any other folder loads
+through transformers as before.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -73,10 +79,153 @@ class TokenizersBackend:
 
     def apply_chat_template(self, conversation: list[dict], chat_template: str, add_generation_prompt: bool = False,
                             tokenize: bool = False) -> str:
-        if tokenize:
-            raise ValueError("TokenizersBackend renders templates to text only (tokenize=False)")
-        return _compiled(chat_template).render(messages=conversation, tools=None, documents=None,
-                                               add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
+        return _render(self, conversation, chat_template, add_generation_prompt, tokenize)
+
+
+@dataclass(frozen=True)
+class _AddedToken:
+    content: str
+    special: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+
+class SentencePieceBackend:
+    """A LLaMA SentencePiece tokenizer saved by transformers' slow `LlamaTokenizer` (tokenizer.model,
+    tokenizer_config.json) with `legacy=True`, on the `sentencepiece` library: what transformers
+    4.57's `PreTrainedTokenizer.tokenize` (added tokens split out with their strip rules, the rest
+    `sp.encode`d chunk by chunk), `build_inputs_with_special_tokens`, `_decode` and
+    `LlamaTokenizer.convert_tokens_to_string` do. Raises ValueError for other settings (legacy=False,
+    lower-casing) and OSError when the files cannot be read."""
+
+    def __init__(self, directory: Path):
+        import sentencepiece as spm
+
+        directory = Path(directory)
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        if config.get("legacy") is False or config.get("do_lower_case") or config.get("tokenizer_class") != "LlamaTokenizer":
+            raise ValueError("only LLaMA SentencePiece tokenizers with legacy=True")
+        self._sp = spm.SentencePieceProcessor(**(config.get("sp_model_kwargs") or {}))
+        self._sp.Load(str(directory / "tokenizer.model"))
+        self._add_bos, self._add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+        self._add_prefix_space = config.get("add_prefix_space", True)
+        self.added_tokens_decoder = {int(i): _AddedToken(**{k: t[k] for k in ("content", "special", "lstrip", "rstrip", "single_word") if k in t})
+                                     for i, t in config.get("added_tokens_decoder", {}).items()}
+        self._added = {t.content: i for i, t in self.added_tokens_decoder.items()}
+        mapping = directory / "special_tokens_map.json"
+        saved = {**{k: config[k] for k in SPECIAL_TOKENS if config.get(k) is not None},
+                 **(json.loads(mapping.read_text()) if mapping.is_file() else {})}
+        self.special_tokens_map = {k: _content(saved[k]) for k in SPECIAL_TOKENS if saved.get(k) is not None}
+        additional = [_content(t) for t in saved.get("additional_special_tokens") or []]
+        self._all_special = [*self.special_tokens_map.values(), *additional]
+        self._all_special_ids = {self._token_id(t) for t in self._all_special}
+        self._legacy_added = (set(self._added) - set(self._all_special)) | {t for t in additional if self._token_id(t) >= self._sp.get_piece_size()}
+        self.unk_token_id = self._token_id(self.special_tokens_map["unk_token"]) if "unk_token" in self.special_tokens_map else None
+        pieces = {self._token(i) for i in range(self._sp.get_piece_size())}
+        self._length = len(pieces | set(self._added))
+        names = sorted(self._added, key=len, reverse=True)  # leftmost-longest, as transformers' Trie.split
+        self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
+
+    def _token_id(self, token: str) -> int:
+        return self._added[token] if token in self._added else self._sp.piece_to_id(token)
+
+    def _token(self, index: int) -> str:
+        return self.added_tokens_decoder[index].content if index in self.added_tokens_decoder else self._sp.id_to_piece(index)
+
+    def _split(self, text: str, split_special_tokens: bool) -> list[str]:
+        if split_special_tokens or self._pattern is None:
+            return [text]
+        pieces, start = [], 0
+        for match in self._pattern.finditer(text):
+            pieces += [text[start:match.start()], match.group()]
+            start = match.end()
+        pieces.append(text[start:])
+        return pieces if start else [text]
+
+    def _tokenize(self, text: str, split_special_tokens: bool) -> list[str]:
+        chunks = self._split(text, split_special_tokens)
+        no_split = set() if split_special_tokens else set(self._added)
+        for i, chunk in enumerate(chunks):
+            if chunk not in no_split:
+                continue
+            token = self.added_tokens_decoder[self._added[chunk]]
+            left, right = (chunks[i - 1] if i > 0 else None), (chunks[i + 1] if i < len(chunks) - 1 else None)
+            if token.rstrip and right:
+                chunks[i + 1] = right.lstrip()
+            if token.lstrip and left:
+                chunks[i - 1] = left.rstrip()
+            if token.single_word and left and left[-1] != " ":
+                chunks[i - 1] += chunk
+                chunks[i] = ""
+            elif token.single_word and right and right[0] != " ":
+                chunks[i] += right
+                chunks[i + 1] = ""
+        tokens = []
+        for chunk in chunks:
+            if chunk:
+                tokens.extend([chunk] if chunk in no_split else self._sp.encode(chunk, out_type=str))
+        return tokens
+
+    def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
+        ids = [self._token_id(t) for t in self._tokenize(text, split_special_tokens)]
+        if add_special_tokens:
+            bos, eos = self.special_tokens_map.get("bos_token"), self.special_tokens_map.get("eos_token")
+            ids = ([self._token_id(bos)] if self._add_bos and bos else []) + ids + ([self._token_id(eos)] if self._add_eos and eos else [])
+        return {"input_ids": ids}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        if tokens[0].startswith("\u2581") and self._add_prefix_space:
+            tokens[0] = tokens[0][1:]
+        current, out, previous_special = [], "", False
+        for i, token in enumerate(tokens):
+            if token in self._all_special:
+                if not previous_special and i != 0:
+                    out += " "
+                out += self._sp.decode(current) + token
+                previous_special, current = True, []
+            else:
+                if previous_special and i == 1 and self._add_prefix_space and not token.startswith("\u2581"):
+                    out += " "
+                current.append(token)
+                previous_special = False
+        return out + self._sp.decode(current)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
+        if clean_up_tokenization_spaces:
+            raise ValueError("SentencePieceBackend decodes without transformers' space clean-up only")
+        tokens = [self._token(int(i)) for i in ids if not (skip_special_tokens and int(i) in self._all_special_ids)]
+        texts, current = [], []
+        for token in tokens:
+            if skip_special_tokens and token in self._all_special:
+                continue
+            if token in self._legacy_added:
+                if current and (text := self._tokens_to_string(current)):
+                    texts.append(text)
+                current = []
+                texts.append(token)
+            else:
+                current.append(token)
+        if current:
+            texts.append(self._tokens_to_string(current))
+        return " ".join(texts)  # _decode's default spaces_between_special_tokens=True
+
+    def apply_chat_template(self, conversation: list[dict], chat_template: str, add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str:
+        return _render(self, conversation, chat_template, add_generation_prompt, tokenize)
+
+
+BACKENDS = {"tokenizers": TokenizersBackend, "sentencepiece": SentencePieceBackend}
+
+
+def _render(backend, conversation: list[dict], chat_template: str, add_generation_prompt: bool, tokenize: bool) -> str:
+    if tokenize:
+        raise ValueError("templates render to text only here (tokenize=False)")
+    return _compiled(chat_template).render(messages=conversation, tools=None, documents=None,
+                                           add_generation_prompt=add_generation_prompt, **backend.special_tokens_map)
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,17 +250,37 @@ def _compiled(chat_template: str):
     return env.from_string(chat_template)
 
 
+def backend_for(directory: Path) -> str:
+    """The BACKENDS entry a saved tokenizer folder would use: its fast tokenizer.json, else its
+    SentencePiece model."""
+    return "tokenizers" if (Path(directory) / "tokenizer.json").is_file() else "sentencepiece"
+
+
+def open_proven(directory: Path):
+    """The backend the export proved on `directory` (CHECK_FILE). Raises ValueError when it proved none."""
+    proof = json.loads((Path(directory) / CHECK_FILE).read_text())
+    if proof.get("passed") is not True or proof.get("backend") not in BACKENDS:
+        raise ValueError(f"{directory / CHECK_FILE} proves no backend")
+    return BACKENDS[proof["backend"]](directory)
+
+
+def proven(directory: Path) -> bool:
+    """Whether the export proved a backend on `directory` (a CHECK_FILE that passed)."""
+    proof = Path(directory) / CHECK_FILE
+    return proof.is_file() and json.loads(proof.read_text()).get("passed") is True
+
+
 def check(directory: Path, hf, texts: list[str], conversations: list[list[dict]], chat_template: str | None) -> dict:
-    """Whether TokenizersBackend on `directory` equals `hf` (the transformers tokenizer saved there)
-    on every call the runtime makes: `texts` encoded with and without special tokens, with control
-    strings split or not, decoded back (special tokens skipped); the vocabulary size, added tokens
-    and unk id; `conversations` rendered with `chat_template` (None: no template to check).
-    -> {"passed": bool, "texts": n, "mismatches": [what differed, first 5]}."""
-    mismatches = []
+    """Whether `backend_for(directory)` equals `hf` (the transformers tokenizer the runtime would
+    load from that folder) on every call the runtime makes: `texts` encoded with and without
+    special tokens, with control strings split or not, decoded back (special tokens skipped); the
+    vocabulary size, added tokens and unk id; `conversations` rendered with `chat_template` (None:
+    no template to check). -> {"backend", "passed": bool, "texts": n, "mismatches": [first 5]}."""
+    mismatches, name = [], backend_for(directory)
     try:
-        backend = TokenizersBackend(directory)
+        backend = BACKENDS[name](directory)
     except Exception as exc:  # noqa: BLE001 (any failure to load means: keep transformers)
-        return {"passed": False, "texts": 0, "mismatches": [f"cannot load: {str(exc).splitlines()[0][:200]}"]}
+        return {"backend": name, "passed": False, "texts": 0, "mismatches": [f"cannot load: {str(exc).splitlines()[0][:200]}"]}
     if len(backend) != len(hf) or backend.unk_token_id != hf.unk_token_id:
         mismatches.append(f"vocabulary {len(backend)} vs {len(hf)}, unk {backend.unk_token_id} vs {hf.unk_token_id}")
     ours = {i: (t.content, t.special) for i, t in backend.added_tokens_decoder.items()}
@@ -135,4 +304,4 @@ def check(directory: Path, hf, texts: list[str], conversations: list[list[dict]]
                 got = f"error: {exc}"
             if got != hf.apply_chat_template(conversation, chat_template=chat_template, add_generation_prompt=True, tokenize=False):
                 mismatches.append(f"chat template on {len(conversation)} message(s)")
-    return {"passed": not mismatches, "texts": len(texts), "mismatches": mismatches[:5]}
+    return {"backend": name, "passed": not mismatches, "texts": len(texts), "mismatches": mismatches[:5]}

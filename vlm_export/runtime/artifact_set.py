@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
 from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
-from vlm_export.model.tokenizers_backend import CHECK_FILE
+from vlm_export.model.tokenizers_backend import proven
 from vlm_export.runtime.runners import backend_module
 from vlm_export.spec.graph_io import GraphRole
 from vlm_export.spec.layouts import graph_layout
@@ -28,11 +27,10 @@ def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
     # A saved fast tokenizer (tokenizer.json) is authoritative; GGUF-born ones also write a stray
     # tokenizer.model that the slow LLaMA tokenizer cannot read. Where the export proved the
     # `tokenizers` library alone equal to transformers on it, that is used (no transformers import).
+    if proven(directory):
+        return TokenizerSpec(kind="direct", path=str(directory))
     if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
         return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
-    proof = directory / CHECK_FILE
-    if proof.is_file() and json.loads(proof.read_text()).get("passed") is True:
-        return TokenizerSpec(kind="tokenizers", path=str(directory))
     return TokenizerSpec(kind="hf", path=str(directory))
 
 

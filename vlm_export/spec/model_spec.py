@@ -141,7 +141,7 @@ VICUNA_V1 = TemplateSpec(
 class TokenizerSpec:
     """Where the tokenizer comes from: sentencepiece file, HF tokenizer dir, or a GGUF file."""
 
-    kind: str  # sentencepiece | hf | tokenizers (a saved fast tokenizer without transformers) | gguf | bundled
+    kind: str  # sentencepiece | hf | direct (a saved tokenizer without transformers, model/tokenizers_backend.py) | gguf | bundled
     path: str | None = None
 
 

@@ -230,6 +230,19 @@ def test_each_qnn_and_cpu_stage_is_a_progress_line_and_scored_on_the_default_tok
         assert report["variants"][variant]["accuracy_vs_fp32"]["tokens"] == 64
 
 
+@qnn
+def test_diff_takes_the_static_graphs_and_the_qnn_variant_on_the_htp(built, tmp_path):
+    """`vlm-export diff fp32-static qnn`: the static graphs against PyTorch per graph (their K/V
+    buffers are array slices, which Polygraphy once refused as not contiguous) and the QNN variant
+    end to end on the emulated HTP."""
+    out, _, _ = built
+    result = vlm("diff", out / "fp32-static", out / "qnn", "--eval-tokens", "8", "--new-tokens", "2", "--out", tmp_path / "d")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "d" / "diff.json").read_text())
+    assert {"decoder_prefill", "decoder_decode"} <= set(report["graphs"])
+    assert report["end_to_end"]["qnn:qnn"]["tokens"] == 8 and report["end_to_end"]["qnn:qnn"]["greedy_prompts"] == 3
+
+
 def test_cpu_variants_ship_ort_models_and_a_partition_report(built):
     out, _, _ = built
     report = json.loads((out / "report.json").read_text())

@@ -44,7 +44,8 @@ class TorchGraphRunner(BaseRunner):
         outputs = self.module(*args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.inference_time = time.perf_counter() - started
-        return OrderedDict((t.name, o.float().numpy()) for t, o in zip(self.graph.outputs, outputs))
+        # contiguous: Polygraphy's comparator view()s them (a static decoder's present K/V are slices)
+        return OrderedDict((t.name, np.ascontiguousarray(o.float().numpy())) for t, o in zip(self.graph.outputs, outputs))
 
     def deactivate_impl(self):
         pass

@@ -182,7 +182,8 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
     if graph.wrapper == GraphRole.DECODER:
         from vlm_export.spec.layouts import graph_layout
 
-        return graph_layout(graph).example_inputs(graph, case, rng, sampler)
+        # contiguous: Polygraphy's runners view() the arrays (a static layout's K/V buffer slices are not)
+        return {k: np.ascontiguousarray(v) for k, v in graph_layout(graph).example_inputs(graph, case, rng, sampler).items()}
     feeds = {}
     for tensor in graph.inputs:
         shape = tuple(d if isinstance(d, int) else case[d] for d in tensor.shape)

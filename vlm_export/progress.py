@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -160,32 +160,39 @@ def step(text: str) -> None:
 
 
 @contextmanager
-def native_stderr_filtered() -> Iterator[None]:
-    """Run a call whose native code writes to file descriptor 2 directly; afterwards pass on what
-    it wrote except `NATIVE_NOISE` lines (kept at DEBUG level, so `--debug` still shows them)."""
+def native_stderr_filtered(stdout: bool = False) -> Iterator[None]:
+    """Run a call whose native code writes to file descriptor 2 (and 1 with `stdout`: the QNN SDK
+    prints its notice there, into a command's answer) directly; afterwards pass on what it wrote to
+    each except `NATIVE_NOISE` lines (kept at DEBUG level, so `--debug` still shows them)."""
     if _display:
         _display.pause()
-    sys.stderr.flush()
-    saved = os.dup(2)
+    streams = [(2, sys.stderr)] + ([(1, sys.stdout)] if stdout else [])
+    for _, stream in streams:
+        stream.flush()
+    saved = [os.dup(fd) for fd, _ in streams]
     try:
-        with tempfile.TemporaryFile(mode="w+b") as captured:
-            os.dup2(captured.fileno(), 2)
+        with ExitStack() as stack:
+            captured = [stack.enter_context(tempfile.TemporaryFile(mode="w+b")) for _ in streams]
+            for (fd, _), file in zip(streams, captured):
+                os.dup2(file.fileno(), fd)
             try:
                 yield
             finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                captured.seek(0)
-                _forward(captured.read().decode(errors="replace"))
+                for (fd, stream), file, original in zip(streams, captured, saved):
+                    stream.flush()
+                    os.dup2(original, fd)
+                    file.seek(0)
+                    _forward(file.read().decode(errors="replace"), stream)
     finally:
-        os.close(saved)
+        for original in saved:
+            os.close(original)
         if _display:
             _display.resume()
 
 
-def _forward(text: str) -> None:
+def _forward(text: str, stream) -> None:
     for line in text.splitlines():
         if NATIVE_NOISE.match(line):
             log.debug("native: %s", line)
         elif line.strip():
-            print(line, file=sys.stderr)
+            print(line, file=stream)

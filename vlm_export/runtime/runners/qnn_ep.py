@@ -79,7 +79,7 @@ def create_session(path: Path, soc: str, threads: int | None = None, context_fil
 
     options = session_options(soc, threads, context_file, embed_mode)
     try:
-        with native_stderr_filtered():  # the QNN SDK's "# LIBNATIVE: ..." notice on loading its backend
+        with native_stderr_filtered(stdout=True):  # the QNN SDK's " # LIBNATIVE: ..." notice on stdout
             return ort.InferenceSession(str(path), options)
     except Exception as exc:
         first = str(exc).splitlines()[0][:220]

@@ -279,3 +279,17 @@ def test_the_same_command_again_reuses_the_finished_build(built):
     other = vlm("build", "tiny", "--target", "cpu", "--graphs", root / "graphs", "--out", root / "cpu", "--vision", "fp32")
     assert other.returncode == 2 and "already holds a finished build of other inputs (" in other.stderr
     assert "(int8 and int4: without 'vision: dynamic int8')" in other.stderr  # names what --vision fp32 changed
+
+
+def test_every_graph_declares_the_inputs_its_manifest_records(built):
+    """What a graph declares is its contract with the runtime: a shape-inference pass once rewrote
+    the inplace decoder's scalar `total_sequence_length` as shape [1] (the diff's localiser then
+    failed on it)."""
+    root, _ = built
+    for folder in [root / "graphs", *(root / "cpu" / v for v in ("fp32", "int8", "int4"))]:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for record in manifest["graphs"]:
+            model = onnx.load(str(folder / record["file"]), load_external_data=False)
+            declared = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+            for tensor in record["inputs"]:
+                assert declared[tensor["name"]] == list(tensor["shape"]), (folder.name, record["file"], tensor["name"])

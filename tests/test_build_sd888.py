@@ -229,6 +229,10 @@ def test_each_qnn_and_cpu_stage_is_a_progress_line_and_scored_on_the_default_tok
     for variant in ("qnn", "cpu-int8", "cpu-int4"):
         assert f"start  measuring {variant} against fp32 (64 eval tokens" in stderr
         assert report["variants"][variant]["accuracy_vs_fp32"]["tokens"] == 64
+        assert report["variants"][variant]["quality_budget"] is None  # seeded-random LLM: measured, not judged
+    markdown = (out / "report.md").read_text()
+    assert "- qnn, cpu-int8, cpu-int4: measured, not judged against a budget (seeded-random LLM weights" in markdown
+    assert "ok (" not in markdown and "OVER" not in markdown
 
 
 @qnn

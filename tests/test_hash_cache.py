@@ -79,3 +79,22 @@ def test_a_forged_mtime_is_still_caught_after_a_link(artifact_dir, tmp_path):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(VlmExportError, match="does not match its manifest checksum"):
         verify(artifact_dir)
+
+
+def test_an_artifact_set_is_readable_as_the_umask_allows(tmp_path):
+    """onnx writes external data with mode 0600; a finished set's files get the umask's read bits."""
+    import os
+
+    from vlm_export.artifacts import write_manifest
+
+    data, script = tmp_path / "decoder.onnx.data", tmp_path / "lib.so"
+    data.write_bytes(b"weights")
+    data.chmod(0o600)
+    script.write_bytes(b"\x7fELF")
+    script.chmod(0o755)
+    mask = os.umask(0o022)
+    try:
+        write_manifest(tmp_path, {"kind": "test"})
+    finally:
+        os.umask(mask)
+    assert data.stat().st_mode & 0o777 == 0o644 and script.stat().st_mode & 0o777 == 0o755

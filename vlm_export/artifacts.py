@@ -154,7 +154,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _as_umask_allows(directory: Path) -> None:
+    """Give every file of an artifact set the read/write bits this process's umask allows: onnx 1.23
+    writes external data (`.onnx.data`) with mode 0600, which another user deploying the set (a
+    service account on a Jetson, adb on a phone) cannot read, while every other file is 0644."""
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o666 & ~mask
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & wanted) != wanted:
+            path.chmod(path.stat().st_mode | wanted)
+
+
 def write_manifest(directory: Path, manifest: dict) -> dict:
+    _as_umask_allows(directory)  # before the file records: a mode change moves the ctime they are keyed by
     manifest = {**manifest, "files": file_records(directory)}
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest

@@ -45,7 +45,7 @@ class TorchGraphRunner(BaseRunner):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.inference_time = time.perf_counter() - started
         # contiguous: Polygraphy's comparator view()s them (a static decoder's present K/V are slices)
-        return OrderedDict((t.name, np.ascontiguousarray(o.float().numpy())) for t, o in zip(self.graph.outputs, outputs))
+        return OrderedDict((t.name, np.require(o.float().numpy(), requirements="C")) for t, o in zip(self.graph.outputs, outputs))
 
     def deactivate_impl(self):
         pass

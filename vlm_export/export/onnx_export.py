@@ -105,7 +105,12 @@ def optimize_and_save(raw: Path, final: Path) -> None:
     fold_and_clean(model)
     # onnx.shape_inference.infer_shapes_path's defaults, in memory: the initializers stay out of the
     # proto it serialises (on the saved file it took ~11 s of smol's export, reading and writing 1.7 GB)
+    # onnx_ir's pass also writes what it infers into the graph's inputs and outputs (a scalar input
+    # came back as shape [1]); infer_shapes_path leaves the declared ones alone, and so does this
+    declared = {v.name: (v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)}
     common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        value.shape, value.type = declared[value.name]
     model.producer_name = "vlm-export"
     external = final.name + ".data" if _initializer_bytes(model) > EXTERNAL_DATA_BYTES else None
     ir.save(model, final, external_data=external)

@@ -32,7 +32,8 @@ def check_eval_tokens(given: int | None) -> None:
     Raises VlmExportError below 2 (a KL needs a context position and a scored one)."""
     if given is not None and given < 2:
         raise VlmExportError(f"--eval-tokens {given} is too few to score",
-                             f"pass --eval-tokens 2 or more (default {EVAL_TOKENS['trained']})")
+                             f"pass --eval-tokens 2 or more, or leave it out (default {EVAL_TOKENS['trained']} for a trained "
+                             f"LLM, {EVAL_TOKENS['random']} for seeded-random weights)")
 
 
 def random_llm(model: dict) -> bool:

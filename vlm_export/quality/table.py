@@ -20,6 +20,12 @@ def verdict(accuracy: dict | None, budget: str | None) -> Verdict | None:
     return BUDGETS[budget].verdict(Quality.from_dict(accuracy))
 
 
+def judged_budget(record: dict, budget: str | None) -> str | None:
+    """`budget` where the build judged the variant `record` against it (its `quality_budget` is set),
+    else None: seeded-random LLM weights are measured, never judged, in every target's table."""
+    return budget if record.get("quality_budget") else None
+
+
 def cells(accuracy: dict | None, budget: str | None, missing: str = "-") -> list[str]:
     """The HEADER cells for one variant's `accuracy_vs_fp32` record."""
     if not has_quality(accuracy):

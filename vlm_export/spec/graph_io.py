@@ -183,7 +183,8 @@ def make_inputs(graph: GraphSpec, case: dict, rng: np.random.Generator, sampler)
         from vlm_export.spec.layouts import graph_layout
 
         # contiguous: Polygraphy's runners view() the arrays (a static layout's K/V buffer slices are not)
-        return {k: np.ascontiguousarray(v) for k, v in graph_layout(graph).example_inputs(graph, case, rng, sampler).items()}
+        # (np.require keeps 0-d scalars 0-d; ascontiguousarray would make them 1-d)
+        return {k: np.require(v, requirements="C") for k, v in graph_layout(graph).example_inputs(graph, case, rng, sampler).items()}
     feeds = {}
     for tensor in graph.inputs:
         shape = tuple(d if isinstance(d, int) else case[d] for d in tensor.shape)

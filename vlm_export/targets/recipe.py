@@ -85,6 +85,11 @@ def budget_lines(recipes: dict[str, Recipe], records: dict[str, dict]) -> list[s
     lines = [f"- {name}: {r['quality_budget']['line']}" + (
              f" -- why: {recipes[name].over_budget_why}" if not r["quality_budget"]["passed"] and recipes[name].over_budget_why else "")
              for name, r in records.items() if name in recipes and r.get("quality_budget")]
+    unjudged = [name for name, r in records.items() if name in recipes and recipes[name].budget
+                and r.get("accuracy_vs_fp32") and not r.get("quality_budget")]
+    if unjudged:
+        lines.append(f"- {', '.join(unjudged)}: measured, not judged against a budget (seeded-random LLM weights: "
+                     "their quality numbers only show that the path runs)")
     best = recommended(recipes, records)
     return lines + ([f"Recommended: {best} (the lowest-precision variant within its quality budget)."] if best else [])
 

@@ -359,7 +359,7 @@ def attention_kind(manifest: dict) -> str:
 def report_markdown(report: dict) -> str:
     """The variants table (size, matmul format, KV cache, quality columns and budget verdict against
     fp32, vision cosine), then one verdict line per quantized variant and where its weights came from."""
-    from vlm_export.quality.table import HEADER, cells, note
+    from vlm_export.quality.table import HEADER, cells, judged_budget, note
 
     head = ["variant", "size MB", "assembly s", "matmuls", "KV cache", *HEADER, "vision cosine"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -367,7 +367,7 @@ def report_markdown(report: dict) -> str:
         acc, vision = v.get("accuracy_vs_fp32"), v.get("vision_vs_fp32")
         kv = v.get("kv_cache", "fp32") + (" (int8 missed the budget)" if v.get("kv_int8_rejected") else "")
         row = [name, f"{v['bytes'] / 1e6:.0f}", str(v["seconds"]), v.get("matmuls", "-"), kv,
-               *cells(acc, RECIPES[name].budget, missing="baseline" if acc is None else "-"),
+               *cells(acc, judged_budget(v, RECIPES[name].budget), missing="baseline" if acc is None else "-"),
                f"{vision['cosine_min']:.5f}" if vision else "baseline"]
         lines.append("| " + " | ".join(row) + " |")
     variants = report["variants"].items()

@@ -22,7 +22,7 @@ from vlm_export.artifacts import MANIFEST, verify, write_json_atomic, write_mani
 from vlm_export.errors import VlmExportError
 from vlm_export.progress import stage, step
 from vlm_export.quality import table
-from vlm_export.quality.eval_set import eval_tokens_for
+from vlm_export.quality.eval_set import eval_tokens_for, random_llm
 from vlm_export.spec.graph_io import GraphRole, Layout
 from vlm_export.spec.layouts import graph_layout
 from vlm_export.targets.build_loop import build_stages
@@ -240,8 +240,8 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
         with stage(f"measuring {precision} against fp32 in ONNX Runtime"):
             record["accuracy_vs_fp32"] = accuracy_vs_fp32(graphs, out, eval_tokens_for(profile.eval_tokens, manifest["model"]))
         record["measured_on"] = SIMULATED
-        judged = table.verdict(record["accuracy_vs_fp32"], recipe.budget)
-        record["quality_budget"] = judged.to_dict() if judged else None
+        judged = None if random_llm(manifest["model"]) else table.verdict(record["accuracy_vs_fp32"], recipe.budget)
+        record["quality_budget"] = judged.to_dict() if judged else None  # seeded-random weights: measured, not judged
     return record
 
 
@@ -274,7 +274,7 @@ def report_markdown(report: dict) -> str:
              "| variant | size MB | TensorRT parser check | engines | quality measured on | " + " | ".join(table.HEADER) + " |",
              "|---|---|---|---|---|" + "---|" * len(table.HEADER)]
     for name, v in report["variants"].items():
-        cells = table.cells(v.get("accuracy_vs_fp32"), RECIPES[name].budget)
+        cells = table.cells(v.get("accuracy_vs_fp32"), table.judged_budget(v, RECIPES[name].budget))
         checks = "ok" if all(s == "ok" for s in v["static_check"].values()) else "FAIL"
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {checks} | {', '.join(v['engines_built']) or 'not built'} | "
                      f"{v.get('measured_on', '-')} | " + " | ".join(cells) + " |")

@@ -35,7 +35,7 @@ def build_cpu_variant(graphs: Path, out: Path, recipe, profile) -> dict:
     """`graphs`: the fp32 inplace set (fp32-inplace/), the variant's source and accuracy reference;
     `recipe` (targets/recipe.py): its precision picks the decoder's weight format."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32
-    from vlm_export.quality.eval_set import eval_tokens_for
+    from vlm_export.quality.eval_set import eval_tokens_for, random_llm
     from vlm_export.quantize.calibration import calibration_set, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
 
@@ -61,7 +61,7 @@ def build_cpu_variant(graphs: Path, out: Path, recipe, profile) -> dict:
     tokens = eval_tokens_for(profile.eval_tokens, manifest["model"])
     with stage(f"measuring {name} against fp32 ({tokens} eval tokens)"):
         accuracy = accuracy_vs_fp32(graphs, out, tokens)
-    judged = table.verdict(accuracy, recipe.budget)
+    judged = None if random_llm(manifest["model"]) else table.verdict(accuracy, recipe.budget)  # random weights: not judged
     return {"graphs": built["rewrites"], "mobile": mobile,
             "xnnpack": {g["graph"]: f"{g['xnnpack_nodes']}/{g['nodes']} nodes" for g in partition["graphs"]},
             "vision_accuracy_vs_fp32": _vision_accuracy(graphs, out, vision_file, held_out),

@@ -113,7 +113,7 @@ def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
     the NPU; any layout when only the vision graph does); `recipe` (targets/recipe.py): its passes
     name the graphs that go onto the HTP."""
     from vlm_export.diff.end_to_end import EVAL_DIR, accuracy_vs_fp32, eval_requests
-    from vlm_export.quality.eval_set import eval_tokens_for
+    from vlm_export.quality.eval_set import eval_tokens_for, random_llm
     from vlm_export.quantize.calibration import calibration_requests, calibration_set, recorded_samples, vision_samples
     from vlm_export.runtime.artifact_set import ArtifactSet
 
@@ -148,6 +148,6 @@ def build_qnn_variant(static: Path, out: Path, recipe, profile) -> dict:
             accuracy = {**accuracy_vs_fp32(static, simulation, tokens), "measured_on": SIMULATED}
     finally:
         remove_tree(simulation)
-    judged = table.verdict(accuracy, recipe.budget)
+    judged = None if random_llm(manifest["model"]) else table.verdict(accuracy, recipe.budget)  # random weights: not judged
     return {"graphs": built["rewrites"], "on_cpu": on_cpu, "soc": profile.soc,
             "accuracy_vs_fp32": accuracy, "quality_budget": judged.to_dict() if judged else None}

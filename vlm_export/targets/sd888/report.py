@@ -34,7 +34,7 @@ def phone_fit(report: dict, model: dict, context: int) -> dict:
 
 def _accuracy_cells(name: str, record: dict) -> list[str]:
     """The quality columns against the budget the variant's recipe names (shown, never failing the build)."""
-    return table.cells(record.get("accuracy_vs_fp32"), RECIPES[name].budget)
+    return table.cells(record.get("accuracy_vs_fp32"), table.judged_budget(record, RECIPES[name].budget))
 
 
 def _placement(name: str, record: dict) -> str:

@@ -29,6 +29,7 @@ def test_interrupt_then_resume(tmp_path):
     resumed = subprocess.run(vlm("export", "tiny", "--out", str(out)), capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "vision.onnx" in resumed.stdout and "cached" in resumed.stdout.split("vision.onnx")[1].splitlines()[0]
+    assert "  cached vision.onnx (unchanged inputs" in resumed.stderr  # the progress lines say so as it happens
     verified = subprocess.run(vlm("verify", str(out)), capture_output=True, text=True, check=False)
     files = json.loads((out / "manifest.json").read_text())["files"]
     assert verified.returncode == 0, verified.stderr

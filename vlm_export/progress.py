@@ -53,6 +53,9 @@ class _Lines:
     def changed(self, stages: list[_Stage]) -> None:
         pass  # a step is transient: a log keeps only stage boundaries
 
+    def noted(self, stages: list[_Stage], text: str) -> None:
+        self._write(f"{'  ' * len(stages)}{text}")
+
     def pause(self) -> None:
         pass
 
@@ -95,6 +98,9 @@ class _Terminal:
 
     def changed(self, stages: list[_Stage]) -> None:
         self._stages = stages
+
+    def noted(self, stages: list[_Stage], text: str) -> None:
+        self._live.console.print(f"{'  ' * len(stages)}{text}", highlight=False, markup=False)
 
     def ended(self, stages: list[_Stage], finished: _Stage, seconds: float, ok: bool) -> None:
         self._stages = stages
@@ -149,6 +155,12 @@ def stage(name: str) -> Iterator[None]:
             if not _stages:
                 _display.close()
                 _display = None
+
+
+def note(text: str) -> None:
+    """A line kept in the output, terminal or log, inside the current stage (e.g. a stage reused)."""
+    if _display:
+        _display.noted(list(_stages), text)
 
 
 def step(text: str) -> None:

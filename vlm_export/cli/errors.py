@@ -20,7 +20,7 @@ RESUMING = {"export", "build", "bench", "diff"}
 
 def _interrupted(command) -> str:
     if command.__name__ in RESUMING:
-        return "error: interrupted; nothing was finished -- fix: re-run the same command to resume"
+        return "error: interrupted; nothing was written in place -- fix: re-run the same command to resume from the stages that finished"
     return "error: interrupted -- fix: re-run the command"
 
 

@@ -24,7 +24,7 @@ from vlm_export.model.load import load_reference
 from vlm_export.model.mobilevlm import MobileVLMForCausalLM
 from vlm_export.model.preprocess import preprocessing_record
 from vlm_export.model.tokenizer import load_tokenizer
-from vlm_export.progress import native_stderr_filtered, stage, step
+from vlm_export.progress import native_stderr_filtered, note, stage, step
 from vlm_export.spec import ModelSpec
 from vlm_export.spec.graph_io import ExportOptions, GraphRole, GraphSpec, graphs_for, make_inputs
 from vlm_export.spec.layouts import layout_of
@@ -207,7 +207,7 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
             key = stage_key(base_key, graph.to_dict())
             record = staging.cached(graph.name, key)
             if record is not None:
-                step(f"{graph.file}: unchanged inputs, reusing the finished stage")
+                note(f"cached {graph.file} (unchanged inputs: the interrupted run's finished stage)")
                 records.append({**record, "cached": True})
                 continue
             record = _reuse(earlier.get(graph.file), graph, Path(reuse or "."), staging.path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlm_export.artifacts import MANIFEST, atomic_directory, stage_key, verify, write_json_atomic
 from vlm_export.errors import VlmExportError
-from vlm_export.progress import stage, step
+from vlm_export.progress import note, stage
 from vlm_export.targets.recipe import Recipe
 
 
@@ -48,7 +48,7 @@ def build_stages(manifest: dict, out: Path, force: bool, stages: list[Recipe], r
             stage_id = keys[recipe.name]
             record = staging.cached(recipe.name, stage_id)
             if record is not None:
-                step(f"{recipe.name}: unchanged inputs, reusing the finished stage")
+                note(f"cached {recipe.name} (unchanged inputs: the interrupted run's finished stage)")
             else:
                 shutil.rmtree(staging.path / recipe.name, ignore_errors=True)  # leftovers of an interrupted attempt
                 with stage(f"building {recipe.name}"):

@@ -157,3 +157,34 @@ def test_palette_with_byte_transparency_converts_quietly(tmp_path):
 def test_a_directory_given_as_image_is_named_so(tmp_path):
     with pytest.raises(VlmExportError, match="is a directory"):
         load_image(tmp_path)
+
+
+@pytest.mark.parametrize("size", [336, 224, 30])
+def test_clip_pixels_equal_transformers_clip_image_processor(size, photo):
+    """`clip_pixels` replays CLIPImageProcessor without importing transformers: bit for bit on a
+    photo and on random images of square, elongated, tiny and odd sizes."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import ChannelDimension
+
+    rng = np.random.default_rng(size)
+    images = [load_image(photo)] + [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                                     for w, h in [(1, 1), (1, 7), (336, 336), (337, 336), (335, 900), (1000, 3), (500, 333)]]
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                   image_mean=list(preprocess.CLIP_MEAN), image_std=list(preprocess.CLIP_STD))
+    for image in images:
+        expected = processor(images=np.asarray(image, dtype=np.uint8), return_tensors="np",
+                             input_data_format=ChannelDimension.LAST)["pixel_values"].astype(np.float32)
+        np.testing.assert_array_equal(preprocess.clip_pixels(image, size), expected, err_msg=str(image.size))
+
+
+def test_a_question_with_an_image_imports_no_transformers(tiny_graphs, photo):
+    import subprocess
+    import sys
+
+    code = ("import sys; from vlm_export.runtime.artifact_set import ArtifactSet; "
+            "from vlm_export.runtime.generation import Generator, Request; from vlm_export.runtime.sampling import SamplingParams; "
+            f"g = Generator(ArtifactSet.open({str(tiny_graphs)!r}), 'ort'); "
+            f"g.generate([Request.ask('What is in the image?', {str(photo)!r})], SamplingParams(max_new_tokens=2)); "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "False", result.stderr[-2000:]

@@ -3,6 +3,7 @@
     Image.open(path) -> EXIF orientation applied -> .convert("RGB")
     image_aspect_ratio "pad": pad to a square with the CLIP mean colour (122, 116, 104)   (expand2square)
     -> CLIPImageProcessor: resize shortest edge to 336 (bicubic) -> centre crop 336 -> /255 -> CLIP mean/std
+       (replayed step for step by `clip_pixels`, bit for bit, without importing transformers)
     any other value ("square", or no key in config.json): the processor alone (no padding)
 
 The official pipeline is `mobilevlm/utils.py: process_images` with images opened by
@@ -154,23 +155,32 @@ def preprocess_image(image: Image.Image, vision: VisionSpec, aspect: str = "pad"
     resizes the shortest edge and centre-crops). Raises VlmExportError for an image that cannot
     be converted or is too elongated to process.
     """
-    from transformers import CLIPImageProcessor
-    from transformers.image_utils import ChannelDimension
-
     image = to_rgb(image, alpha)
     size = vision.image_size
     if aspect == "pad":
         image = expand_to_square(image)
     elif size * int(size * max(image.size) / min(image.size)) > DIRECT_CROP_PIXELS:
         image = _resized_centre_crop(image, size)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3): the channel axis is stated, not guessed
-    return processor(images=pixels, return_tensors="np", input_data_format=ChannelDimension.LAST)["pixel_values"].astype(np.float32)
+    return clip_pixels(image, size)
+
+
+def clip_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB PIL image -> float32 (1, 3, size, size): what transformers 4.57's `CLIPImageProcessor`
+    (shortest edge `size`, crop `size` x `size`, CLIP mean/std) returns for it, step for step
+    without importing transformers (~1 s of a `run` with an image): `get_resize_output_image_size`,
+    `image_transforms.resize` (Pillow's bicubic on the uint8 pixels), `center_crop`, `rescale`
+    (float64 x 1/255, then float32) and `normalize` (float32, channels last), then channels first.
+    tests/test_image_edges.py holds it to the processor pixel for pixel."""
+    width, height = image.size
+    short, long_ = (width, height) if width <= height else (height, width)
+    new_long = int(size * long_ / short)
+    new_width, new_height = (size, new_long) if width <= height else (new_long, size)
+    pixels = np.array(image.resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.uint8)
+    top, left = (new_height - size) // 2, (new_width - size) // 2  # the shortest edge is `size`: no padding
+    pixels = pixels[top:top + size, left:left + size]
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    normalized = (scaled - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return np.ascontiguousarray(normalized.transpose(2, 0, 1))[None]
 
 
 def model_pixels(image: str | Path | Image.Image, spec: ModelSpec) -> np.ndarray:

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from vlm_export.model.tokenizer import load_tokenizer
+from vlm_export.model.tokenizer import load_tokenizer, tokenizer_spec_in
 from vlm_export.runtime import image_encoder
-from vlm_export.runtime.artifact_set import ArtifactSet, tokenizer_spec_in
+from vlm_export.runtime.artifact_set import ArtifactSet
 from vlm_export.runtime.generation import Generator
 from vlm_export.runtime.image_encoder import ImageEncoder, cached_images, image_embeds
 

@@ -135,13 +135,12 @@ def test_smol_runs_its_tokenizer_without_transformers(smol_dynamic, tmp_path):
     from transformers import AutoTokenizer
 
     from vlm_export.model.prompt import render_prompt
-    from vlm_export.model.tokenizer import TextTokenizer
+    from vlm_export.model.tokenizer import TextTokenizer, tokenizer_spec_in
     from vlm_export.model.tokenizers_backend import CHECK_FILE, TokenizersBackend, check
-    from vlm_export.runtime.artifact_set import tokenizer_spec_in
 
     folder = smol_dynamic / "tokenizer"
     assert json.loads((folder / CHECK_FILE).read_text())["passed"]
-    assert tokenizer_spec_in(folder).kind == "tokenizers"
+    assert tokenizer_spec_in(folder).kind == "direct"
     spec = ArtifactSet.open(smol_dynamic, check_hashes=False).spec
     ours, theirs = TextTokenizer(TokenizersBackend(folder)), TextTokenizer(AutoTokenizer.from_pretrained(str(folder)))
     for request in (Request.ask("What is in the image?", "photo.jpg"), Request.ask("Hi <|im_end|> there </s>"),

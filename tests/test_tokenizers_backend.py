@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from vlm_export.model.tokenizer import tokenizer_spec_in
 from vlm_export.model.tokenizers_backend import CHECK_FILE, SentencePieceBackend, check, proven
-from vlm_export.runtime.artifact_set import tokenizer_spec_in
 
 PIECES = [*string.ascii_letters, *string.digits, *"  \t\n.,!?'\"<>/", "<s>", "</s>", "<unk>", "é", "日本", "🙂",
           "\u0301", "\u2581", "  ", "\n\n", "<0x0A>"]

@@ -130,9 +130,9 @@ def _prove_tokenizers_backend(spec: ModelSpec, directory: Path) -> dict:
     the tokenizer graph's check texts, a page of the eval prose, the template's control strings and
     chat renderings; the result is written into the folder (CHECK_FILE), which the runtime reads."""
     from vlm_export.export.tokenizer_graph import CHECK_TEXTS
+    from vlm_export.model.tokenizer import tokenizer_spec_in
     from vlm_export.model.tokenizers_backend import CHECK_FILE, check
     from vlm_export.quality.eval_set import prose
-    from vlm_export.runtime.artifact_set import tokenizer_spec_in
 
     (directory / CHECK_FILE).unlink(missing_ok=True)  # an interrupted export's: prove again
     hf = load_tokenizer(tokenizer_spec_in(directory)).hf  # what the runtime loads from this folder otherwise

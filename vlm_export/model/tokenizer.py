@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError
+from vlm_export.model.tokenizers_backend import proven
 from vlm_export.spec.model_spec import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,18 @@ def _parsed_gguf():
         yield
     finally:
         gguf.GGUFReader = original
+
+
+def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
+    """How the runtime loads the tokenizer an export saved in `directory` (its `tokenizer/` folder)."""
+    # A saved fast tokenizer (tokenizer.json) is authoritative; GGUF-born ones also write a stray
+    # tokenizer.model that the slow LLaMA tokenizer cannot read. Where the export proved a backend
+    # without transformers equal to it on this folder, that one is used (tokenizers_backend.py).
+    if proven(directory):
+        return TokenizerSpec(kind="direct", path=str(directory))
+    if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
+        return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
+    return TokenizerSpec(kind="hf", path=str(directory))
 
 
 def load_tokenizer(spec: TokenizerSpec) -> TextTokenizer:

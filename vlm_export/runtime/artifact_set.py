@@ -9,29 +9,17 @@ import numpy as np
 
 from vlm_export.artifacts import TOKENIZER_DIR, verify
 from vlm_export.errors import VlmExportError
-from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer
-from vlm_export.model.tokenizers_backend import proven
+from vlm_export.model.tokenizer import TextTokenizer, load_tokenizer, tokenizer_spec_in
 from vlm_export.runtime.runners import backend_module
 from vlm_export.spec.graph_io import GraphRole
 from vlm_export.spec.layouts import graph_layout
-from vlm_export.spec.model_spec import ModelSpec, TokenizerSpec, spec_from_dict
+from vlm_export.spec.model_spec import ModelSpec, spec_from_dict
 
 
 def kv_dtype(decoder: dict) -> np.dtype:
     """The type a decoder record's K/V cache is kept in (int8 for an int8 cache), else its float type."""
     return np.dtype(next((t["dtype"] for t in decoder["inputs"] if t["name"].startswith("past_key_values.")),
                          decoder["inputs"][0]["dtype"]))
-
-
-def tokenizer_spec_in(directory: Path) -> TokenizerSpec:
-    # A saved fast tokenizer (tokenizer.json) is authoritative; GGUF-born ones also write a stray
-    # tokenizer.model that the slow LLaMA tokenizer cannot read. Where the export proved the
-    # `tokenizers` library alone equal to transformers on it, that is used (no transformers import).
-    if proven(directory):
-        return TokenizerSpec(kind="direct", path=str(directory))
-    if (directory / "tokenizer.model").is_file() and not (directory / "tokenizer.json").is_file():
-        return TokenizerSpec(kind="sentencepiece", path=str(directory / "tokenizer.model"))
-    return TokenizerSpec(kind="hf", path=str(directory))
 
 
 @dataclass

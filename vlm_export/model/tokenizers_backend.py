@@ -41,6 +41,20 @@ def _content(token) -> str:
     return token["content"] if isinstance(token, dict) else str(token)
 
 
+def _special_tokens(directory: Path, config: dict | None = None) -> tuple[dict[str, str], list[str]]:
+    """A saved tokenizer's special tokens as transformers' `special_tokens_map` holds them: the named
+    ones (`bos_token`, ...: special_tokens_map.json over tokenizer_config.json's) and the additional ones."""
+    mapping = directory / "special_tokens_map.json"
+    saved = {**{k: v for k, v in (config or {}).items() if k in SPECIAL_TOKENS or k == "additional_special_tokens"},
+             **(json.loads(mapping.read_text()) if mapping.is_file() else {})}
+    named = {k: _content(saved[k]) for k in SPECIAL_TOKENS if saved.get(k) is not None}
+    return named, [_content(t) for t in saved.get("additional_special_tokens") or []]
+
+
+def _template_variables(named: dict[str, str], additional: list[str]) -> dict:
+    return {**named, **({"additional_special_tokens": additional} if additional else {})}
+
+
 class TokenizersBackend:
     """`directory`: a fast tokenizer saved by transformers' `save_pretrained` (tokenizer.json,
     special_tokens_map.json). Raises OSError/ValueError when tokenizer.json cannot be read."""
@@ -52,12 +66,9 @@ class TokenizersBackend:
         self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self._tokenizer.no_truncation()  # transformers sets both per call; without arguments: none
         self._tokenizer.no_padding()
-        mapping = directory / "special_tokens_map.json"
-        saved = json.loads(mapping.read_text()) if mapping.is_file() else {}
-        self.special_tokens_map = {k: _content(saved[k]) for k in SPECIAL_TOKENS if saved.get(k) is not None}
-        if saved.get("additional_special_tokens"):
-            self.special_tokens_map["additional_special_tokens"] = [_content(t) for t in saved["additional_special_tokens"]]
-        unk = self.special_tokens_map.get("unk_token")
+        named, additional = _special_tokens(directory)
+        self.special_tokens_map = _template_variables(named, additional)
+        unk = named.get("unk_token")
         self.unk_token_id = self._tokenizer.token_to_id(unk) if unk is not None else None
 
     def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
@@ -113,15 +124,12 @@ class SentencePieceBackend:
         self.added_tokens_decoder = {int(i): _AddedToken(**{k: t[k] for k in ("content", "special", "lstrip", "rstrip", "single_word") if k in t})
                                      for i, t in config.get("added_tokens_decoder", {}).items()}
         self._added = {t.content: i for i, t in self.added_tokens_decoder.items()}
-        mapping = directory / "special_tokens_map.json"
-        saved = {**{k: config[k] for k in SPECIAL_TOKENS if config.get(k) is not None},
-                 **(json.loads(mapping.read_text()) if mapping.is_file() else {})}
-        self.special_tokens_map = {k: _content(saved[k]) for k in SPECIAL_TOKENS if saved.get(k) is not None}
-        additional = [_content(t) for t in saved.get("additional_special_tokens") or []]
-        self._all_special = [*self.special_tokens_map.values(), *additional]
+        named, additional = _special_tokens(directory, config)
+        self.special_tokens_map = _template_variables(named, additional)
+        self._all_special = [*named.values(), *additional]
         self._all_special_ids = {self._token_id(t) for t in self._all_special}
         self._legacy_added = (set(self._added) - set(self._all_special)) | {t for t in additional if self._token_id(t) >= self._sp.get_piece_size()}
-        self.unk_token_id = self._token_id(self.special_tokens_map["unk_token"]) if "unk_token" in self.special_tokens_map else None
+        self.unk_token_id = self._token_id(named["unk_token"]) if "unk_token" in named else None
         pieces = {self._token(i) for i in range(self._sp.get_piece_size())}
         self._length = len(pieces | set(self._added))
         names = sorted(self._added, key=len, reverse=True)  # leftmost-longest, as transformers' Trie.split

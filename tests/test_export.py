@@ -233,22 +233,39 @@ def test_folding_gives_optimize_irs_graphs(spec, reference, layout, tmp_path):
 
 
 def test_inline_weights_folds_external_data_back_under_the_limit(tmp_path, monkeypatch):
+    """The streamed fold (no whole proto in memory) parses to exactly the ModelProto that onnx.load
+    gives with the external data, inline and external initializers mixed, several dtypes."""
     from onnx import TensorProto, helper, numpy_helper
 
     from vlm_export.export import onnx_export
 
-    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    weight = np.arange(300, dtype=np.float32).reshape(3, 100)
+    tensors = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.arange(2, dtype=np.int64), "shape"),
+               numpy_helper.from_array(np.linspace(-1, 1, 4000, dtype=np.float16).reshape(1, 4000), "big"),
+               numpy_helper.from_array(np.float32(2.5), "scalar")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Mul", ["y", "scalar"], ["z"]),
+                               helper.make_node("Shape", ["big"], ["s"]), helper.make_node("Add", ["s", "shape"], ["t"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(weight, "w")])
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 100]),
+                               helper.make_tensor_value_info("t", TensorProto.INT64, [2])], tensors)
     for folder, limit in (("small", onnx_export.TWO_GB), ("large", 16)):
         path = tmp_path / folder / "g.onnx"
         path.parent.mkdir()
-        onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+        onnx.save_model(helper.make_model(graph, producer_name="vlm-export"), str(path), save_as_external_data=True,
+                        location="g.onnx.data", size_threshold=1024)  # the two small ones stay inline
+        expected = onnx.load(str(path))
+        for tensor in expected.graph.initializer:  # onnx.load sets the location field to DEFAULT; the fold leaves it unset
+            tensor.ClearField("data_location")
+        assert [t.data_location for t in onnx.load(str(path), load_external_data=False).graph.initializer] == [1, 0, 1, 0]
         monkeypatch.setattr(onnx_export, "TWO_GB", limit)
         onnx_export.inline_weights(path)
         assert sorted(p.name for p in path.parent.iterdir()) == (["g.onnx"] if folder == "small" else ["g.onnx", "g.onnx.data"])
-        np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), weight)
+        folded = onnx.load(str(path))
+        np.testing.assert_array_equal(numpy_helper.to_array(folded.graph.initializer[0]), weight)
+        if folder == "small":
+            assert all(t.data_location == TensorProto.DEFAULT and not t.external_data for t in folded.graph.initializer)
+            assert folded == expected  # every field, every byte of every tensor
+            onnx.checker.check_model(folded, full_check=True)
 
 
 @pytest.mark.parametrize("layout", ["dynamic", "inplace"])

@@ -66,6 +66,28 @@ def test_greedy_and_budget_verdict():
     assert {"npu-int8", "gpu-int8", "gpu-int4", "gpu-fp16"} <= set(BUDGETS)
 
 
+def test_blockwise_scores_equal_a_direct_float64_computation():
+    """The accumulator's blocked, scratch-reusing arithmetic (metrics.position_scores) gives what the
+    textbook float64 log-softmax gives, across block edges, call sizes and vocabularies."""
+    from vlm_export.quality.metrics import ROWS_PER_BLOCK, log_softmax
+
+    rng = np.random.default_rng(1)
+    acc, expected = Accumulator(), []
+    for rows, vocab in ((ROWS_PER_BLOCK * 2 + 5, 300), (3, 300), (ROWS_PER_BLOCK, 40)):
+        reference = (rng.normal(size=(rows, vocab)) * 4 + 7).astype(np.float32)  # an offset: lse far from 0
+        candidate = (reference + rng.normal(size=reference.shape) * 0.3).astype(np.float32)
+        targets = rng.integers(0, vocab, rows)
+        ref, cand = log_softmax(reference), log_softmax(candidate)
+        expected.append(((np.exp(ref) * (ref - cand)).sum(-1), -ref[np.arange(rows), targets],
+                         -cand[np.arange(rows), targets], ref.argmax(-1) == cand.argmax(-1)))
+        acc.add(reference, candidate, targets)
+    kl, nll_ref, nll, same = (np.concatenate(parts) for parts in zip(*expected))
+    np.testing.assert_allclose(np.concatenate(acc.kl), kl, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate(acc.nll_reference), nll_ref, rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate(acc.nll), nll, rtol=1e-12)
+    assert np.array_equal(np.concatenate(acc.same_top1), same) and kl.min() > 1e-4  # the candidate does differ
+
+
 # -- the eval set ---------------------------------------------------------------------------------
 def test_chunks_score_the_second_half_of_each_chunk():
     plan = chunks(available=100, n_ctx=16, tokens=20)
@@ -133,6 +155,12 @@ def test_all_positions_copy_matches_one_token_per_call(inplace, external, tmp_pa
         assert generator.runners["decoder"].is_active and np.array_equal(again, stepped[:3])
     assert prefill.shape == (10, stepped.shape[1]) and rest.shape == (14, stepped.shape[1])
     np.testing.assert_allclose(np.concatenate([prefill, rest]), stepped, atol=1e-4)
+    with Generator(ArtifactSet.open(inplace), "ort") as generator, logits_runner(generator) as runner:
+        kv = generator.new_cache(1, 24)  # the copy computes the lm_head on the rows asked for only
+        last = generator.forward(embeds[None, :10], kv, np.arange(10)[None], runner, rows=1)[0]
+        tail = generator.forward(embeds[None, 10:], kv, np.arange(10, 24)[None], runner, rows=4)[0]
+    assert last.shape == (1, stepped.shape[1]) and tail.shape == (4, stepped.shape[1])
+    np.testing.assert_allclose(np.concatenate([last, tail]), stepped[[9, 20, 21, 22, 23]], atol=1e-4)
     assert sorted(p.name for p in inplace.iterdir()) == before  # nothing written beside the artifacts
 
 
@@ -191,6 +219,29 @@ def test_float_caches_are_scored_in_larger_calls_with_the_same_values(inplace, t
     float_side, int8_side = SimpleNamespace(kv_dtype=np.dtype(np.float32)), SimpleNamespace(kv_dtype=np.dtype(np.int8))
     assert call_tokens_for(float_side, float_side) == FLOAT_CACHE_CALL_TOKENS
     assert call_tokens_for(float_side, int8_side) == call_tokens_for(int8_side, float_side) == CALL_TOKENS
+
+
+def test_each_side_is_fed_at_its_own_call_size():
+    """An int8-cache candidate is fed 16 ids per call while its float-cache reference takes 256 (so the
+    reference's recording is the one every float comparison replays); every position is scored once."""
+    from vlm_export.quality.scoring import score_sequence
+
+    class Side:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, context, capacity):
+            return np.zeros((1, 5), np.float32)
+
+        def feed(self, embeds):
+            self.calls.append(embeds.shape[0])
+            return np.tile(embeds[:, :1], (1, 5)).astype(np.float32)
+
+    reference, candidate, acc = Side(), Side(), Accumulator()
+    rows = np.arange(600, dtype=np.float32)[:, None]
+    score_sequence((reference, candidate), (rows, rows), [i % 5 for i in range(600)], 100, (256, 16), acc)
+    assert reference.calls == [256, 243] and candidate.calls == [16] * 31 + [3]
+    assert acc.result().tokens == 500
 
 
 def test_a_perturbed_candidate_goes_over_its_budget(inplace, tmp_path):

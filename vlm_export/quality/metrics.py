@@ -19,21 +19,65 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 
+ROWS_PER_BLOCK = 32  # positions per pass of the float64 arithmetic: 2 x 32 x V scratch (V=49,152: 25 MB), reused
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """(..., V) logits, any float dtype -> float64 log-probabilities."""
-    logp, _, _ = _log_probs(logits)
+    logp = np.array(logits, dtype=np.float64)
+    logp -= logp.max(axis=-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
     return logp
 
 
-def _log_probs(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(..., V) logits -> float64 (log-probabilities, unnormalised exp(logits - max), their sums),
-    in place on one copy (the scoring's rows are up to 256 x V at a time: fewer full-size temporaries)."""
-    logp = np.array(logits, dtype=np.float64)
-    logp -= logp.max(axis=-1, keepdims=True)
-    weights = np.exp(logp)
-    total = weights.sum(axis=-1, keepdims=True)
-    logp -= np.log(total)
-    return logp, weights, total
+class _Scratch:
+    """Two (rows, V) float64 work arrays, allocated once per Accumulator and reused: fresh 100 MB
+    temporaries per call cost more in page faults than the arithmetic (0.33 s vs ~0.06 s per 256 x
+    49,152 pair, measured on this machine)."""
+
+    def __init__(self):
+        self.shape, self.a, self.b = None, None, None
+
+    def get(self, rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.shape is None or self.shape[0] < rows or self.shape[1] != vocab:
+            self.shape = (max(rows, ROWS_PER_BLOCK), vocab)
+            self.a, self.b = np.empty(self.shape), np.empty(self.shape)
+        return self.a[:rows], self.b[:rows]
+
+
+def _log_sum_exp(logits: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, V) float32 logits -> (T,) float64 log-sum-exp and (T,) sum of exp(logits - max); `work`
+    (T, V) float64 is left holding exp(logits - row max)."""
+    top = logits.max(axis=-1).astype(np.float64)
+    np.subtract(logits, top[:, None], out=work)  # exact in float64: float32 values less a float32 max
+    np.exp(work, out=work)
+    total = work.sum(axis=-1)
+    return top + np.log(total), total
+
+
+def position_scores(reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray, scratch: _Scratch | None = None):
+    """(T, V) logits of each side at the same positions, (T,) true next ids -> per position (T,) each:
+    KL(P_reference || P_candidate) in nats, whether the argmaxes agree, and each side's negative
+    log-likelihood of the target, all float64 arithmetic (llama.cpp computes these in double too).
+
+    KL = sum_v p_v (log p_v - log q_v) = E_p[r - c] - (lse(r) - lse(c)), with r - c exact in float64."""
+    scratch = scratch or _Scratch()
+    rows = np.arange(len(targets))
+    kl = np.empty(len(targets))
+    lse_ref, lse_cand = np.empty(len(targets)), np.empty(len(targets))
+    for start in range(0, len(targets), ROWS_PER_BLOCK):
+        block = slice(start, start + ROWS_PER_BLOCK)
+        ref, cand = reference[block], candidate[block]
+        weights, work = scratch.get(ref.shape[0], ref.shape[1])
+        lse_cand[block], _ = _log_sum_exp(cand, work)
+        lse_ref[block], total = _log_sum_exp(ref, weights)  # weights: exp(r - max r), unnormalised p
+        np.subtract(ref, cand, out=work, dtype=np.float64)
+        work *= weights
+        kl[block] = work.sum(axis=-1) / total - (lse_ref[block] - lse_cand[block])
+    same_top1 = reference.argmax(-1) == candidate.argmax(-1)  # log-softmax keeps each row's order
+    nll_reference = lse_ref - reference[rows, targets].astype(np.float64)
+    nll = lse_cand - candidate[rows, targets].astype(np.float64)
+    return np.maximum(kl, 0.0), same_top1, nll_reference, nll  # KL >= 0 up to rounding
 
 
 @dataclass
@@ -66,6 +110,7 @@ class Accumulator:
     nll_reference: list[np.ndarray] = field(default_factory=list)
     nll: list[np.ndarray] = field(default_factory=list)
     greedy: list[bool] = field(default_factory=list)
+    _scratch: _Scratch = field(default_factory=_Scratch, repr=False, compare=False)
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
         """reference, candidate: (T, V) logits at the same T positions; targets: (T,) int, the true
@@ -77,13 +122,15 @@ class Accumulator:
         if reference.shape != candidate.shape or reference.ndim != 2 or targets.shape != reference.shape[:1]:
             raise ValueError(f"logits {reference.shape} vs {candidate.shape}, targets {targets.shape}: "
                              "expected (T, V), (T, V), (T,)")
-        (ref, weights, total), cand = _log_probs(reference), log_softmax(candidate)
-        kl = np.einsum("tv,tv->t", weights, ref - cand) / total[:, 0]  # sum_v p_v (log p_v - log q_v)
-        self.kl.append(np.maximum(kl, 0.0))  # >= 0 up to rounding
-        self.same_top1.append(ref.argmax(-1) == cand.argmax(-1))
-        rows = np.arange(len(targets))
-        self.nll_reference.append(-ref[rows, targets])
-        self.nll.append(-cand[rows, targets])
+        if reference.dtype.kind != "f" or reference.dtype.itemsize < 4:  # float16 outputs (and ints in tests)
+            reference = reference.astype(np.float32)
+        if candidate.dtype.kind != "f" or candidate.dtype.itemsize < 4:
+            candidate = candidate.astype(np.float32)
+        kl, same_top1, nll_reference, nll = position_scores(reference, candidate, targets, self._scratch)
+        self.kl.append(kl)
+        self.same_top1.append(same_top1)
+        self.nll_reference.append(nll_reference)
+        self.nll.append(nll)
 
     def add_greedy(self, reference_ids, candidate_ids) -> None:
         """One prompt's greedy answers (token ids) from each side."""

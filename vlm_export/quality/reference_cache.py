@@ -101,13 +101,18 @@ class Recording:
 
 
 class Replay:
-    """A scoring side that returns a recorded sequence's logits, call by call."""
+    """A scoring side that returns a recorded sequence's logits: the start's row, then as many rows
+    per feed as it is given embeddings (whatever the calls they were recorded in)."""
 
     def __init__(self, calls: list[np.ndarray]):
-        self.calls = iter(calls)
+        self.first, self.rows, self.position = calls[0], np.concatenate(calls[1:]) if len(calls) > 1 else None, 0
 
     def start(self, context: np.ndarray, capacity: int) -> np.ndarray:
-        return next(self.calls)
+        return self.first
 
     def feed(self, embeds: np.ndarray) -> np.ndarray:
-        return next(self.calls)
+        count = embeds.shape[0]
+        if self.rows is None or self.position + count > self.rows.shape[0]:
+            raise ValueError("the recorded sequence is shorter than the one being scored")
+        self.position += count
+        return self.rows[self.position - count:self.position]

@@ -6,13 +6,16 @@ each embeds them with its own embed graph; their logits at every scored position
 
     eval prose -> ids -> chunks of n_ctx (eval_set.py)
     per chunk, on each side:   prefill context half (one call) -> last logits       -> scored
-                               scored half through the KV cache, `call_tokens` ids per
-                               call: 16 where a side keeps an int8 cache (each call
+                               scored half through the KV cache, each side at its own
+                               ids per call: 16 where it keeps an int8 cache (each call
                                reads the earlier ones' quantized K/V, as decode does:
-                               its error shows only here), 256 for float caches (the
+                               its error shows only here), 256 for a float cache (the
                                same values whatever the call size; llama.cpp's
                                perplexity feeds whole batches too)
                                                                  -> every row's logits -> scored
+
+The reference's recording (reference_cache.py) is keyed by its own call size, so the fp32 side of the
+int8-KV screen (a 16-per-call candidate) is the first chunk of every later float-cache comparison.
 
 Logits of every position come from the decoder itself where it returns them (dynamic layout
 exported with `--logits all`), from an all-positions copy of it otherwise (inplace layout on ONNX
@@ -49,7 +52,7 @@ LONG_PROMPT_TOKENS = 1536  # prose ids in the long-context prompt (plus the temp
 class Settings:
     tokens: int  # scored positions on the eval prose
     n_ctx: int | None = None  # None: DEFAULT_N_CTX, or less where the model's context is shorter
-    call_tokens: int | None = None  # None: call_tokens_for(reference, candidate)
+    call_tokens: int | None = None  # both sides' ids per call; None: each side's own (side_call_tokens)
     greedy_tokens: int = GREEDY_TOKENS  # 0: no greedy answers
     long_prompt_tokens: int = LONG_PROMPT_TOKENS  # 0: no long-context case
 
@@ -66,7 +69,7 @@ class Comparison:
     long_context: dict = field(default_factory=dict)  # {"prompt_tokens", "text", "image"} or {"skipped": why}
     seconds: float = 0.0
     settings: Settings | None = None
-    call_tokens: int | None = None  # ids per call over the scored halves, as used
+    call_tokens: int | None = None  # ids per call over the scored halves, as used (the fewer of the two sides')
 
     def to_dict(self) -> dict:
         settings = self.settings
@@ -76,11 +79,15 @@ class Comparison:
                 "long_context": self.long_context, "seconds": round(self.seconds, 1)}
 
 
-def call_tokens_for(reference, candidate) -> int:
-    """Ids per call over a scored half: CALL_TOKENS where either side keeps its KV cache in an
+def side_call_tokens(generator) -> int:
+    """Ids per call over a scored half for one side: CALL_TOKENS where it keeps its KV cache in an
     integer type (int8: lossy, and its loss grows call by call), else FLOAT_CACHE_CALL_TOKENS."""
-    lossy = any(np.dtype(g.kv_dtype).kind in "iu" for g in (reference, candidate))
-    return CALL_TOKENS if lossy else FLOAT_CACHE_CALL_TOKENS
+    return CALL_TOKENS if np.dtype(generator.kv_dtype).kind in "iu" else FLOAT_CACHE_CALL_TOKENS
+
+
+def call_tokens_for(reference, candidate) -> int:
+    """The fewest ids per call of the two sides (what a comparison reports as its call size)."""
+    return min(side_call_tokens(reference), side_call_tokens(candidate))
 
 
 def n_ctx_for(generator, wanted: int | None = None) -> int:
@@ -138,7 +145,7 @@ class _Side:
             self.kv, self.position = session.cache, int(session.positions[0])
             return session.logits[:1]
         self.kv = g.new_cache(1, capacity)
-        logits = g.forward(context[None], self.kv, np.arange(context.shape[0])[None], self.runner)
+        logits = g.forward(context[None], self.kv, np.arange(context.shape[0])[None], self.runner, rows=1)
         self.position = context.shape[0]
         return logits[0, -1:]
 
@@ -156,23 +163,32 @@ class _Side:
         return np.stack(rows)
 
 
+def _feed(side, embeds: np.ndarray, call_tokens: int) -> np.ndarray:
+    """(S, C) -> (S, V) logits, `call_tokens` ids per call."""
+    parts = [side.feed(embeds[i:i + call_tokens]) for i in range(0, embeds.shape[0], call_tokens)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def score_sequence(sides: tuple[_Side, _Side], embeds: tuple[np.ndarray, np.ndarray], ids: list[int], context: int,
-                   call_tokens: int, accumulator: Accumulator) -> None:
+                   call_tokens: tuple[int, int], accumulator: Accumulator) -> None:
     """Rows `embeds` (T, C) per side, `ids` (T,) the id at each row: the logits at rows
-    context-1 .. T-2 are scored against ids[context:] (T - context positions)."""
+    context-1 .. T-2 are scored against ids[context:] (T - context positions); `call_tokens`: ids
+    per call of each side (reference, candidate)."""
     ids = np.asarray(ids, dtype=np.int64)
     total = ids.shape[0]
     if not 0 < context < total or (ids[context:] < 0).any():
         raise ValueError(f"cannot score rows {context}..{total} (an image row among them?)")
     ref, cand = sides
     accumulator.add(ref.start(embeds[0][:context], total), cand.start(embeds[1][:context], total), ids[context:context + 1])
-    for start in range(context, total - 1, call_tokens):
-        end = min(start + call_tokens, total - 1)
-        accumulator.add(ref.feed(embeds[0][start:end]), cand.feed(embeds[1][start:end]), ids[start + 1:end + 1])
+    block = max(call_tokens)  # a multiple of the other (16 and 256), so each side's calls fall where they would alone
+    for start in range(context, total - 1, block):
+        end = min(start + block, total - 1)
+        accumulator.add(_feed(ref, embeds[0][start:end], call_tokens[0]), _feed(cand, embeds[1][start:end], call_tokens[1]),
+                        ids[start + 1:end + 1])
 
 
 def _score_against_reference(reference, candidate, runners, sequence: str | None, embeds, ids, context: int,
-                             call_tokens: int, accumulator: Accumulator) -> None:
+                             call_tokens: tuple[int, int], accumulator: Accumulator) -> None:
     """score_sequence with the reference's side replayed when this process already scored the same
     sequence against the same reference (reference_cache.py), recorded otherwise."""
     recorded = CACHE.replay(sequence)
@@ -226,7 +242,7 @@ def prompt_rows(generator, request) -> tuple[np.ndarray, list[int]]:
     return embeds, rows
 
 
-def long_context(reference, candidate, stream: list[int], settings: Settings, runners, call_tokens: int) -> dict:
+def long_context(reference, candidate, stream: list[int], settings: Settings, runners, call_tokens: tuple[int, int]) -> dict:
     """The first `long_prompt_tokens` ids of prose as one user prompt, with and without the eval
     image; its last min(tokens, half) positions scored through the cache like the chunks."""
     from vlm_export.runtime.generation import Request
@@ -249,7 +265,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
             out[label] = {"skipped": f"{len(ids)} rows exceed the context of {limit}"}
             continue
         scored = min(settings.tokens, len(ids) // 2)
-        sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, call_tokens)
+        sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, call_tokens[0])
         ref_embeds = None
         if CACHE.replay(sequence) is None:  # recorded sequences were checked against these ids when recorded
             ref_embeds, ref_ids = prompt_rows(reference, request)
@@ -281,18 +297,18 @@ def _compare(reference, candidate, settings: Settings) -> Comparison:
     n_ctx = min(n_ctx_for(reference, settings.n_ctx), n_ctx_for(candidate, settings.n_ctx))
     bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
     plan = chunks(len(stream), n_ctx, settings.tokens)
-    calls = settings.call_tokens or call_tokens_for(reference, candidate)
+    calls = (settings.call_tokens or side_call_tokens(reference), settings.call_tokens or side_call_tokens(candidate))
     with ExitStack() as stack:
         runners = [LazyLogitsRunner(g, stack) for g in (reference, candidate)]
-        step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {calls} per call")
+        step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {calls[1]} per call")
         reference_id = identity(reference, runners[0].every_position)
         for chunk in plan:
             ids = chunk.ids(stream, bos)
-            sequence = key(reference_id, "chunk", ids, chunk.context, calls)
+            sequence = key(reference_id, "chunk", ids, chunk.context, calls[0])
             _score_against_reference(reference, candidate, runners, sequence, (reference.embed_ids(ids), candidate.embed_ids(ids)),
                                      ids, chunk.context, calls, accumulator)
         long = long_context(reference, candidate, stream, settings, runners, calls)
-    return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings, calls)
+    return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings, min(calls))
 
 
 def compare_dirs(reference_dir: Path, candidate_dir: Path, settings: Settings, backend: str = "ort") -> Comparison:

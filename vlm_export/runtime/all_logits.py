@@ -6,7 +6,11 @@ needs every position's logits, so the copy bypasses that gather and keeps everyt
 (custom ops such as `vlm_export.cpu::Int4MatMul`, the int8 KV attention, the weights):
 
     blocks.N/Add_1 (B, S, C) --GatherElements(last row)--> (B, 1, C) -> norm -> lm_head -> logits
-    blocks.N/Add_1 (B, S, C) ------------------------------------------> norm -> lm_head -> logits (B, S, V)
+    blocks.N/Add_1 (B, S, C) --Slice(rows logits_from..S)--------------> norm -> lm_head -> logits (B, S - from, V)
+
+`logits_from` (an input of the copy, (1,) int64; 0 for every position) lets a caller that needs only
+the last rows skip the lm_head on the others: scoring prefills each context half through the copy and
+keeps its last row, and the lm_head is ~20 % of smol's per-position work (576 x 49,152 of ~150 M MACs).
 
 The copy lies in a temporary directory of its own: the graph file (small when the weights are
 external data) and a symlink to the kernel library, so nothing is written into the artifact
@@ -22,7 +26,11 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+import numpy as np
+
 from vlm_export.errors import VlmExportError
+
+LOGITS_FROM = "logits_from"  # the copy's extra input: the first row (along the sequence) whose logits it returns
 
 
 def _last_row_gather(graph):
@@ -61,6 +69,7 @@ def all_logits_graph(source: Path, destination: Path) -> bool:
     """Write `source` (an inplace decoder) to `destination` with every position's logits; True when
     its weights are external data (still named relative to `source`'s directory)."""
     import onnx
+    import onnx.numpy_helper
 
     model = onnx.load(str(source), load_external_data=False)
     graph = model.graph
@@ -69,14 +78,16 @@ def all_logits_graph(source: Path, destination: Path) -> bool:
         raise VlmExportError(f"{source.name}: no last-row GatherElements before the logits",
                              "score this decoder one token per call, or re-export it with the inplace layout")
     data, picked = gather.input[0], gather.output[0]
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == picked:
-                node.input[i] = data
+    ends, axes = f"{LOGITS_FROM}/ends", f"{LOGITS_FROM}/axes"
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), ends),
+                              onnx.numpy_helper.from_array(np.array([1]), axes)])
+    graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_FROM, onnx.TensorProto.INT64, [1]))
+    graph.node.insert(list(graph.node).index(gather), onnx.helper.make_node(
+        "Slice", [data, LOGITS_FROM, ends, axes], [picked], name=f"{LOGITS_FROM}/Slice"))
     graph.node.remove(gather)
     _prune_dead_nodes(graph)
     logits = next(o for o in graph.output if o.name == "logits")
-    logits.type.tensor_type.shape.dim[1].dim_param = "sequence"  # (B, S, V), no longer (B, 1, V)
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_rows"  # (B, S - logits_from, V), no longer (B, 1, V)
     onnx.save(model, str(destination))
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
@@ -100,7 +111,8 @@ class AllLogitsCopy:
             (work / library).symlink_to((self.directory / library).resolve())
         path = work / self.record["file"]
         external = all_logits_graph(self.directory / self.record["file"], path)
-        record = {**self.record, "attrs": {**self.record.get("attrs", {}), "last_logits_only": False}}
+        record = {**self.record, "attrs": {**self.record.get("attrs", {}), "last_logits_only": False},
+                  "inputs": [*self.record["inputs"], {"name": LOGITS_FROM, "dtype": "int64", "shape": [1]}]}
         return path, record, (self.directory.resolve() if external else None)
 
     def __exit__(self, *exc) -> None:

@@ -19,6 +19,7 @@ from vlm_export.errors import VlmExportError
 from vlm_export.model.prompt import Message, render_prompt, user_turn
 from vlm_export.model.text_stream import TextStream
 from vlm_export.results import GenerationResult
+from vlm_export.runtime.all_logits import LOGITS_FROM
 from vlm_export.runtime.artifact_set import ArtifactSet, kv_dtype
 from vlm_export.runtime.image_encoder import ImageEncoder, vision_identity
 from vlm_export.runtime.kv_prefix import KvPrefix
@@ -101,9 +102,9 @@ class Generator:
     def _step(self, name: str, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self._run(self.runners[name], kv, embeds, keep, positions)[:, -1].astype(np.float32)  # (B, V)
 
-    def _run(self, runner, kv, embeds, keep: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, runner, kv, embeds, keep: np.ndarray, positions: np.ndarray, extra: dict | None = None) -> np.ndarray:
         """One decoder call: (B, S', V) logits as the graph returns them (S' = S or 1); `kv` updated."""
-        feeds = {"inputs_embeds": embeds, **kv.feeds(keep, positions)}
+        feeds = {"inputs_embeds": embeds, **kv.feeds(keep, positions), **(extra or {})}
         started = time.perf_counter()
         outputs = runner.infer(feeds)
         self._decoder_seconds += time.perf_counter() - started
@@ -139,14 +140,19 @@ class Generator:
         kv, logits, positions = self._prefill(prompts, max_new_tokens)
         return DecodeSession(self, kv, logits, positions)
 
-    def forward(self, embeds: np.ndarray, kv, positions: np.ndarray, runner=None) -> np.ndarray:
+    def forward(self, embeds: np.ndarray, kv, positions: np.ndarray, runner=None, rows: int | None = None) -> np.ndarray:
         """(B, S, C) embeddings at (B, S) positions, no padding, through `kv` -> (B, S', V) float32
         logits: S' = S from a decoder that returns every position, 1 from one that returns the last.
         `runner`: another runner of the decode graph's inputs (an all-positions copy); default the
-        decode graph's own."""
+        decode graph's own. `rows`: only the last `rows` positions' logits are wanted (S' <= rows; an
+        all-positions copy then skips the lm_head on the others)."""
         runner = runner or self.runners[self.decode_graph]
         keep = np.ones(embeds.shape[:2], dtype=np.int64)
-        return self._run(runner, kv, embeds.astype(self.float_dtype), keep, positions).astype(np.float32)
+        extra = {}
+        if LOGITS_FROM in runner.input_names:
+            extra[LOGITS_FROM] = np.array([embeds.shape[1] - rows if rows else 0], dtype=np.int64)
+        logits = self._run(runner, kv, embeds.astype(self.float_dtype, copy=False), keep, positions, extra)
+        return (logits[:, -rows:] if rows else logits).astype(np.float32, copy=False)
 
     def _prefill(self, prompts: list[np.ndarray], max_new_tokens: int):
         # A KV prefix (runtime/kv_prefix.py) fills the first slots; a prompt that starts with its tokens

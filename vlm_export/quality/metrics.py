@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-
 ROWS_PER_BLOCK = 32  # positions per pass of the float64 arithmetic: 2 x 32 x V scratch (V=49,152: 25 MB), reused
 
 

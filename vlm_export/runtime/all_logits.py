@@ -12,12 +12,14 @@ needs every position's logits, so the copy bypasses that gather and keeps everyt
 the last rows skip the lm_head on the others: scoring prefills each context half through the copy and
 keeps its last row, and the lm_head is ~20 % of smol's per-position work (576 x 49,152 of ~150 M MACs).
 
-The copy lies in a temporary directory of its own: the graph file (small when the weights are
-external data) and a symlink to the kernel library, so nothing is written into the artifact
-directory. External weights stay where they are: ONNX Runtime loads the copy from bytes and reads
+The copy lies in a temporary directory of its own: the graph file, without weights, and a symlink
+to the kernel library, so nothing is written into the artifact directory. The weights stay where
+they are: the graph is read without them (onnx_wire.py), inline ones become external data pointing
+at their bytes inside the original .onnx file, and ONNX Runtime loads the copy from bytes and reads
 them from the artifact directory (`session.model_external_initializers_file_folder_path`; a
-symlinked data file is refused as a path that escapes the model's directory), so a 1.4B model
-costs no second copy of its weights.
+symlinked data file is refused as a path that escapes the model's directory). So the copy costs no
+second copy of the weights on disk or in the parse (reading and rewriting smol's three decoders in
+full took 9 s of a build).
 """
 
 from __future__ import annotations
@@ -65,13 +67,16 @@ def _prune_dead_nodes(graph) -> None:
         graph.initializer.remove(tensor)
 
 
-def all_logits_graph(source: Path, destination: Path) -> bool:
-    """Write `source` (an inplace decoder) to `destination` with every position's logits; True when
-    its weights are external data (still named relative to `source`'s directory)."""
+def all_logits_graph(source: Path, destination: Path) -> None:
+    """Write `source` (an inplace decoder) to `destination` with every position's logits; its weights
+    are external data named relative to `source`'s directory (their own data file, or `source`)."""
     import onnx
     import onnx.numpy_helper
 
-    model = onnx.load(str(source), load_external_data=False)
+    from vlm_export.onnx_wire import as_external, read_without_weights
+
+    model, skipped = read_without_weights(source)
+    as_external(model, skipped, source.name)
     graph = model.graph
     gather = _last_row_gather(graph)
     if gather is None:
@@ -89,14 +94,13 @@ def all_logits_graph(source: Path, destination: Path) -> bool:
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_rows"  # (B, S - logits_from, V), no longer (B, 1, V)
     onnx.save(model, str(destination))
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 class AllLogitsCopy:
     """A temporary directory holding the all-positions copy of a decoder record's graph.
 
         with AllLogitsCopy(directory, record) as (path, record, weights_dir):
-            ...  # record: the copy's manifest record; weights_dir: where its external data lies, or None
+            ...  # record: the copy's manifest record; weights_dir: where its external data lies
     """
 
     def __init__(self, directory: Path, record: dict):
@@ -110,10 +114,10 @@ class AllLogitsCopy:
         if library:
             (work / library).symlink_to((self.directory / library).resolve())
         path = work / self.record["file"]
-        external = all_logits_graph(self.directory / self.record["file"], path)
+        all_logits_graph(self.directory / self.record["file"], path)
         record = {**self.record, "attrs": {**self.record.get("attrs", {}), "last_logits_only": False},
                   "inputs": [*self.record["inputs"], {"name": LOGITS_FROM, "dtype": "int64", "shape": [1]}]}
-        return path, record, (self.directory.resolve() if external else None)
+        return path, record, self.directory.resolve()
 
     def __exit__(self, *exc) -> None:
         self.workdir.cleanup()

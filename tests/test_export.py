@@ -271,11 +271,12 @@ def test_inline_weights_folds_external_data_back_under_the_limit(tmp_path, monke
 @pytest.mark.parametrize("layout", ["dynamic", "inplace"])
 def test_the_traces_outputs_are_the_references_and_validation_reuses_them(spec, reference, layout, tmp_path):
     """export_graph hands back what the trace computed on the example; validate_graph compares ORT
-    with those for the first case (the same draw) and runs the wrapper only for the others."""
+    with those for the first case (the same draw) and runs the wrapper only for the others (none for
+    the vision graph, whose batch-1 case is the example's first image)."""
     from vlm_export.export.onnx_export import export_graph
     from vlm_export.export.pipeline import make_wrapper
     from vlm_export.export.validate import InputSampler, validate_graph
-    from vlm_export.spec.graph_io import graphs_for, make_inputs
+    from vlm_export.spec.graph_io import GraphRole, graphs_for, make_inputs
 
     sampler = InputSampler(reference)
     for graph in graphs_for(spec, ExportOptions(layout=layout)):
@@ -293,5 +294,31 @@ def test_the_traces_outputs_are_the_references_and_validation_reuses_them(spec, 
         hook = wrapper.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         known = validate_graph(wrapper, graph, path, sampler, known=(fresh, traced))
         hook.remove()
+        if graph.wrapper == GraphRole.VISION:  # its batch-1 case is the example's first image: no PyTorch run at all
+            assert known["passed"] and calls == [], graph.file
+            with torch.no_grad():  # what that relies on: each image is mapped on its own
+                alone = wrapper(torch.from_numpy(fresh["pixel_values"][:1]))
+            torch.testing.assert_close(alone, traced[0][:1], rtol=1e-5, atol=1e-5)
+            assert validate_graph(wrapper, graph, path, sampler)["passed"]
+            continue
         assert known["passed"] and len(calls) == len(graph.cases) - 1, graph.file
         assert known == validate_graph(wrapper, graph, path, sampler), graph.file  # the same figures as running it again
+
+
+def test_the_llm_reference_is_loaded_once_for_the_dynamic_and_inplace_exports(spec, tmp_path, monkeypatch):
+    """A cpu build exports the dynamic graphs, then the decoder again in the inplace layout: the
+    second export reuses the LLM-only reference the first loaded (pipeline.KEPT), never the tower's."""
+    from vlm_export.export import pipeline
+    from vlm_export.targets.assemble import export_layout
+
+    loads, original = [], pipeline.load_reference
+    monkeypatch.setattr(pipeline, "load_reference", lambda *a, **k: loads.append(k) or original(*a, **k))
+    pipeline.KEPT.__init__()
+    export_model(spec, tmp_path / "dynamic", ExportOptions(layout="dynamic"))
+    export_layout(tmp_path / "dynamic", tmp_path / "inplace", layout="inplace")
+    assert loads == [{"vision": True, "llm": False}, {"vision": False, "llm": True}]
+    assert pipeline.KEPT.model is not None
+    monkeypatch.setattr(pipeline, "KEEP_BYTES", 0)  # too large to keep: loaded again, and not held
+    pipeline.KEPT.__init__()
+    export_layout(tmp_path / "dynamic", tmp_path / "inplace-again", layout="inplace")
+    assert loads[2:] == [{"vision": False, "llm": True}] and pipeline.KEPT.model is None

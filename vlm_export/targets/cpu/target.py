@@ -213,8 +213,10 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
         if not scales:
             from vlm_export.quantize.calibration import calibration_set
 
-            step("calibrating the int8 KV cache on fp32's K/V")
-            scales.update(calibrate_kv_scales(staging_dir[0] / "fp32", *calibration_set(profile.calibration)))
+            images, prompts = calibration_set(profile.calibration)
+            with_image = (len(prompts) + 1) // 2 if images else 0  # calibration_requests: the even-numbered prompts
+            with stage(f"calibrating the int8 KV cache on fp32's K/V ({len(prompts)} prompts, {with_image} with an image)"):
+                scales.update(calibrate_kv_scales(staging_dir[0] / "fp32", images, prompts))
         return scales
 
     def kv_alone():  # the int8 KV cache on fp32 weights, screened once per build (see _kv_alone)

@@ -4,10 +4,11 @@ torch.onnx.export (TorchScript tracer: predictable names and axes, ~1e-6 vs PyTo
 -> onnxscript's constant folding and pattern rewrites, onnx_ir's clean-up passes (dead code, constants lifted to
 initializers, duplicate initializers, common subexpressions; weights stay memory-mapped, so a 1.4B
 decoder does not need three copies in RAM) -> shape inference -> saved with one external data file
--> onnx.checker(full_check) -> `inline_weights` streams the data back into the .onnx where the whole
-fits protobuf's 2 GB (no proto of the weights is built in memory: serialising 1.2 GB of CLIP-L inline
-held another copy at the export's peak, +1.0 GB on smol), so the artifact keeps the layout every
-target expects.
+-> onnx.checker(full_check); validated (ORT memory-maps external data: a quicker session than parsing
+the weights inline), then `inline_weights` streams the data back into the .onnx where the whole fits
+protobuf's 2 GB (no proto of the weights is built in memory: serialising 1.2 GB of CLIP-L inline held
+another copy at the export's peak, +1.0 GB on smol), so the artifact keeps the layout every target
+expects.
 
 These are `onnxscript.optimizer.optimize_ir`'s passes with one pattern-rewrite rule left out:
 SlicesSplit (two Slices of one tensor -> one Split) scans the whole graph per application, 8 s each
@@ -125,8 +126,7 @@ def export_graph(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, out_
         raw = Path(scratch) / graph.file
         outputs = _trace_to_onnx(wrapper, graph, example, raw, opset)
         optimize_and_save(raw, final)
-    onnx.checker.check_model(str(final), full_check=True)  # before inlining: it loads the whole file
-    inline_weights(final)
+    onnx.checker.check_model(str(final), full_check=True)
     return final, outputs
 
 

@@ -16,7 +16,7 @@ import torch
 
 from vlm_export.artifacts import TOKENIZER_DIR, atomic_directory, link_or_copy, stage_key, write_manifest
 from vlm_export.errors import VlmExportError
-from vlm_export.export.onnx_export import export_graph
+from vlm_export.export.onnx_export import export_graph, inline_weights
 from vlm_export.export.tokenizer_graph import write_tokenizer_graph
 from vlm_export.export.validate import InputSampler, validate_graph
 from vlm_export.model.graph_modules import graph_module
@@ -134,6 +134,7 @@ def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: E
         release_vision(model, reference)
     del wrapper, reference_wrapper, model, reference
     gc.collect()
+    inline_weights(path)  # validated on the external data (export_graph's docstring)
     if not validation["passed"]:
         details = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in validation["outputs"].items())
         raise VlmExportError(f"validation against PyTorch failed: {graph.name} {details}", "report this with --debug output")

@@ -215,7 +215,7 @@ def test_folding_gives_optimize_irs_graphs(spec, reference, layout, tmp_path):
     import onnx_ir as ir
     import onnxscript.optimizer
 
-    from vlm_export.export.onnx_export import _trace_to_onnx, fold_and_clean
+    from vlm_export.export.onnx_export import _trace_to_onnx, attach_parameters, fold_and_clean
     from vlm_export.export.pipeline import make_wrapper
     from vlm_export.export.validate import InputSampler
     from vlm_export.spec.graph_io import graphs_for, make_inputs
@@ -224,12 +224,40 @@ def test_folding_gives_optimize_irs_graphs(spec, reference, layout, tmp_path):
     for graph in graphs_for(spec, ExportOptions(layout=layout)):
         raw = tmp_path / layout / graph.file
         raw.parent.mkdir(exist_ok=True)
-        _trace_to_onnx(make_wrapper(reference, graph), graph, make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler), raw, 17)
+        _, parameters = _trace_to_onnx(make_wrapper(reference, graph), graph, make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler), raw, 17)
         expected, folded = ir.load(raw), ir.load(raw)
+        for model in (expected, folded):
+            attach_parameters(model, parameters, [t.name for t in graph.inputs])
         onnxscript.optimizer.optimize_ir(expected)
         fold_and_clean(folded)
         nodes = [sorted((n.op_type, n.name, len(n.inputs)) for n in m.graph.all_nodes()) for m in (expected, folded)]
         assert nodes[0] == nodes[1] and sorted(expected.graph.initializers) == sorted(folded.graph.initializers), graph.file
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "inplace"])
+def test_parameters_kept_out_of_torchs_proto_give_the_same_graphs(spec, reference, layout, tmp_path, monkeypatch):
+    """Parameters taken from torch's exporter instead of its proto (onnx_export._parameters_kept_out):
+    every saved graph is the one torch's own export_params=True path gives, node for node and byte
+    for byte in every initializer."""
+    import contextlib
+
+    from vlm_export.export import onnx_export
+    from vlm_export.export.pipeline import make_wrapper
+    from vlm_export.export.validate import InputSampler
+    from vlm_export.spec.graph_io import graphs_for, make_inputs
+
+    sampler = InputSampler(reference)
+    for graph in graphs_for(spec, ExportOptions(layout=layout)):
+        example = make_inputs(graph, graph.cases[0], np.random.default_rng(0), sampler)
+        (tmp_path / "kept").mkdir(exist_ok=True)
+        (tmp_path / "torch").mkdir(exist_ok=True)
+        kept, _ = onnx_export.export_graph(make_wrapper(reference, graph), graph, example, tmp_path / "kept", 17)
+        with monkeypatch.context() as patch:
+            patch.setattr(onnx_export, "_parameters_kept_out", lambda: contextlib.nullcontext(None))
+            baseline, _ = onnx_export.export_graph(make_wrapper(reference, graph), graph, example, tmp_path / "torch", 17)
+        for path in (kept, baseline):
+            onnx_export.inline_weights(path)
+        assert onnx.load(str(kept)) == onnx.load(str(baseline)), graph.file
 
 
 def test_inline_weights_folds_external_data_back_under_the_limit(tmp_path, monkeypatch):

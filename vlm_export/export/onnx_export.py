@@ -20,6 +20,7 @@ The other rules stay: merging Unsqueeze pairs lets the folding remove each layer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -36,25 +37,75 @@ log = logging.getLogger(__name__)
 TWO_GB = 2**31 - 1  # protobuf's limit: graphs past it keep their external data file
 
 
-def _trace_to_onnx(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, path: Path, opset: int) -> tuple | None:
-    """Trace `wrapper` on `example` into ONNX at `path` -> the wrapper's outputs on `example` as the
-    trace computed them (a tuple of tensors), or None where the trace did not call it exactly once."""
+@contextlib.contextmanager
+def _parameters_kept_out():
+    """Yields a dict that, after a TorchScript `torch.onnx.export(..., export_params=False)` inside the
+    block, holds the graph's parameters by the names its inputs carry; None where this torch has no
+    such hook (then the caller exports them into the proto, as torch does by default).
+
+    torch's exporter copies every parameter (after its own constant folding, e.g. each Linear's
+    transposed weight) into a protobuf, serialises it and writes it: ~14 s of smol's export for its
+    1.2 GB CLIP-L and two 0.5 GB decoders, and onnx_ir then parsed the same bytes again. With
+    export_params=False the parameters are graph inputs instead; the dict is what torch's
+    `_model_to_graph` computed them as (torch/onnx/_internal/torchscript_exporter/utils.py, torch 2.13:
+    the names it gives them, before its de-duplication keeps one name per equal tensor)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter
+        original = exporter._model_to_graph
+    except (ImportError, AttributeError):
+        yield None
+        return
+    captured: dict = {}
+
+    def model_to_graph(*args, **kwargs):
+        graph, params, outputs = original(*args, **kwargs)
+        captured.update(params)
+        return graph, params, outputs
+
+    exporter._model_to_graph = model_to_graph
+    try:
+        yield captured
+    finally:
+        exporter._model_to_graph = original
+
+
+def _trace_to_onnx(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, path: Path, opset: int) -> tuple[tuple | None, dict | None]:
+    """Trace `wrapper` on `example` into ONNX at `path` -> (the wrapper's outputs on `example` as the
+    trace computed them (a tuple of tensors), or None where the trace did not call it exactly once;
+    the parameters the graph takes as inputs, by name, or None where they are in the file)."""
     args = tuple(torch.from_numpy(example[t.name]) for t in graph.inputs)
     traced = []  # kept as returned: an op on them here would be recorded into the graph
     hook = wrapper.register_forward_hook(lambda module, inputs, output: traced.append(output))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _parameters_kept_out() as parameters:
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
             torch.onnx.export(
                 wrapper, args, str(path), input_names=[t.name for t in graph.inputs],
                 output_names=[t.name for t in graph.outputs], dynamic_axes=graph.dynamic_axes(),
-                opset_version=opset, do_constant_folding=True, dynamo=False,
+                opset_version=opset, do_constant_folding=True, dynamo=False, export_params=parameters is None,
             )
     finally:
         hook.remove()
-    if len(traced) != 1:
-        return None
-    return traced[0] if isinstance(traced[0], tuple) else (traced[0],)
+    outputs = None if len(traced) != 1 else traced[0] if isinstance(traced[0], tuple) else (traced[0],)
+    return outputs, parameters
+
+
+def attach_parameters(model, parameters: dict, declared: list[str]) -> None:
+    """The graph inputs of an `export_params=False` export that are parameters -> initializers holding
+    the torch tensors' memory (no copy: written once, by the save). `declared`: the graph's own inputs.
+
+    Raises RuntimeError when an input is neither (the capture missed a parameter)."""
+    import onnx_ir as ir
+
+    for value in list(model.graph.inputs):
+        if value.name in declared:
+            continue
+        if value.name not in parameters:
+            raise RuntimeError(f"graph input {value.name} is neither declared nor a captured parameter")
+        tensor = parameters[value.name].detach().cpu().contiguous()
+        value.const_value = ir.Tensor(tensor.numpy() if tensor.dtype != torch.bfloat16 else tensor, name=value.name)
+        model.graph.inputs.remove(value)
+        model.graph.register_initializer(value)
 
 
 def rewrite_rules():
@@ -94,7 +145,7 @@ def fold_and_clean(model) -> None:
     )(model)
 
 
-def optimize_and_save(raw: Path, final: Path) -> None:
+def optimize_and_save(raw: Path, final: Path, parameters: dict | None = None, declared: list[str] = ()) -> None:
     """Fold and clean with onnx_ir; saved with its weights in one external data file (export_graph
     folds them back by streaming: onnx_ir's inline save builds the whole proto in memory and took
     5.5 s on smol's 0.54 GB decoder, and +1.0 GB at the vision export's peak; the two steps take
@@ -103,6 +154,8 @@ def optimize_and_save(raw: Path, final: Path) -> None:
     from onnx_ir.passes import common
 
     model = ir.load(raw)
+    if parameters is not None:
+        attach_parameters(model, parameters, list(declared))
     fold_and_clean(model)
     # onnx.shape_inference.infer_shapes_path's defaults, in memory: the initializers stay out of the
     # proto it serialises (on the saved file it took ~11 s of smol's export, reading and writing 1.7 GB)
@@ -124,8 +177,9 @@ def export_graph(wrapper: torch.nn.Module, graph: GraphSpec, example: dict, out_
     final = out_dir / graph.file
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{graph.name}-") as scratch:
         raw = Path(scratch) / graph.file
-        outputs = _trace_to_onnx(wrapper, graph, example, raw, opset)
-        optimize_and_save(raw, final)
+        outputs, parameters = _trace_to_onnx(wrapper, graph, example, raw, opset)
+        optimize_and_save(raw, final, parameters, [t.name for t in graph.inputs])
+        del parameters
     onnx.checker.check_model(str(final), full_check=True)
     return final, outputs
 

@@ -1,6 +1,7 @@
 """`vlm-export build --target cpu` on tiny: fp32/int8/int4 variants, each a runnable artifact set."""
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -244,19 +245,30 @@ def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, 
     assert not (tmp_path / "cpu" / "kv-int8-screen").exists()
 
 
-def test_kv_alone_screen_scores_fp32_with_an_int8_cache(built, tmp_path):
-    """The screen itself: fp32's graphs with only the cache made int8, scored against fp32, then removed."""
+def test_kv_alone_screen_scores_fp32_with_an_int8_cache(built, tmp_path, monkeypatch):
+    """The screen itself: fp32's graphs with only the cache made int8 (the decoder's weights read
+    from fp32's file through a link, not rewritten), scored against fp32, then removed."""
     import shutil
 
+    from vlm_export.quality import scoring
     from vlm_export.quantize.calibration import calibration_set
     from vlm_export.quantize.kv_int8 import calibrate_kv_scales
     from vlm_export.targets.cpu import target as cpu
 
     root, _ = built
     shutil.copytree(root / "cpu" / "fp32", tmp_path / "fp32", symlinks=True)
+    seen, measure = {}, scoring.measure
+
+    def spy(fp32, variant, *args, **kwargs):
+        seen.update({p.name: p.stat().st_size for p in Path(variant).iterdir()})
+        return measure(fp32, variant, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "measure", spy)
     quality = cpu._kv_alone(tmp_path, calibrate_kv_scales(tmp_path / "fp32", *calibration_set(None)), 16)
     assert quality.tokens == 16 and 0 < quality.mean_kl < 0.05  # an int8 cache costs something, not everything
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32"]
+    fp32_decoder = (tmp_path / "fp32" / "decoder_inplace.onnx").stat().st_size
+    assert seen["decoder_inplace.onnx.weights"] == fp32_decoder and seen["decoder_inplace.onnx"] < fp32_decoder / 10
 
 
 def test_strict_fails_on_a_missed_budget(tmp_path):

@@ -272,13 +272,21 @@ def _kv_alone(staging: Path, scales: dict, tokens: int):
     import onnx
 
     from vlm_export.artifacts import link_or_copy, read_manifest, remove_tree
+    from vlm_export.onnx_wire import as_external, read_without_weights
     from vlm_export.quality.scoring import measure
 
     def rewrite(graph: dict, source: Path, out: Path) -> dict:
         data = source.with_name(source.name + ".data")
         if data.exists():
             link_or_copy(data, out / data.name)
-        onnx.save_model(onnx.load(str(source), load_external_data=False), str(out / graph["file"]))
+        # fp32's inline weights are read where they are, through a link (onnx_wire.py): the decoder
+        # is not parsed and written twice over (~5 s on smol)
+        model, skipped = read_without_weights(source)
+        if skipped:
+            weights = out / f"{graph['file']}.weights"
+            link_or_copy(source, weights)
+            as_external(model, skipped, weights.name)
+        onnx.save_model(model, str(out / graph["file"]))
         return quantize_kv_cache(out / graph["file"], scales, graph)
 
     screen = staging / "kv-int8-screen"

@@ -35,3 +35,31 @@ def test_interrupt_then_resume(tmp_path):
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.startswith(f"ok: {out} — {len(files)} files, ") and "checksums match" in verified.stdout
     assert not (tmp_path / "tiny.partial").exists()
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
+    """Two exports or builds into one folder would share (and wipe) one staging folder: the second is
+    refused with a one-line error while the first runs, and the first finishes untouched."""
+    import pytest
+
+    from vlm_export.artifacts import atomic_directory
+    from vlm_export.errors import VlmExportError
+
+    out = tmp_path / "graphs"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from vlm_export.artifacts import atomic_directory\n"
+        f"with atomic_directory(Path({str(out)!r})) as staging:\n"
+        "    (staging.path / 'first.txt').write_text('1'); print('in', flush=True); time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "in"
+        with pytest.raises(VlmExportError, match="another vlm-export process is writing .*graphs right now"):
+            with atomic_directory(out):
+                pass
+        assert (tmp_path / "graphs.partial" / "first.txt").read_text() == "1"  # left as the first writer had it
+    finally:
+        holder.kill()
+        holder.wait()
+    with atomic_directory(out, force=True) as staging:  # the holder is gone: its lock went with it
+        (staging.path / "second.txt").write_text("2")
+    assert (out / "second.txt").read_text() == "2"

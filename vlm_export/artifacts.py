@@ -296,7 +296,8 @@ class Staging:
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool = False):
-    """Yield a Staging; on success it replaces `out`.
+    """Yield a Staging; on success it replaces `out`. One process at a time writes `out`: a second
+    one started meanwhile stops with an error instead of sharing (and wiping) the staging folder.
 
     Interrupted (Ctrl-C, kill): the staging directory stays, without a manifest (so `verify`
     refuses it), and the next run resumes from its finished stages. Failed (bad validation, full
@@ -304,6 +305,12 @@ def atomic_directory(out: Path, force: bool = False):
     """
     out = Path(out)
     prepare_output(out, force)
+    with _writer_lock(out.with_name(f"{out.name}.partial"), out), _staged(out) as staging:
+        yield staging
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
     staging = Staging(out.with_name(f"{out.name}.partial"))
     with _InterruptGuard() as guard:
         try:
@@ -318,6 +325,27 @@ def atomic_directory(out: Path, force: bool = False):
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging.path, out)
+
+
+@contextlib.contextmanager
+def _writer_lock(staging: Path, out: Path):
+    """An exclusive flock on the staging folder itself for the block: held by the open descriptor, so it
+    goes with the process however it ends, and leaves no lock file behind.
+
+    Raises VlmExportError when another process holds it."""
+    import fcntl
+
+    staging.mkdir(parents=True, exist_ok=True)
+    handle = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VlmExportError(f"another vlm-export process is writing {out} right now",
+                                 "wait for it to finish, or pass another output folder") from None
+        yield
+    finally:
+        os.close(handle)
 
 
 class _InterruptGuard:

@@ -53,9 +53,9 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "in"
-        with pytest.raises(VlmExportError, match="another vlm-export process is writing .*graphs right now"):
-            with atomic_directory(out):
-                pass
+        with pytest.raises(VlmExportError, match="another vlm-export process is writing .*graphs right now"), \
+                atomic_directory(out):
+            pass
         assert (tmp_path / "graphs.partial" / "first.txt").read_text() == "1"  # left as the first writer had it
     finally:
         holder.kill()

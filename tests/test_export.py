@@ -341,12 +341,12 @@ def test_the_llm_reference_is_loaded_once_for_the_dynamic_and_inplace_exports(sp
 
     loads, original = [], pipeline.load_reference
     monkeypatch.setattr(pipeline, "load_reference", lambda *a, **k: loads.append(k) or original(*a, **k))
-    pipeline.KEPT.__init__()
+    pipeline.KEPT.clear()
     export_model(spec, tmp_path / "dynamic", ExportOptions(layout="dynamic"))
     export_layout(tmp_path / "dynamic", tmp_path / "inplace", layout="inplace")
     assert loads == [{"vision": True, "llm": False}, {"vision": False, "llm": True}]
     assert pipeline.KEPT.model is not None
     monkeypatch.setattr(pipeline, "KEEP_BYTES", 0)  # too large to keep: loaded again, and not held
-    pipeline.KEPT.__init__()
+    pipeline.KEPT.clear()
     export_layout(tmp_path / "dynamic", tmp_path / "inplace-again", layout="inplace")
     assert loads[2:] == [{"vision": False, "llm": True}] and pipeline.KEPT.model is None

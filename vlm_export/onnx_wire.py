@@ -107,6 +107,7 @@ def read_without_weights(path: Path, min_bytes: int = MIN_BYTES):
     skipped: list[SkippedData] = []
     if Path(path).stat().st_size == 0:
         raise ValueError("malformed protobuf: an empty file")
+    counter = [0]  # initializers seen so far
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         def tensor(start, end):
             keep, copied = [], start
@@ -119,7 +120,6 @@ def read_without_weights(path: Path, min_bytes: int = MIN_BYTES):
             keep.append(bytes(buf[copied:end]))
             return b"".join(keep)
 
-        counter = [0]
         graph = lambda start, end: _rebuild(buf, start, end, GRAPH_INITIALIZER, tensor)
         model = onnx.ModelProto.FromString(_rebuild(buf, 0, len(buf), MODEL_GRAPH, graph))
     return model, skipped

@@ -102,8 +102,7 @@ def attach_parameters(model, parameters: dict, declared: list[str]) -> None:
             continue
         if value.name not in parameters:
             raise RuntimeError(f"graph input {value.name} is neither declared nor a captured parameter")
-        tensor = parameters[value.name].detach().cpu().contiguous()
-        value.const_value = ir.Tensor(tensor.numpy() if tensor.dtype != torch.bfloat16 else tensor, name=value.name)
+        value.const_value = ir.Tensor(parameters[value.name].detach().cpu().contiguous().numpy(), name=value.name)
         model.graph.inputs.remove(value)
         model.graph.register_initializer(value)
 

@@ -74,12 +74,15 @@ class _KeptReference:
     only under KEEP_BYTES of parameters, so a 1.4B model is never held beside what follows."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
         self.key, self.model = None, None
 
     def get(self, spec: ModelSpec):
         key = json.dumps([spec.to_dict(), weights_fingerprint(spec)], sort_keys=True, default=str)
         if self.key != key:
-            self.key, self.model = None, None
+            self.clear()
             gc.collect()
             model = load_reference(spec, vision=False, llm=True)
             if sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta) <= KEEP_BYTES:
@@ -105,7 +108,7 @@ class _LazyReference:
         if self._models is None or self._vision != vision:
             self._models = None
             if vision:
-                KEPT.__init__()  # no LLM beside the tower's trace, the export's memory peak
+                KEPT.clear()  # no LLM beside the tower's trace, the export's memory peak
             gc.collect()
             reference = load_reference(self.spec, vision=True, llm=False) if vision else KEPT.get(self.spec)
             self._vision = vision

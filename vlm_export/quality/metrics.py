@@ -79,6 +79,11 @@ def position_scores(reference: np.ndarray, candidate: np.ndarray, targets: np.nd
     return np.maximum(kl, 0.0), same_top1, nll_reference, nll  # KL >= 0 up to rounding
 
 
+def _at_least_float32(logits: np.ndarray) -> np.ndarray:
+    """float16 outputs (and integers in tests) widened; float32 and float64 kept as they are."""
+    return logits if logits.dtype.kind == "f" and logits.dtype.itemsize >= 4 else logits.astype(np.float32)
+
+
 @dataclass
 class Quality:
     """A candidate against its baseline over `tokens` scored positions (all float, rates in 0..1)."""
@@ -121,11 +126,8 @@ class Accumulator:
         if reference.shape != candidate.shape or reference.ndim != 2 or targets.shape != reference.shape[:1]:
             raise ValueError(f"logits {reference.shape} vs {candidate.shape}, targets {targets.shape}: "
                              "expected (T, V), (T, V), (T,)")
-        if reference.dtype.kind != "f" or reference.dtype.itemsize < 4:  # float16 outputs (and ints in tests)
-            reference = reference.astype(np.float32)
-        if candidate.dtype.kind != "f" or candidate.dtype.itemsize < 4:
-            candidate = candidate.astype(np.float32)
-        kl, same_top1, nll_reference, nll = position_scores(reference, candidate, targets, self._scratch)
+        kl, same_top1, nll_reference, nll = position_scores(_at_least_float32(reference), _at_least_float32(candidate),
+                                                            targets, self._scratch)
         self.kl.append(kl)
         self.same_top1.append(same_top1)
         self.nll_reference.append(nll_reference)

@@ -174,3 +174,20 @@ def test_unavailable_kernel_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(VlmExportError, match="--kernels ort"):
         library.compile_library(tmp_path)
     assert not (tmp_path / LIBRARY).exists()
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="needs x86-64 with AVX-512 VNNI and a C compiler")
+def test_the_library_is_compiled_once_per_process(monkeypatch, tmp_path):
+    """A build's second variant gets a copy of the first's library, not a second compile; a bad
+    compiler flag is a one-line error that leaves no library behind."""
+    from vlm_export.kernels import library
+
+    first = library.compile_library(tmp_path / "a")
+    monkeypatch.setattr(library, "_compile", lambda *a: pytest.fail("compiled again"))
+    second = library.compile_library(tmp_path / "b")
+    assert second.read_bytes() == first.read_bytes() and second != first
+    monkeypatch.undo()
+    monkeypatch.setitem(library.SOURCES, "attention.c", ["-mno-such-flag"])  # another key: compiled, and fails
+    with pytest.raises(VlmExportError, match="compiling the int4 kernel failed: .*no-such-flag"):
+        library.compile_library(tmp_path / "c")
+    assert not (tmp_path / "c" / LIBRARY).exists()

@@ -61,3 +61,27 @@ def test_each_part_draws_from_its_own_seed():
         pa, pb = getattr(a.model, part).state_dict(), getattr(b.model, part).state_dict()
         assert pa and all(torch.equal(v, pb[k]) for k, v in pa.items())
     assert all(p.is_meta for p in b.model.layers.parameters())
+
+
+def test_the_seeded_tower_draws_every_parameter_from_clips_own_init():
+    """torch's default init is skipped (CLIP's `_init_weights` overwrites it all): with uninitialised
+    memory filled with NaN, none is left in the seeded tower, and a tower built without CLIP's init
+    would show them (so the check can fail)."""
+    from transformers.modeling_utils import no_init_weights
+
+    from vlm_export.model.mobilevlm import _seeded_tower
+    from vlm_export.model.vision_tower import CLIPVisionTower
+
+    spec = tiny_spec("ldpnet")
+    torch.use_deterministic_algorithms(True)  # torch.empty fills floats with NaN (torch.utils.deterministic)
+    try:
+        tower = _seeded_tower(spec, 1)
+        with no_init_weights():
+            bare = CLIPVisionTower(spec.vision)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.isfinite(p).all() for p in tower.parameters())
+    assert any(torch.isnan(p).any() for p in bare.parameters())
+    attn = tower.vision_tower.vision_model.encoder.layers[0].self_attn
+    in_std = spec.vision.hidden_size ** -0.5 * (2 * spec.vision.num_layers) ** -0.5  # CLIP's in_proj_std
+    assert abs(float(attn.q_proj.weight.detach().std()) / in_std - 1) < 0.1 and not attn.q_proj.bias.any()

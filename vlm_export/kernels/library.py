@@ -45,28 +45,74 @@ def unavailable_reason() -> str | None:
     return None
 
 
+_BUILT: dict[tuple, Path] = {}  # (compiler, sources' digest) -> this process's first build of the library
+
+
+def sources_digest() -> str:
+    """sha256 of the kernel's C sources and headers, in name order (hex)."""
+    import hashlib
+
+    files = sorted(SOURCES) + sorted(p.name for p in SOURCE_DIR.glob("*.h"))
+    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in files)).hexdigest()
+
+
 def compile_library(directory: Path) -> Path:
-    """Builds the library into `directory` (written beside, then renamed: never half a library)."""
+    """Builds the library into `directory` (written beside, then renamed: never half a library).
+    Compiled once per process and sources: a build's int8 and int4 variants, and the tests, get a
+    copy of the first (~2 s of compiler each).
+
+    Raises VlmExportError when the kernels cannot be built here (`unavailable_reason`) or the
+    compiler fails."""
     reason = unavailable_reason()
     if reason:
         raise VlmExportError(reason, "build with --kernels ort (ONNX Runtime's MatMulNBits)")
     directory.mkdir(parents=True, exist_ok=True)
+    key = (compiler(), sources_digest(), repr(SOURCES))
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        objects = []
-        for source, flags in SOURCES.items():
-            objects.append(str(Path(scratch) / (source + ".o")))
-            _run([compiler(), "-O3", "-fPIC", "-std=gnu11", *flags, "-c", str(SOURCE_DIR / source), "-o", objects[-1]])
         partial = Path(scratch) / LIBRARY
-        _run([compiler(), "-shared", "-o", str(partial), *objects, "-lm", "-lpthread"])
+        built = _BUILT.get(key)
+        if built is not None and built.is_file():
+            shutil.copyfile(built, partial)
+        else:
+            _compile(Path(scratch), partial)
         os.replace(partial, directory / LIBRARY)
+    if _BUILT.get(key) is None or not _BUILT[key].is_file():
+        _BUILT[key] = _keep(directory / LIBRARY)
     return directory / LIBRARY
+
+
+def _keep(library: Path) -> Path:
+    """A copy of `library` in this process's own temporary folder (removed at exit), so that later
+    builds copy it from there whatever happens to the folder it was built in."""
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix="vlm-export-kernels-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    shutil.copyfile(library, folder / LIBRARY)
+    return folder / LIBRARY
+
+
+def _compile(scratch: Path, library: Path) -> None:
+    """The sources compiled side by side (one compiler process each), then linked into `library`."""
+    objects = [str(scratch / (source + ".o")) for source in SOURCES]
+    jobs = [subprocess.Popen([compiler(), "-O3", "-fPIC", "-std=gnu11", *flags, "-c", str(SOURCE_DIR / source), "-o", obj],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for (source, flags), obj in zip(SOURCES.items(), objects)]
+    failed = [err for job in jobs for _, err in [job.communicate()] if job.returncode != 0]
+    if failed:
+        _fail(failed[0])
+    _run([compiler(), "-shared", "-o", str(library), *objects, "-lm", "-lpthread"])
 
 
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or ["no output"])[0]
-        raise VlmExportError(f"compiling the int4 kernel failed: {first[:200]}", "build with --kernels ort, or fix the C compiler")
+        _fail(done.stderr)
+
+
+def _fail(stderr: str) -> None:
+    first = (stderr.strip().splitlines() or ["no output"])[0]
+    raise VlmExportError(f"compiling the int4 kernel failed: {first[:200]}", "build with --kernels ort, or fix the C compiler")
 
 
 def ship_library(library: Path, directory: Path, record: dict) -> None:

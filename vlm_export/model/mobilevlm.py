@@ -47,7 +47,7 @@ def llama_config(spec: LLMSpec) -> LlamaConfig:
 class Init(enum.Enum):
     """How one part's weights come to be when the model is built."""
 
-    SEEDED = "seeded"  # seeded-random: torch.manual_seed(seed + PART_SEED_OFFSETS[part]), then the usual init
+    SEEDED = "seeded"  # seeded-random: torch.manual_seed(seed + PART_SEED_OFFSETS[part]), then the part's init
     LOADED = "loaded"  # left uninitialised: a loader fills every weight next (load.copy_weights checks that)
     ABSENT = "absent"  # on the meta device: shapes only, no memory, no time
 
@@ -72,6 +72,20 @@ def _building(init: Init, seed: int):
         yield
 
 
+def _seeded_tower(spec: ModelSpec, seed: int) -> CLIPVisionTower:
+    """The CLIP tower with CLIP's own initialisation (transformers' `_init_weights`: normal weights,
+    zero biases, unit LayerNorms) drawn from `seed`, and nothing before it: torch's default kaiming
+    init, which that overwrites entirely, took 4.6 s of smol's 0.3 B-parameter tower for nothing
+    (tests/test_model.py checks that every parameter is drawn)."""
+    from transformers.modeling_utils import no_init_weights  # skips torch.nn.init and _init_weights
+
+    with no_init_weights():
+        tower = CLIPVisionTower(spec.vision)
+    torch.manual_seed(seed)
+    tower.vision_tower.init_weights()
+    return tower
+
+
 class MobileVLMForCausalLM(LlamaForCausalLM):
     def __init__(self, spec: ModelSpec, seed: int = 0, llm: Init = Init.SEEDED, vision_tower: Init = Init.SEEDED,
                  projector: Init = Init.SEEDED):
@@ -82,8 +96,11 @@ class MobileVLMForCausalLM(LlamaForCausalLM):
             super().__init__(llama_config(spec.llm))
         self.tie_weights()  # post_init ties lm_head to embed_tokens only when it initialises them
         self.spec = spec
-        with _building(vision_tower, seed + PART_SEED_OFFSETS["vision_tower"]):
-            self.model.vision_tower = CLIPVisionTower(spec.vision)
+        if vision_tower is Init.SEEDED:
+            self.model.vision_tower = _seeded_tower(spec, seed + PART_SEED_OFFSETS["vision_tower"])
+        else:
+            with _building(vision_tower, seed + PART_SEED_OFFSETS["vision_tower"]):
+                self.model.vision_tower = CLIPVisionTower(spec.vision)
         with _building(projector, seed + PART_SEED_OFFSETS["projector"]):
             self.model.mm_projector = build_projector(
                 spec.projector_type, spec.vision.hidden_size, spec.llm.hidden_size, spec.vision.grid

@@ -56,12 +56,9 @@ BUILD_RECIPE = "blocks-v4: gguf carry-over (widened into int8), min/max int4 and
 
 def kernel_recipe() -> str:
     """The native kernel's sources, by hash: a kernel change rebuilds the variants that ship it."""
-    import hashlib
+    from vlm_export.kernels.library import sources_digest
 
-    from vlm_export.kernels.library import SOURCE_DIR, SOURCES
-
-    files = sorted(SOURCES) + sorted(p.name for p in SOURCE_DIR.glob("*.h"))
-    return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in files)).hexdigest()[:16]
+    return sources_digest()[:16]
 
 
 def weight_config(name: str) -> WeightOnlyConfig | None:

@@ -196,6 +196,22 @@ def test_disk_full_is_a_clear_error(tmp_path, spec, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_disk_full_while_a_graph_is_folded_back_on_its_thread_is_the_same_clear_error(tmp_path, spec, monkeypatch):
+    """inline_weights and the hashing run beside the next graph's export: what fails there stops the
+    export with the same error, after the thread is done, and leaves nothing."""
+    import errno
+
+    from vlm_export.export import pipeline
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "inline_weights", full_disk)
+    with pytest.raises(VlmExportError, match="disk filled up"):
+        export_model(spec, tmp_path / "out", ExportOptions())
+    assert not list(tmp_path.iterdir())
+
+
 def test_tokenizer_graph_gives_the_same_ids(dynamic_graphs):
     manifest = json.loads((dynamic_graphs / "manifest.json").read_text())
     record = manifest["tokenizer_graph"]

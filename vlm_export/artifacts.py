@@ -31,6 +31,7 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+_FACTS_LOCK = threading.Lock()  # one read-modify-write of the facts file at a time in this process
 FACTS_KEPT = 4096  # files whose facts the cache keeps (~0.6 MB of JSON)
 
 
@@ -65,7 +66,8 @@ def _write_facts(cache_path: Path, cache: dict, key: str, facts: dict) -> None:
     live = dict(list(live.items())[-(FACTS_KEPT - 1):])
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
+        # processes, and an export's finishing thread, may write at once
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({**live, key: facts}))
         os.replace(tmp, cache_path)
     except OSError:
@@ -82,7 +84,10 @@ def _remembered(path: Path, kind: str, compute):
     if kind in facts:
         return facts[kind]
     value = compute(path)
-    _write_facts(cache_path, cache, key, {**facts, kind: value})
+    with _FACTS_LOCK:  # read again: another thread of this process may have added facts meanwhile
+        cache = _read_facts(cache_path)
+        facts = cache.get(key) if isinstance(cache.get(key), dict) else {}
+        _write_facts(cache_path, cache, key, {**facts, kind: value})
     return value
 
 
@@ -114,9 +119,10 @@ def _keeping_facts(path: Path, change) -> None:
     finally:
         os.close(fd)
     cache_path = _hash_cache_path()
-    cache = _read_facts(cache_path)
-    if isinstance(cache.get(before), dict):
-        _write_facts(cache_path, cache, after, cache[before])
+    with _FACTS_LOCK:
+        cache = _read_facts(cache_path)
+        if isinstance(cache.get(before), dict):
+            _write_facts(cache_path, cache, after, cache[before])
 
 
 def remove_tree(directory: Path) -> None:
@@ -283,11 +289,12 @@ class Staging:
             record = json.loads(record_path.read_text())
         except json.JSONDecodeError:
             return None
-        files_ok = all((self.path / f).is_file() and sha256(self.path / f) == digest for f, digest in record["files"].items())
+        files_ok = all((self.path / f).is_file() and sha256_remembered(self.path / f) == digest for f, digest in record["files"].items())
         return record["result"] if record["key"] == key and files_ok else None
 
     def remember(self, name: str, key: str, files: list[str], result: dict) -> None:
-        digests = {f: sha256(self.path / f) for f in files if (self.path / f).is_file()}
+        # remembered digests: the manifest's file_records then reads these files no second time
+        digests = {f: sha256_remembered(self.path / f) for f in files if (self.path / f).is_file()}
         write_json_atomic(self._record_path(name), {"key": key, "files": digests, "result": result})
 
     def finish(self) -> None:

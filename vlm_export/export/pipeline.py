@@ -9,6 +9,7 @@ import logging
 import platform
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +138,17 @@ def _export_one(models: _LazyReference, graph: GraphSpec, staging: Path, opts: E
         release_vision(model, reference)
     del wrapper, reference_wrapper, model, reference
     gc.collect()
-    inline_weights(path)  # validated on the external data (export_graph's docstring)
     if not validation["passed"]:
         details = ", ".join(f"{k} max|diff| {v['max_abs_diff']:.2e}" for k, v in validation["outputs"].items())
         raise VlmExportError(f"validation against PyTorch failed: {graph.name} {details}", "report this with --debug output")
     return {**graph.to_dict(), "export_seconds": round(exported, 2), "validation": validation}
+
+
+def _finish_graph(staging, graph: GraphSpec, key: str, record: dict) -> None:
+    """An exported, validated graph's weights put back inline (`inline_weights`; validation ran on
+    the external data) and its files recorded as a finished stage (hashed)."""
+    inline_weights(staging.path / graph.file)
+    staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
 
 
 def _write_tokenizer(spec: ModelSpec, staging: Path) -> dict:
@@ -234,7 +241,11 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
     models = _LazyReference(spec, opts.dtype)
     earlier = reusable_graphs(reuse, spec, opts, versions)
     records = []
-    with atomic_directory(Path(out), force) as staging:
+    # each exported graph's weights are folded back inline and its files hashed on a thread of their
+    # own while the next graph exports (file copies and sha256 release the GIL: smol's export ran
+    # ~10 s of them in line); leaving the block waits for it, so staging is never removed under it
+    with atomic_directory(Path(out), force) as staging, ThreadPoolExecutor(1, thread_name_prefix="vlm-export-finish") as finishing:
+        finished = []
         for graph in graphs_for(spec, opts):
             key = stage_key(base_key, graph.to_dict())
             record = staging.cached(graph.name, key)
@@ -248,6 +259,9 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
             else:
                 with stage(f"exporting {graph.file}"):
                     record = _export_one(models, graph, staging.path, opts)
+                finished.append(finishing.submit(_finish_graph, staging, graph, key, record))
+                records.append(record)
+                continue
             staging.remember(graph.name, key, [graph.file, graph.file + ".data"], record)
             records.append(record)
         if earlier:  # the same model, export and tool versions: the same tokenizer
@@ -256,6 +270,8 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
         else:
             with stage("writing the tokenizer"):
                 tokenizer_graph = _write_tokenizer(spec, staging.path)
+        for done in finished:
+            done.result()  # re-raises what failed on the thread
         staging.finish()
         manifest = write_manifest(staging.path, {
             "kind": "vlm-export graphs",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError
@@ -35,6 +36,7 @@ from vlm_export.quantize.dynamic_int8 import quantize_dynamic_int8
 from vlm_export.quantize.kv_int8 import calibrate_kv_scales, quantize_kv_cache
 from vlm_export.quantize.matmul_kernel import use_matmul_kernel
 from vlm_export.quantize.weight_only import WeightOnlyConfig, quantize_weights, source_blocks
+from vlm_export.runtime.image_encoder import Prefetch, cached_images
 from vlm_export.spec.graph_io import GraphRole, KvUpdate
 from vlm_export.spec.layouts import graph_layout, layout_of
 from vlm_export.targets.assemble import assemble_variant, export_layout
@@ -223,6 +225,8 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 
     def build_stage(recipe: Recipe, staging: Path) -> dict:
         staging_dir[:] = [staging]
+        if recipe.source is None and not prefetch:  # fp32, built now: the images fp32 CLIP-L will see, beside it
+            prefetch.append(stack.enter_context(Prefetch(graphs, _fp32_images(profile, recipes))))
         return _build_variant(graphs, manifest, staging, recipe, profile, kv_scales, tokens, kv_alone, vision)
 
     def key(recipe: Recipe) -> tuple:
@@ -234,7 +238,26 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
     tokens = eval_tokens_for(profile.eval_tokens, manifest["model"])
     report = {"target": "cpu", "graphs": str(graphs), "layout": profile.layout, "eval_tokens": tokens,
               "message": f"run a variant with: vlm-export run {out / profile.variants[-1]} --prompt ..."}
-    return build_stages(manifest, out, force, recipes_for(profile), report, build_stage, key, report_markdown)
+    recipes, prefetch = recipes_for(profile), []
+    # each image file through each vision graph once per build (image_encoder.py): calibration, the
+    # int8-KV screen and every variant's scoring ask for the same ones
+    with ExitStack() as stack:
+        stack.enter_context(cached_images())
+        return build_stages(manifest, out, force, recipes, report, build_stage, key, report_markdown)
+
+
+def _fp32_images(profile: Profile, recipes: list[Recipe]) -> list[Path]:
+    """The image files the build runs through fp32's vision graph, in the order it asks: the
+    calibration requests' (for an int8 KV cache), then the eval image (scoring's reference side)."""
+    from vlm_export.quality.eval_set import eval_image
+    from vlm_export.quantize.calibration import calibration_requests, calibration_set
+
+    images = []
+    if any(KV_INT8 in r.passes_on(GraphRole.DECODER) for r in recipes):
+        images += [r.image for r in calibration_requests(*calibration_set(profile.calibration)) if r.image is not None]
+    if any(r.budget for r in recipes) and eval_image() is not None:
+        images.append(eval_image())
+    return list(dict.fromkeys(images))
 
 
 def _measure(fp32: Path, variant: Path, name: str, tokens: int, judge: bool) -> dict:

@@ -196,9 +196,9 @@ def test_disk_full_is_a_clear_error(tmp_path, spec, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_disk_full_while_a_graph_is_folded_back_on_its_thread_is_the_same_clear_error(tmp_path, spec, monkeypatch):
-    """inline_weights and the hashing run beside the next graph's export: what fails there stops the
-    export with the same error, after the thread is done, and leaves nothing."""
+def test_a_disk_full_while_a_graph_is_folded_back_is_the_same_clear_error(tmp_path, spec, monkeypatch):
+    """The weights written again inline after validation: a full disk there stops the export with the
+    same error and leaves nothing."""
     import errno
 
     from vlm_export.export import pipeline

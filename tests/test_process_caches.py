@@ -93,3 +93,38 @@ def test_a_recording_runner_sees_every_image_even_when_cached(tiny_graphs, photo
             generator.image_embeds(photo)  # now cached
         recorded = recorded_samples(tiny_graphs, [Request.ask("Describe the image.", photo)], new_tokens=1)
     assert len(recorded["vision"]) == 1 and recorded["vision"][0]["pixel_values"].shape[0] == 1
+
+
+def test_a_prefetch_computes_images_beside_and_the_loop_takes_its_answers(tiny_graphs, photo, tmp_path, counted_vision, monkeypatch):
+    """Prefetch runs each image once on its own thread; a generator of a set with the same vision
+    graph gets those embeddings (waiting for one still running), equal to its own; closing it drops
+    the images not started."""
+    import threading
+
+    images = []
+    for name in ("a.png", "b.png", "c.png"):
+        images.append(tmp_path / name)
+        shutil.copy(photo, images[-1])
+    release, original = threading.Event(), ImageEncoder.run
+    seen_threads = []
+
+    def slow_run(self, batch):  # the prefetch's first image waits until the loop has asked for it
+        if batch:
+            seen_threads.append(threading.current_thread().name)
+        if batch and batch[0] == images[0] and not release.is_set():
+            release.wait(5)
+        return original(self, batch)
+
+    monkeypatch.setattr(ImageEncoder, "run", slow_run)  # `original` counts (counted_vision)
+    with cached_images(), Generator(ArtifactSet.open(tiny_graphs), "ort") as generator:
+        with image_encoder.Prefetch(tiny_graphs, images[:2]) as prefetch:
+            threading.Timer(0.5, release.set).start()
+            first = generator.image_embeds(images[0])  # pending: waits for the prefetch's answer
+            second = generator.image_embeds(images[1])
+        assert counted_vision == images[:2] and all(t.startswith("vlm-export-images") for t in seen_threads)
+        assert prefetch._runner is not None and not prefetch._runner.is_active
+        own = original(ImageEncoder(lambda: generator.runners["vision"], generator.spec, np.float32, None), [images[0]])[0]
+        assert np.array_equal(first, own) and np.array_equal(second, own)
+        counted_vision.clear()
+        generator.image_embeds(images[2])  # never prefetched: the generator's own run
+        assert counted_vision == [images[2]] and not image_encoder._PENDING

@@ -60,3 +60,16 @@ def test_generate_tiny_with_real_photo(photo):
                       "  start  loading the weights", "  done   loading the weights", "done   loading tiny (PyTorch reference)"]
     quiet = vlm("generate", "tiny", "--prompt", "Hi", "--max-new-tokens", "1", "--no-stream", "--quiet")
     assert quiet.returncode == 0 and not any(line.lstrip().startswith(("start", "done")) for line in quiet.stderr.splitlines())
+
+
+@pytest.mark.parametrize("code, status, stderr", [(3, 3, ""), (None, 0, ""), ("stopped: why", 1, "stopped: why\n")])
+def test_the_quick_exit_keeps_what_a_normal_exit_does(code, status, stderr):
+    """exit_now skips the interpreter's teardown but still runs the atexit handlers and flushes
+    buffered output, with SystemExit's meaning of the code."""
+    import subprocess
+    import sys
+
+    script = ("import atexit; from vlm_export.cli.entry import exit_now; atexit.register(lambda: print('handler ran'))\n"
+              f"print('buffered', end=' '); exit_now({code!r})")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "buffered handler ran\n", stderr)

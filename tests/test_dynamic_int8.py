@@ -58,3 +58,27 @@ def test_per_channel_codes_reconstruct_within_half_a_step():
     codes, scale = per_channel_int8(weight)
     assert codes.dtype == np.int8 and scale.shape == (32,) and np.abs(codes).max() == 127
     assert np.all(np.abs(codes * scale - weight) <= scale / 2 + 1e-7)
+
+
+def test_the_source_read_over_a_memory_map_gives_one_self_contained_graph(tmp_path):
+    """Inline or external source weights, large or small: the same int8 graph, every weight it keeps
+    in float (a 2 KB bias here) byte for byte in the one output file."""
+    rng = np.random.default_rng(2)
+    w, bias = rng.normal(size=(32, 512)).astype(np.float32), rng.normal(size=(512,)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"),
+                               helper.make_node("Add", ["m", "bias"], ["out"], name="bias_add")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "external").mkdir()
+    onnx.save(model, str(tmp_path / "inline.onnx"))
+    onnx.save(model, str(tmp_path / "external" / "g.onnx"), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    quantize_dynamic_int8(tmp_path / "inline.onnx", tmp_path / "a.onnx")
+    quantize_dynamic_int8(tmp_path / "external" / "g.onnx", tmp_path / "b.onnx")
+    a, b = onnx.load(str(tmp_path / "a.onnx"), load_external_data=False), onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
+    assert a == b and all(t.data_location == TensorProto.DEFAULT for t in a.graph.initializer)
+    kept = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    assert np.array_equal(kept["bias"], bias) and "w" not in kept
+    codes, scale = per_channel_int8(w)
+    assert np.array_equal(kept["w_quantized"], codes) and np.array_equal(kept["w_scale"], scale)

@@ -128,3 +128,19 @@ def test_a_prefetch_computes_images_beside_and_the_loop_takes_its_answers(tiny_g
         counted_vision.clear()
         generator.image_embeds(images[2])  # never prefetched: the generator's own run
         assert counted_vision == [images[2]] and not image_encoder._PENDING
+
+
+def test_sessions_that_open_on_use_open_only_when_run(tiny_graphs):
+    """Scoring opens its generators so: a side that is replayed creates no session; one that runs
+    opens each graph at its first call, and an all-positions copy set aside beside a never-opened
+    decoder leaves it to open on use as well."""
+    from vlm_export.runtime.generation import Request
+    from vlm_export.runtime.sampling import SamplingParams
+
+    with Generator(ArtifactSet.open(tiny_graphs), "ort", open_on_use=True) as generator:
+        assert not any(r.is_active for r in generator.runners.values())
+        decoder = generator.runners[generator.decode_graph]
+        assert decoder.suspend() is False  # what all_logits() does first: nothing to close, still opens on use
+        answer = generator.generate([Request.ask("hello")], SamplingParams(max_new_tokens=2))[0]
+        assert len(answer.token_ids) >= 1 and decoder.is_active and generator.runners["embed"].is_active
+        assert not generator.runners["vision"].is_active  # a text-only answer

@@ -138,3 +138,19 @@ def as_external(model, skipped: list[SkippedData], location: str) -> None:
         for key, value in (("location", location), ("offset", str(item.offset)), ("length", str(item.length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
+
+
+def skipped_arrays(path: Path, model, skipped: list[SkippedData]) -> dict:
+    """The skipped initializers' values (from read_without_weights on `path`) as read-only numpy
+    arrays over a memory map of the file, no copy: name -> array of the tensor's dtype and dims
+    (ONNX raw_data is little-endian, as is every CPU this project builds on)."""
+    import numpy as np
+    from onnx import helper
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for item in skipped:
+        tensor = model.graph.initializer[item.index]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        out[tensor.name] = data[item.offset:item.offset + item.length].view(dtype).reshape(tuple(tensor.dims))
+    return out

@@ -28,12 +28,13 @@ def agreement(reference: Generator, candidate: Generator, eval_tokens: int, new_
             "perplexity_candidate": result["perplexity"]}
 
 
-def open_generator(directory: Path, backend: str) -> Generator:
-    return Generator(ArtifactSet.open(directory, check_hashes=False), backend)
+def open_generator(directory: Path, backend: str, open_on_use: bool = False) -> Generator:
+    return Generator(ArtifactSet.open(directory, check_hashes=False), backend, open_on_use=open_on_use)
 
 
 def accuracy_vs_fp32(fp32_dir: Path, variant_dir: Path, eval_tokens: int = 16) -> dict:
     """A built variant against its fp32 graphs, both on ONNX Runtime (what build reports use), over
-    `eval_tokens` scored positions of the eval prose (see `agreement` for the keys)."""
-    with open_generator(fp32_dir, "ort") as reference, open_generator(variant_dir, "ort") as candidate:
+    `eval_tokens` scored positions of the eval prose (see `agreement` for the keys). Sessions open on
+    use: the fp32 side replayed from this process's earlier comparison runs none."""
+    with open_generator(fp32_dir, "ort", True) as reference, open_generator(variant_dir, "ort", True) as candidate:
         return agreement(reference, candidate, eval_tokens)

@@ -315,8 +315,8 @@ def compare_dirs(reference_dir: Path, candidate_dir: Path, settings: Settings, b
     from vlm_export.runtime.artifact_set import ArtifactSet
     from vlm_export.runtime.generation import Generator
 
-    with Generator(ArtifactSet.open(reference_dir, check_hashes=False), backend) as reference, \
-            Generator(ArtifactSet.open(candidate_dir, check_hashes=False), backend) as candidate:
+    with Generator(ArtifactSet.open(reference_dir, check_hashes=False), backend, open_on_use=True) as reference, \
+            Generator(ArtifactSet.open(candidate_dir, check_hashes=False), backend, open_on_use=True) as candidate:
         return compare(reference, candidate, settings)
 
 

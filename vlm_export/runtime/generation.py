@@ -41,12 +41,17 @@ class Request:
 
 
 class Generator:
-    def __init__(self, artifacts: ArtifactSet, backend: str = "ort", **runner_options):
+    def __init__(self, artifacts: ArtifactSet, backend: str = "ort", open_on_use: bool = False, **runner_options):
+        """`open_on_use`: every graph's session is created when first run (scoring: a replayed side
+        runs none of them); by default the text graphs' are created now, so that a load error shows
+        before any work and the first answer's timings are the graphs' own."""
         self.artifacts, self.spec = artifacts, artifacts.spec
         self.tokenizer = artifacts.tokenizer()
         self.runners = artifacts.runners(backend, **runner_options)
         for name, runner in self.runners.items():
-            if name != "vision":  # on the first image: a text-only answer skips its session (1.3 s for smol's)
+            if open_on_use:
+                runner.open_on_use()
+            elif name != "vision":  # on the first image: a text-only answer skips its session (1.3 s for smol's)
                 runner.activate()
         self.layout = layout_of(artifacts.layout)  # the decoder layout: packing, graphs, KV cache
         self.decode_graph = self.layout.decode_graph

@@ -44,10 +44,17 @@ class Runner:
     def suspend(self) -> bool:
         """Close it for a while (memory), to be opened again by the next `infer` only if one comes
         (re-creating a session nobody uses costs seconds for a large graph). -> whether it was active."""
-        was_active = self.is_active
+        was_active, waiting = self.is_active, self._reopen  # waiting: opens on use, not opened yet
         self.deactivate()
-        self._reopen = was_active
+        self._reopen = was_active or waiting
         return was_active
+
+    def open_on_use(self) -> Runner:
+        """Not opened now: the first `infer` opens it (a caller that may never run it, e.g. scoring
+        whose reference side is replayed, skips the session's creation)."""
+        if not self.is_active:
+            self._reopen = True
+        return self
 
     def __enter__(self):
         return self.activate()

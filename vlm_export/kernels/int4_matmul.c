@@ -47,21 +47,27 @@ typedef struct {
   int bits;              /* 4 or 8 */
 } MatMulJob;
 
+/* Per block of `block` inputs (a multiple of 32): scale = absmax / 127, codes = round-half-even(x * 127 /
+ * absmax) (the MXCSR's default rounding, as lrintf), their sum times the scale. Vectorised: it runs on
+ * the calling thread before the tiles are shared out, and the scalar loop took ~20 % of a 256-row
+ * prefill's time while the other thread waited. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, int8_t *xq, float *xscale, float *xsum) {
   int64_t nb = K / block;
   for (int64_t r = 0; r < M * nb; r++) {
     const float *src = x + r * block;
-    float absmax = 0.f;
-    for (int64_t i = 0; i < block; i++) absmax = fmaxf(absmax, fabsf(src[i]));
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < block; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+    float absmax = _mm512_reduce_max_ps(top);
     float scale = absmax / 127.f, inv = absmax > 0.f ? 127.f / absmax : 0.f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < block; i++) {
-      int32_t q = (int32_t)lrintf(src[i] * inv);
-      xq[r * block + i] = (int8_t)q;
-      sum += q;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < block; i += 16) {
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), vinv));
+      sum = _mm512_add_epi32(sum, q);
+      _mm_storeu_si128((__m128i *)(xq + r * block + i), _mm512_cvtsepi32_epi8(q));
     }
     xscale[r] = scale;
-    xsum[r] = scale * (float)sum;
+    xsum[r] = scale * (float)_mm512_reduce_add_epi32(sum);
   }
 }
 

@@ -212,6 +212,18 @@ def test_a_disk_full_while_a_graph_is_folded_back_is_the_same_clear_error(tmp_pa
     assert not list(tmp_path.iterdir())
 
 
+def test_on_graph_is_called_per_exported_graph_with_its_final_digest(tmp_path, spec):
+    """A build starts work on a graph as soon as it is exported (cpu: its images through the vision
+    graph): the hook gets the record, a folder holding the file, and the digest the manifest keeps."""
+    from vlm_export.artifacts import sha256
+
+    seen = []
+    manifest = export_model(spec, tmp_path / "out", ExportOptions(),
+                            on_graph=lambda record, folder, digest: seen.append((record["file"], sha256(folder / record["file"]), digest)))
+    assert [file for file, _, _ in seen] == [g["file"] for g in manifest["graphs"]]
+    assert all(now == digest == manifest["files"][file]["sha256"] for file, now, digest in seen)
+
+
 def test_tokenizer_graph_gives_the_same_ids(dynamic_graphs):
     manifest = json.loads((dynamic_graphs / "manifest.json").read_text())
     record = manifest["tokenizer_graph"]

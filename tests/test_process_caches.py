@@ -117,7 +117,7 @@ def test_a_prefetch_computes_images_beside_and_the_loop_takes_its_answers(tiny_g
 
     monkeypatch.setattr(ImageEncoder, "run", slow_run)  # `original` counts (counted_vision)
     with cached_images(), Generator(ArtifactSet.open(tiny_graphs), "ort") as generator:
-        with image_encoder.Prefetch(tiny_graphs, images[:2]) as prefetch:
+        with image_encoder.Prefetch.of_set(tiny_graphs, images[:2]) as prefetch:
             threading.Timer(0.5, release.set).start()
             first = generator.image_embeds(images[0])  # pending: waits for the prefetch's answer
             second = generator.image_embeds(images[1])

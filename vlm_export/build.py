@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from vlm_export.spec import ModelSpec
 from vlm_export.targets import target_module
 
 
-def ensure_graphs(spec: ModelSpec, graphs: Path) -> Path:
-    """Reuse `graphs` if it is a verified export of this model; export it otherwise."""
+def ensure_graphs(spec: ModelSpec, graphs: Path, on_graph=None) -> Path:
+    """Reuse `graphs` if it is a verified export of this model; export it otherwise (`on_graph`:
+    export_model's, called per graph exported)."""
     from vlm_export.artifacts import MANIFEST, verify
     from vlm_export.export.pipeline import export_model
     from vlm_export.spec.graph_io import ExportOptions
@@ -23,7 +25,7 @@ def ensure_graphs(spec: ModelSpec, graphs: Path) -> Path:
             raise VlmExportError(f"{graphs} holds graphs of another model or version", "pass another --graphs DIR or delete that one")
         step(f"reusing verified graphs in {graphs}")
         return graphs
-    export_model(spec, graphs, ExportOptions(), force=graphs.exists())
+    export_model(spec, graphs, ExportOptions(), force=graphs.exists(), on_graph=on_graph)
     return graphs
 
 
@@ -56,6 +58,9 @@ def build_model(spec: ModelSpec, target: str, out: Path, graphs: Path, profile_o
     profile = module.Profile(**profile_options)  # each target validates its own typed profile
     if hasattr(module, "preflight"):  # a target's own input checks, before minutes of export
         module.preflight(profile)
-    with stage(f"building {spec.name} for --target {target} in {out}"):
-        ensure_graphs(spec, graphs)
+    # a target may start work on the graphs as they are exported (cpu: its fp32 images, beside the export)
+    beside = getattr(module, "while_exporting", None)
+    with stage(f"building {spec.name} for --target {target} in {out}"), \
+            (beside(profile, spec) if beside else contextlib.nullcontext()) as on_graph:
+        ensure_graphs(spec, graphs, on_graph)
         return module.build(graphs, out, profile, force=force)

@@ -41,12 +41,17 @@ def cached_images():
         _CACHING[0] -= 1
 
 
+def graph_identity(sha256: str, backend: str, options: dict) -> tuple:
+    """The cache's key for a vision graph: its file's digest, the backend and its options."""
+    return (sha256, backend, repr(sorted(options.items())))
+
+
 def vision_identity(artifacts, backend: str, options: dict) -> tuple | None:
-    """What a set's vision graph computes with: its file's manifest digest, the backend and its
-    options; None where the set has no vision graph file with a digest."""
+    """What a set's vision graph computes with (`graph_identity` of its manifest digest); None where
+    the set has no vision graph file with a digest."""
     vision = artifacts.graphs.get("vision")
     record = artifacts.manifest.get("files", {}).get(vision["file"]) if vision and artifacts.directory else None
-    return (record["sha256"], backend, repr(sorted(options.items()))) if record else None
+    return graph_identity(record["sha256"], backend, options) if record else None
 
 
 def _image_key(vision: tuple | None, image) -> tuple | None:
@@ -115,32 +120,48 @@ def _keep(key: tuple, embeds: np.ndarray) -> None:  # with _LOCK held
 
 
 class Prefetch:
-    """Image files' embeddings through the vision graph of the set in `directory`, computed on a
-    thread of its own (its ORT session on `threads` intra-op threads) into the process's cache, where
-    any set whose vision graph has the same digest and backend finds them inside `cached_images()`
-    (an assembled variant's linked copy of it too). An ImageEncoder that asks for one still being
-    computed waits for it. Thread counts do not change ORT's CPU results (smol's CLIP-L: equal bit
-    for bit at 1 and 2 threads), so the key ignores them.
+    """Image files' embeddings through a vision graph, computed on a thread of their own (its ORT
+    session on one intra-op thread) into the process's cache, where any set whose vision graph has
+    the same digest and backend finds them inside `cached_images()` (an assembled variant's linked
+    copy of it too). An ImageEncoder that asks for one still being computed waits for it. Thread
+    counts do not change ORT's CPU results (smol's CLIP-L: equal bit for bit at 1 and 2 threads),
+    so the key ignores them.
 
-    A cpu build starts one when its graphs are exported: calibration and scoring ran fp32 CLIP-L in
-    line (~2.6 s an image, 2.8 s per session), while the fp32 decoder's re-export left a core idle.
-    `close()` waits for it and frees the session; errors are not raised here (the image is then
-    computed again where it is needed, and fails there)."""
+    A cpu build starts one as soon as its vision graph is exported: calibration and scoring ran fp32
+    CLIP-L in line (~2.6 s an image, 2.8 s per session) while the export and the fp32 decoder's
+    re-export left a core idle. `close()` waits for the image being computed, drops the others and
+    frees the session; errors are not raised here (the image is then computed again where it is
+    needed, and fails there)."""
 
-    def __init__(self, directory: Path, images: list[Path], backend: str = "ort", threads: int = 1):
+    def __init__(self, runner: Runner | None, spec, dtype, identity: tuple | None, images: list[Path]):
+        self._runner = runner
+        keys = [_image_key(identity, image) for image in images]
+        with _LOCK:
+            jobs = [(k, image) for k, image in zip(keys, images) if k is not None and k not in _KEPT and k not in _PENDING]
+        self._encoder = ImageEncoder(lambda: runner, spec, dtype, None)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-export-images")
+        with _LOCK:
+            self._futures = {key: self._pool.submit(self._one, key, image) for key, image in jobs if runner is not None}
+            _PENDING.update(self._futures)
+
+    @classmethod
+    def of_set(cls, directory: Path, images: list[Path], backend: str = "ort") -> Prefetch:
+        """Through the vision graph of the artifact set in `directory`."""
         from vlm_export.runtime.artifact_set import ArtifactSet
 
         artifacts = ArtifactSet.open(directory, check_hashes=False)
-        self._runner = artifacts.runners(backend, threads=threads).get("vision")
-        identity = vision_identity(artifacts, backend, {})
-        keys = [_image_key(identity, image) for image in images]
-        self._jobs = [(k, image) for k, image in zip(keys, images) if k is not None and k not in _KEPT]
-        self._encoder = ImageEncoder(lambda: self._runner, artifacts.spec, artifacts.graphs["vision"]["inputs"][0]["dtype"], None) \
-            if self._runner is not None else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-export-images")
-        with _LOCK:
-            self._futures = {key: self._pool.submit(self._one, key, image) for key, image in self._jobs if self._encoder}
-            _PENDING.update(self._futures)
+        runner = artifacts.runners(backend, threads=1).get("vision")
+        dtype = artifacts.graphs["vision"]["inputs"][0]["dtype"] if runner is not None else np.float32
+        return cls(runner, artifacts.spec, dtype, vision_identity(artifacts, backend, {}), images)
+
+    @classmethod
+    def of_graph(cls, record: dict, directory: Path, sha256: str, spec, images: list[Path]) -> Prefetch:
+        """Through the ORT graph of manifest `record` in `directory` whose file's digest is `sha256`
+        (a graph just exported, before its set's manifest exists)."""
+        from vlm_export.runtime.runners.ort_runner import make_runner
+
+        runner = make_runner(record, directory, {"threads": 1})
+        return cls(runner, spec, record["inputs"][0]["dtype"], graph_identity(sha256, "ort", {}), images)
 
     def _one(self, key: tuple, image: Path) -> None:
         try:

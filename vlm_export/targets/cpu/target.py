@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vlm_export.errors import VlmExportError
@@ -226,7 +226,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
     def build_stage(recipe: Recipe, staging: Path) -> dict:
         staging_dir[:] = [staging]
         if recipe.source is None and not prefetch:  # fp32, built now: the images fp32 CLIP-L will see, beside it
-            prefetch.append(stack.enter_context(Prefetch(graphs, _fp32_images(profile, recipes))))
+            prefetch.append(stack.enter_context(Prefetch.of_set(graphs, _fp32_images(profile, recipes))))
         return _build_variant(graphs, manifest, staging, recipe, profile, kv_scales, tokens, kv_alone, vision)
 
     def key(recipe: Recipe) -> tuple:
@@ -244,6 +244,18 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
     with ExitStack() as stack:
         stack.enter_context(cached_images())
         return build_stages(manifest, out, force, recipes, report, build_stage, key, report_markdown)
+
+
+@contextmanager
+def while_exporting(profile: Profile, spec):
+    """build.py's hook around the export and the build: as soon as the vision graph is exported, the
+    images fp32's vision graph will see start on a thread of their own (image_encoder.Prefetch), a
+    core the rest of the export leaves idle; closed when the build ends."""
+    with ExitStack() as stack:
+        def on_graph(record: dict, directory: Path, sha256: str) -> None:
+            if record.get("wrapper") == GraphRole.VISION:
+                stack.enter_context(Prefetch.of_graph(record, directory, sha256, spec, _fp32_images(profile, recipes_for(profile))))
+        yield on_graph
 
 
 def _fp32_images(profile: Profile, recipes: list[Recipe]) -> list[Path]:

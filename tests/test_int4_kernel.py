@@ -191,3 +191,18 @@ def test_the_library_is_compiled_once_per_process(monkeypatch, tmp_path):
     with pytest.raises(VlmExportError, match="compiling the int4 kernel failed: .*no-such-flag"):
         library.compile_library(tmp_path / "c")
     assert not (tmp_path / "c" / LIBRARY).exists()
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="needs x86-64 with AVX-512 VNNI and a C compiler")
+def test_a_compile_started_early_is_waited_for_not_repeated(monkeypatch, tmp_path):
+    from vlm_export.kernels import library
+
+    monkeypatch.setattr(library, "_BUILT", {})
+    monkeypatch.setattr(library, "_COMPILING", {})
+    calls, original = [], library._compile
+    monkeypatch.setattr(library, "_compile", lambda *a: (calls.append(a), original(*a))[1])
+    library.compile_soon()
+    library.compile_soon()  # already under way: not a second one
+    assert len(library._COMPILING) == 1
+    first, second = library.compile_library(tmp_path / "a"), library.compile_library(tmp_path / "b")
+    assert len(calls) == 1 and first.read_bytes() == second.read_bytes() and not library._COMPILING

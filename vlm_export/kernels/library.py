@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -56,18 +57,52 @@ def sources_digest() -> str:
     return hashlib.sha256(b"".join((SOURCE_DIR / name).read_bytes() for name in files)).hexdigest()
 
 
+_COMPILING: dict[tuple, object] = {}  # key -> Future of a compile_soon() still running
+
+
+def _key() -> tuple:
+    return compiler(), sources_digest(), repr(SOURCES)
+
+
 def compile_library(directory: Path) -> Path:
     """Builds the library into `directory` (written beside, then renamed: never half a library).
     Compiled once per process and sources: a build's int8 and int4 variants, and the tests, get a
-    copy of the first (~2 s of compiler each).
+    copy of the first (~2 s of compiler each); one `compile_soon` started is waited for.
 
     Raises VlmExportError when the kernels cannot be built here (`unavailable_reason`) or the
     compiler fails."""
     reason = unavailable_reason()
     if reason:
         raise VlmExportError(reason, "build with --kernels ort (ONNX Runtime's MatMulNBits)")
+    key = _key()
+    pending = _COMPILING.pop(key, None)
+    if pending is not None:
+        with contextlib.suppress(Exception):  # its failure is this call's to report, compiling again
+            pending.result()
+    return _install(Path(directory), key)
+
+
+def compile_soon() -> None:
+    """Starts compiling the library on a thread of its own (the compilers are processes: they run
+    beside whatever this process does), so that a later `compile_library` only copies it. A cpu
+    build calls it as it starts: its first quantized variant waited ~2 s for the compiler."""
+    if unavailable_reason() is not None:
+        return
+    key = _key()
+    if key in _COMPILING or (key in _BUILT and _BUILT[key].is_file()):
+        return
+    import atexit
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = Path(tempfile.mkdtemp(prefix="vlm-export-kernels-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-export-compile")
+    _COMPILING[key] = pool.submit(_install, folder, key)
+    pool.shutdown(wait=False)
+
+
+def _install(directory: Path, key: tuple) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    key = (compiler(), sources_digest(), repr(SOURCES))
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / LIBRARY
         built = _BUILT.get(key)

@@ -248,9 +248,14 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
 
 @contextmanager
 def while_exporting(profile: Profile, spec):
-    """build.py's hook around the export and the build: as soon as the vision graph is exported, the
-    images fp32's vision graph will see start on a thread of their own (image_encoder.Prefetch), a
-    core the rest of the export leaves idle; closed when the build ends."""
+    """build.py's hook around the export and the build: the kernel library starts compiling, and as
+    soon as the vision graph is exported the images fp32's vision graph will see start on a thread of
+    their own (image_encoder.Prefetch), on a core the rest of the export leaves idle; closed when the
+    build ends."""
+    from vlm_export.kernels.library import compile_soon
+
+    if any(native_kernels(profile, name) for name in profile.variants):
+        compile_soon()  # the compiler's processes run beside the export
     with ExitStack() as stack:
         def on_graph(record: dict, directory: Path, sha256: str) -> None:
             if record.get("wrapper") == GraphRole.VISION:

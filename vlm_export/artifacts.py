@@ -31,7 +31,6 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-_FACTS_LOCK = threading.Lock()  # one read-modify-write of the facts file at a time in this process
 FACTS_KEPT = 4096  # files whose facts the cache keeps (~0.6 MB of JSON)
 
 
@@ -66,8 +65,7 @@ def _write_facts(cache_path: Path, cache: dict, key: str, facts: dict) -> None:
     live = dict(list(live.items())[-(FACTS_KEPT - 1):])
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        # processes, and an export's finishing thread, may write at once
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")  # processes may write at once
         tmp.write_text(json.dumps({**live, key: facts}))
         os.replace(tmp, cache_path)
     except OSError:
@@ -84,10 +82,7 @@ def _remembered(path: Path, kind: str, compute):
     if kind in facts:
         return facts[kind]
     value = compute(path)
-    with _FACTS_LOCK:  # read again: another thread of this process may have added facts meanwhile
-        cache = _read_facts(cache_path)
-        facts = cache.get(key) if isinstance(cache.get(key), dict) else {}
-        _write_facts(cache_path, cache, key, {**facts, kind: value})
+    _write_facts(cache_path, cache, key, {**facts, kind: value})
     return value
 
 
@@ -119,10 +114,9 @@ def _keeping_facts(path: Path, change) -> None:
     finally:
         os.close(fd)
     cache_path = _hash_cache_path()
-    with _FACTS_LOCK:
-        cache = _read_facts(cache_path)
-        if isinstance(cache.get(before), dict):
-            _write_facts(cache_path, cache, after, cache[before])
+    cache = _read_facts(cache_path)
+    if isinstance(cache.get(before), dict):
+        _write_facts(cache_path, cache, after, cache[before])
 
 
 def remove_tree(directory: Path) -> None:

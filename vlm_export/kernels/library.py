@@ -46,7 +46,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-_BUILT: dict[tuple, Path] = {}  # (compiler, sources' digest) -> this process's first build of the library
+_BUILT: dict[tuple, Path] = {}  # `_key()` -> this process's first build of the library
 
 
 def sources_digest() -> str:
@@ -61,6 +61,7 @@ _COMPILING: dict[tuple, object] = {}  # key -> Future of a compile_soon() still 
 
 
 def _key() -> tuple:
+    """What a built library depends on: the compiler, the sources and their flags."""
     return compiler(), sources_digest(), repr(SOURCES)
 
 

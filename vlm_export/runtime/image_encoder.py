@@ -136,11 +136,10 @@ class Prefetch:
     def __init__(self, runner: Runner | None, spec, dtype, identity: tuple | None, images: list[Path]):
         self._runner = runner
         keys = [_image_key(identity, image) for image in images]
-        with _LOCK:
-            jobs = [(k, image) for k, image in zip(keys, images) if k is not None and k not in _KEPT and k not in _PENDING]
         self._encoder = ImageEncoder(lambda: runner, spec, dtype, None)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-export-images")
         with _LOCK:
+            jobs = [(k, image) for k, image in zip(keys, images) if k is not None and k not in _KEPT and k not in _PENDING]
             self._futures = {key: self._pool.submit(self._one, key, image) for key, image in jobs if runner is not None}
             _PENDING.update(self._futures)
 

@@ -241,8 +241,7 @@ def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dic
     recipes, prefetch = recipes_for(profile), []
     # each image file through each vision graph once per build (image_encoder.py): calibration, the
     # int8-KV screen and every variant's scoring ask for the same ones
-    with ExitStack() as stack:
-        stack.enter_context(cached_images())
+    with ExitStack() as stack, cached_images():
         return build_stages(manifest, out, force, recipes, report, build_stage, key, report_markdown)
 
 

@@ -362,8 +362,8 @@ def test_the_traces_outputs_are_the_references_and_validation_reuses_them(spec, 
 
 
 def test_the_llm_reference_is_loaded_once_for_the_dynamic_and_inplace_exports(spec, tmp_path, monkeypatch):
-    """A cpu build exports the dynamic graphs, then the decoder again in the inplace layout: the
-    second export reuses the LLM-only reference the first loaded (pipeline.KEPT), never the tower's."""
+    """A cpu build from dynamic graphs exports the decoder again in the inplace layout: the second
+    export reuses the LLM-only reference the first loaded (pipeline.KEPT), never the tower's."""
     from vlm_export.export import pipeline
     from vlm_export.targets.assemble import export_layout
 

@@ -64,13 +64,15 @@ def weights_fingerprint(spec: ModelSpec) -> list:
     return [spec.weights.seed] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+EXPORT_KIND = "vlm-export graphs"  # manifest["kind"] of an export (a build's artifact sets say "vlm-export build")
 KEEP_BYTES = 1 << 30  # an LLM-only reference this small stays loaded for the process's next export of it
 
 
 class _KeptReference:
     """The last LLM-only fp32 reference an export loaded, for the next export of the same spec and
-    weight files in this process: a cpu build exports the dynamic graphs, then re-exports the decoder in
-    the inplace layout (smol: ~3 s of GGUF dequantisation and set-up saved). Exports only read it. Kept
+    weight files in this process: a build from graphs of another layout exports the decoder again
+    in its own (a cpu build from dynamic graphs; an orin or sd888 build, whose fp32 and static sources are
+    exports too: smol, ~3 s of GGUF dequantisation and set-up saved each). Exports only read it. Kept
     only under KEEP_BYTES of parameters, so a 1.4B model is never held beside what follows."""
 
     def __init__(self):
@@ -268,7 +270,7 @@ def _export_model(spec: ModelSpec, out: Path, opts: ExportOptions, force: bool, 
                 tokenizer_graph = _write_tokenizer(spec, staging.path)
         staging.finish()
         manifest = write_manifest(staging.path, {
-            "kind": "vlm-export graphs",
+            "kind": EXPORT_KIND,
             "model": spec.to_dict(),
             "options": opts.__dict__,
             "opset": opts.opset,

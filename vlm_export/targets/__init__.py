@@ -4,7 +4,8 @@
                 dataclass, whose `option()` fields `vlm-export build` takes, with `cli_help()`
                 giving their help text; light, so the CLI reads it on start
     target.py   `build(graphs_dir, out, profile) -> report`: its passes, run by the one build loop
-                (targets/build_loop.py)
+                (targets/build_loop.py); `graphs_layouts(profile)`: the decoder layouts it builds
+                from, the first preferred (build.py exports or relays out the graphs to match)
 
 Adding a target = one such package and one line in TARGETS; a target's build code is imported
 only when that target builds.
@@ -50,6 +51,7 @@ def option_flags() -> dict[str, str]:
 
 
 def target_module(name: str):
-    """The target's target.py: `build`, `Profile`, optionally `preflight` (its own input checks)."""
+    """The target's target.py: `build`, `graphs_layouts`, `Profile`, optionally `preflight` (its own
+    input checks) and `while_exporting` (work started beside the export)."""
     _check(name)
     return importlib.import_module(f"{TARGETS[name]}.target")

@@ -1,8 +1,9 @@
 """`--target cpu`: ONNX Runtime on any CPU. Variants, each a complete artifact set `vlm-export run` takes:
 
-    fp32/  the graphs with the decoder in the inplace layout (default: one GroupQueryAttention per
-           layer over a K/V buffer the runtime binds as past and present, rotary fused), or the
-           exported dynamic graphs as they are (--layout dynamic: Concat KV, the diff baseline)
+    fp32/  the graphs with the decoder in --layout: inplace (default: one GroupQueryAttention per
+           layer over a K/V buffer the runtime binds as past and present, rotary fused) or dynamic
+           (Concat KV, the diff baseline); the exported graphs as they are when the build exported
+           them in that layout (graphs_layouts), else with the decoder re-exported in it
     int8/  fp32's decoder MatMuls -> MatMulNBits 8-bit (blocks of 32 with a scale and a minimum)
     int4/  fp32's decoder MatMuls -> MatMulNBits 4-bit (llama.cpp's Q4_1: blocks of 32 with a scale and
            a minimum; lm_head 8-bit; a GGUF's own Q4_1/Q8_0 blocks carried over exactly)
@@ -198,6 +199,14 @@ def preflight(profile: Profile) -> None:
     except VlmExportError as exc:
         raise VlmExportError(f"the int8 KV cache needs calibration data: {exc.problem}",
                              "pass --calibration DIR (recipe.json, images/, prompts.txt), or --kv fp32") from exc
+
+
+def graphs_layouts(profile: Profile) -> tuple[str, ...]:
+    """The decoder layouts this target builds from (build.py's ensure_graphs): any, the profile's
+    first (exported in it, fp32 links the graphs as they are; from another, fp32 re-exports the decoder)."""
+    from vlm_export.spec.layouts import NAMES
+
+    return (profile.layout, *(name for name in NAMES if name != profile.layout))
 
 
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:

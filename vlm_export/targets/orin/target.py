@@ -245,6 +245,12 @@ def _build_variant(graphs: Path, out: Path, recipe: Recipe, manifest: dict, prof
     return record
 
 
+def graphs_layouts(profile: Profile) -> tuple[str, ...]:
+    """The decoder layout this target builds from (build.py's ensure_graphs): dynamic (TensorRT's
+    optimisation profiles give its prefill and decode shapes)."""
+    return (Layout.DYNAMIC,)
+
+
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     manifest = verify(graphs)
     if any(graph_layout(g).name == Layout.STATIC for g in manifest["graphs"] if g["wrapper"] == GraphRole.DECODER):

@@ -139,6 +139,12 @@ def recipes_for(profile: Profile, qnn_here: bool) -> list[Recipe]:
     return sources + variants
 
 
+def graphs_layouts(profile: Profile) -> tuple[str, ...]:
+    """The decoder layout this target builds from (build.py's ensure_graphs): dynamic (it exports
+    its own static and inplace sources; the QNN variant with vision alone on the NPU keeps it)."""
+    return (Layout.DYNAMIC,)
+
+
 def build(graphs: Path, out: Path, profile: Profile, force: bool = False) -> dict:
     preflight(profile)
     manifest = verify(graphs)

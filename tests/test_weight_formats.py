@@ -101,6 +101,29 @@ def test_q4_1_graph_holds_the_gguf_codes_and_computes_them(gguf_file, tmp_path):
     assert np.abs(y - expected).max() < 0.02 * np.abs(expected).max()  # int8 activations (accuracy level 4)
 
 
+def test_the_int8_and_int4_variants_search_the_gguf_once_per_weight(gguf_file, tmp_path, monkeypatch):
+    """The second quantization of the same source graph takes find's answers from memory (keyed by
+    the file's digest and the initializer): the same blocks, no second search; another file's
+    values are searched."""
+    path, raw = gguf_file
+    source = GgufBlocks(path)
+    searched, search = [], GgufBlocks._find
+    monkeypatch.setattr(GgufBlocks, "_find", lambda self, w: searched.append(w.shape) or search(self, w))
+    values = dequantize(raw["Q4_1"], KINDS["Q4_1"])
+    _matmul_model(tmp_path / "fp32.onnx", values, "/blocks.0/mlp/down_proj/MatMul")
+    int8 = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", WeightOnlyConfig(bits=8), source)
+    int4 = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "int4.onnx", WeightOnlyConfig(bits=4), source)
+    assert searched == [(48, 64)]
+    assert int8["weight_origins"] == {"8-bit gguf Q4_1 (exact, in 8-bit codes)": 1}
+    assert int4["weight_origins"] == {"4-bit gguf Q4_1 (exact)": 1}
+    alone = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "int4-alone.onnx", WeightOnlyConfig(bits=4), GgufBlocks(path))
+    assert alone == int4 and len(searched) == 2
+    assert (tmp_path / "int4-alone.onnx").read_bytes() == (tmp_path / "int4.onnx").read_bytes()
+    _matmul_model(tmp_path / "other.onnx", values + 1e-3, "/blocks.0/mlp/down_proj/MatMul")
+    quantize_weights(tmp_path / "other.onnx", tmp_path / "other4.onnx", WeightOnlyConfig(bits=4), source)
+    assert len(searched) == 3
+
+
 def test_lm_head_keeps_eight_bits_and_int8_requantizes_a_4_bit_source(gguf_file, tmp_path):
     path, raw = gguf_file
     source = GgufBlocks(path)

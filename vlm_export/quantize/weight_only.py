@@ -99,10 +99,12 @@ def widen(blocks: Blocks, bits: int) -> Blocks:
                   blocks.minimums - shift * blocks.scales, bits, blocks.block, f"{blocks.origin[:-1]}, in {bits}-bit codes)")
 
 
-def choose_blocks(weight_t: np.ndarray, name: str, config: WeightOnlyConfig, source: GgufBlocks | None) -> Blocks:
-    """weight_t (N, K) float32, the matmul's node name -> its blocks (see the module docstring)."""
+def choose_blocks(weight_t: np.ndarray, name: str, config: WeightOnlyConfig, source: GgufBlocks | None,
+                  key=None) -> Blocks:
+    """weight_t (N, K) float32, the matmul's node name -> its blocks (see the module docstring);
+    `key`: what identifies the weight's values (GgufBlocks.find's)."""
     bits = max(config.head_bits, config.bits) if "lm_head" in name else config.bits
-    found = source.find(weight_t) if source is not None else None
+    found = source.find(weight_t, key) if source is not None else None
     if found is not None and found.bits <= bits and found.block == config.block_size:
         return widen(found, bits)
     if config.symmetric:
@@ -193,9 +195,16 @@ def int4_dequantize_matmul(node: onnx.NodeProto, blocks: Blocks) -> tuple[list[o
 
 
 def _rewrite_matmuls(model: onnx.ModelProto, config: WeightOnlyConfig, weights_from: GgufBlocks | None, write,
-                     exclude: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
-    """Each MatMul of `model` with a constant (K, N) weight, not named in `exclude` -> `write(node,
-    blocks)`'s nodes and initializers, in place. Returns (MatMul count, blocks per weight origin)."""
+                     exclude: tuple[str, ...] = (), source: Path | None = None) -> tuple[int, dict[str, int]]:
+    """Each MatMul of `model` (read from the file `source`) with a constant (K, N) weight, not named
+    in `exclude` -> `write(node, blocks)`'s nodes and initializers, in place. Returns (MatMul count,
+    blocks per weight origin)."""
+    from vlm_export.artifacts import sha256_remembered
+
+    digest = None  # the source's files by digest (its weights inline, or in its data file)
+    if source is not None and weights_from is not None:
+        data = source.with_name(source.name + ".data")
+        digest = (sha256_remembered(source), data.is_file() and sha256_remembered(data))
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
@@ -210,7 +219,8 @@ def _rewrite_matmuls(model: onnx.ModelProto, config: WeightOnlyConfig, weights_f
         if weight is None or len(weight.dims) != 2 or any(p in node.name for p in exclude):
             nodes.append(node)
             continue
-        blocks = choose_blocks(numpy_helper.to_array(weight).T, node.name, config, weights_from)
+        blocks = choose_blocks(numpy_helper.to_array(weight).T, node.name, config, weights_from,
+                               key=digest and (digest, weight.name))
         quantized, tensors = write(node, blocks)
         nodes.extend(quantized)
         graph.initializer.extend(tensors)
@@ -231,7 +241,7 @@ def quantize_weights(source: Path, destination: Path, config: WeightOnlyConfig, 
     Raises VlmExportError when no MatMul has a constant weight, or a width does not split into blocks."""
     model = onnx.load(str(source), load_external_data=True)
     matmuls, origins = _rewrite_matmuls(model, config, weights_from,
-                                        lambda node, blocks: matmul_nbits(node, blocks, config.accuracy_level))
+                                        lambda node, blocks: matmul_nbits(node, blocks, config.accuracy_level), source=source)
     if not origins:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized", "check the graph has constant MatMul weights")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -261,7 +271,7 @@ def quantize_weights_int4_qdq(source: Path, destination: Path, weights_from: Ggu
 
     config = WeightOnlyConfig(bits=4, block_size=block_size, head_bits=4)
     model = version_converter.convert_version(onnx.load(str(source), load_external_data=True), INT4_DQ_OPSET)
-    matmuls, origins = _rewrite_matmuls(model, config, weights_from, int4_dequantize_matmul, exclude)
+    matmuls, origins = _rewrite_matmuls(model, config, weights_from, int4_dequantize_matmul, exclude, source=source)
     if not origins:
         raise VlmExportError(f"no MatMul of {source.name} could be quantized to int4", "check the graph has constant MatMul weights")
     offsets = sum(n.op_type == "MatMul" and n.name.endswith(MINIMUMS + "MatMul") for n in model.graph.node)

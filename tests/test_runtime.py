@@ -53,6 +53,24 @@ def test_greedy_matches_reference(graphs, photo, layout, backend, with_image):
     assert len(expected) >= 8 and result.token_ids == expected
 
 
+@pytest.mark.parametrize("layout", ["dynamic", "inplace"])
+def test_inline_weights_read_by_reference_give_the_same_answer(graphs, photo, layout, monkeypatch):
+    """A graph whose weights lie inline is opened with them as external data inside its own file
+    (ort_runner.weights_by_reference): every session here takes that way, and the image answer
+    equals the PyTorch reference's, as the graphs opened whole do."""
+    from vlm_export.runtime.runners import ort_runner
+
+    opened, original = [], ort_runner.weights_by_reference
+    monkeypatch.setattr(ort_runner, "BY_REFERENCE_BYTES", 0)
+    monkeypatch.setattr(ort_runner, "weights_by_reference", lambda path: opened.append(path.name) or original(path))
+    with Generator(ArtifactSet.open(graphs / layout), "ort") as generator:
+        result = generator.generate([Request.ask("What is in the image?", photo)], GREEDY_32)[0]
+    assert result.token_ids == reference_ids("What is in the image?", photo)
+    assert {"vision.onnx", "embed.onnx"} <= set(opened) and any(name.startswith("decoder") for name in opened)
+    model, folder = original(graphs / layout / "vision.onnx")
+    assert isinstance(model, bytes) and folder == graphs / layout
+
+
 @pytest.mark.parametrize("layout", ["dynamic", "static", "inplace"])
 def test_batch_equals_one_by_one(graphs, photo, layout):
     requests = [Request.ask("What is in the image?", photo), Request.ask("A much longer text-only question, about cats and dogs?")]

@@ -119,9 +119,15 @@ def _keep(key: tuple, embeds: np.ndarray) -> None:  # with _LOCK held
         _KEPT.popitem(last=False)
 
 
+# A prefetch's session: every core, its idle threads asleep. Beside the export they share the cores
+# with it; when the build waits for an image (the calibration right after the export), both run it.
+# One spinning thread left a core idle through those waits (smol: ~7 s at this VM's slower hours).
+BESIDE = {"threads": None, "spin": False}
+
+
 class Prefetch:
     """Image files' embeddings through a vision graph, computed on a thread of their own (its ORT
-    session on one intra-op thread) into the process's cache, where any set whose vision graph has
+    session on every core, `BESIDE`) into the process's cache, where any set whose vision graph has
     the same digest and backend finds them inside `cached_images()` (an assembled variant's linked
     copy of it too). An ImageEncoder that asks for one still being computed waits for it. Thread
     counts do not change ORT's CPU results (smol's CLIP-L: equal bit for bit at 1 and 2 threads),
@@ -149,7 +155,7 @@ class Prefetch:
         from vlm_export.runtime.artifact_set import ArtifactSet
 
         artifacts = ArtifactSet.open(directory, check_hashes=False)
-        runner = artifacts.runners(backend, threads=1).get("vision")
+        runner = artifacts.runners(backend, **BESIDE).get("vision")
         dtype = artifacts.graphs["vision"]["inputs"][0]["dtype"] if runner is not None else np.float32
         return cls(runner, artifacts.spec, dtype, vision_identity(artifacts, backend, {}), images)
 
@@ -159,7 +165,7 @@ class Prefetch:
         (a graph just exported, before its set's manifest exists)."""
         from vlm_export.runtime.runners.ort_runner import make_runner
 
-        runner = make_runner(record, directory, {"threads": 1})
+        runner = make_runner(record, directory, dict(BESIDE))
         return cls(runner, spec, record["inputs"][0]["dtype"], graph_identity(sha256, "ort", {}), images)
 
     def _one(self, key: tuple, image: Path) -> None:

@@ -59,11 +59,31 @@ def register_kernels(options, library: Path) -> None:
                              "rebuild the variant on this kind of machine, or with --kernels ort") from exc
 
 
+BY_REFERENCE_BYTES = 32 << 20  # graph files from this size up are opened with their weights by reference
+
+
+def weights_by_reference(path: Path) -> tuple[bytes | str, Path | None]:
+    """What InferenceSession opens for the graph file `path`: when its weights lie inline, its proto
+    without them, each large initializer pointing at its own bytes inside `path` as external data,
+    and the folder they are resolved in (path's); else the path itself and None. ONNX Runtime then
+    reads each weight from the file once, instead of parsing the whole proto and copying every weight
+    out of it (smol's CLIP-L: session 1.0 s instead of 2.8 s; its dynamic-int8 copy 0.37 s instead
+    of 0.82 s). The same file, the same values: only how they are read changes."""
+    from vlm_export.onnx_wire import as_external, read_without_weights
+
+    model, skipped = read_without_weights(path)
+    if not skipped:
+        return str(path), None
+    as_external(model, skipped, path.name)
+    return model.SerializeToString(), path.parent
+
+
 class OrtRunner(Runner):
     def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 weights_dir: Path | None = None):
+                 weights_dir: Path | None = None, spin: bool = True):
         super().__init__(graph)
         self.path = Path(path)
+        self.spin = spin  # False: idle intra-op threads sleep (a session beside other work), not spin
         self.weights_dir = weights_dir  # external data read from there, not beside the graph (an all-logits copy)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
@@ -94,12 +114,17 @@ class OrtRunner(Runner):
         threads = 1 if self.graph.get("wrapper") == GraphRole.EMBED else self.threads
         if threads:
             options.intra_op_num_threads = threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.graph.get("custom_op_library"):
             register_kernels(options, self.path.parent / self.graph["custom_op_library"])
-        model = str(self.path)
-        if self.weights_dir is not None:  # from bytes, so the data's folder can be named
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.weights_dir))
+        model, folder = str(self.path), self.weights_dir
+        if folder is not None:  # from bytes, so the data's folder can be named
             model = self.path.read_bytes()
+        elif self.path.stat().st_size >= BY_REFERENCE_BYTES:
+            model, folder = weights_by_reference(self.path)
+        if folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
             self.session = ort.InferenceSession(model, options, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
@@ -165,4 +190,5 @@ class OrtRunner(Runner):
 
 
 def make_runner(graph: dict, directory: Path, options: dict) -> OrtRunner:
-    return OrtRunner(graph, Path(directory) / graph["file"], options.get("providers"), options.get("threads"))
+    return OrtRunner(graph, Path(directory) / graph["file"], options.get("providers"), options.get("threads"),
+                     spin=options.get("spin", True))

@@ -83,6 +83,10 @@ def _feeds(shape, batch: int, seq: int, totals: list[int], capacity: int = 1100)
     (1, 17, [17]),        # first prefill
     (2, 20, [20, 13]),    # first prefill, right-padded batch
     (1, 5, [300]),        # a prefill after a cached prefix
+    (1, 12, [40]),        # below the GEMM-shaped path's rows: the decode path
+    (1, 256, [770]),      # the GEMM-shaped path: 256 rows after 514 cached, slots not a multiple of 16
+    (2, 37, [37, 21]),    # the same, a first prefill of a right-padded batch: rows end mid row block
+    (1, 1024, [1024]),    # a whole 1,024-token chunk at once
 ])
 def test_kernel_matches_onnx_runtime(sessions, batch, seq, totals):
     reference, kernel, shape = sessions

@@ -119,15 +119,15 @@ def _keep(key: tuple, embeds: np.ndarray) -> None:  # with _LOCK held
         _KEPT.popitem(last=False)
 
 
-# A prefetch's session: every core, its idle threads asleep. Beside the export they share the cores
-# with it; when the build waits for an image (the calibration right after the export), both run it.
-# One spinning thread left a core idle through those waits (smol: ~7 s at this VM's slower hours).
-BESIDE = {"threads": None, "spin": False}
+# A prefetch's session: one intra-op thread, beside the export's own two. Measured: on every core with
+# its idle threads asleep, the calibration after the export waited 4.6 s less for its images, but the
+# export beside them took 11.5 s longer (smol, back to back).
+BESIDE = {"threads": 1}
 
 
 class Prefetch:
     """Image files' embeddings through a vision graph, computed on a thread of their own (its ORT
-    session on every core, `BESIDE`) into the process's cache, where any set whose vision graph has
+    session on one intra-op thread, `BESIDE`) into the process's cache, where any set whose vision graph has
     the same digest and backend finds them inside `cached_images()` (an assembled variant's linked
     copy of it too). An ImageEncoder that asks for one still being computed waits for it. Thread
     counts do not change ORT's CPU results (smol's CLIP-L: equal bit for bit at 1 and 2 threads),

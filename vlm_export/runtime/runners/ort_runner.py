@@ -80,10 +80,9 @@ def weights_by_reference(path: Path) -> tuple[bytes | str, Path | None]:
 
 class OrtRunner(Runner):
     def __init__(self, graph: dict, path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 weights_dir: Path | None = None, spin: bool = True):
+                 weights_dir: Path | None = None):
         super().__init__(graph)
         self.path = Path(path)
-        self.spin = spin  # False: idle intra-op threads sleep (a session beside other work), not spin
         self.weights_dir = weights_dir  # external data read from there, not beside the graph (an all-logits copy)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
@@ -114,8 +113,6 @@ class OrtRunner(Runner):
         threads = 1 if self.graph.get("wrapper") == GraphRole.EMBED else self.threads
         if threads:
             options.intra_op_num_threads = threads
-        if not self.spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.graph.get("custom_op_library"):
             register_kernels(options, self.path.parent / self.graph["custom_op_library"])
         model, folder = str(self.path), self.weights_dir
@@ -190,5 +187,4 @@ class OrtRunner(Runner):
 
 
 def make_runner(graph: dict, directory: Path, options: dict) -> OrtRunner:
-    return OrtRunner(graph, Path(directory) / graph["file"], options.get("providers"), options.get("threads"),
-                     spin=options.get("spin", True))
+    return OrtRunner(graph, Path(directory) / graph["file"], options.get("providers"), options.get("threads"))

@@ -279,6 +279,28 @@ def test_the_reference_side_is_scored_once_per_process(inplace, tmp_path, monkey
     assert CACHE.directory is None and not CACHE.logits
 
 
+def test_a_reference_recorded_ahead_gives_the_same_comparison(inplace, tmp_path, monkeypatch):
+    """record_reference computes a later measure's reference side of the eval chunks beforehand (a
+    build fills its wait for images with it): that measure then runs no reference chunk and gives
+    the numbers scoring afresh gives; a second record finds them all kept."""
+    from vlm_export.quality import scoring
+    from vlm_export.quality.reference_cache import CACHE, Recording
+    from vlm_export.quality.scoring import measure, record_reference
+
+    broken = tmp_path / "perturbed"
+    shutil.copytree(inplace, broken)
+    scale_matmul_weight(broken, "decoder_inplace.onnx", "/lm_head/", -3.0)
+    CACHE.clear()
+    fresh = measure(inplace, broken, tokens=300, greedy_tokens=0)
+    CACHE.clear()
+    assert record_reference(inplace, tokens=300) == 2 and len(CACHE.logits) == 2  # 300 tokens: two chunks of tiny's 512
+    recordings = []
+    monkeypatch.setattr(scoring, "Recording", lambda side: recordings.append(side) or Recording(side))
+    assert measure(inplace, broken, tokens=300, greedy_tokens=0) == fresh and recordings == []
+    assert record_reference(inplace, tokens=300) == 0
+    CACHE.clear()
+
+
 def test_a_replayed_reference_opens_no_all_positions_copy(inplace, monkeypatch):
     from vlm_export.quality.reference_cache import CACHE
 

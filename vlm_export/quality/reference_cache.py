@@ -36,6 +36,10 @@ class ReferenceCache:
             atexit.register(shutil.rmtree, self.directory, True)
         return self.directory
 
+    def holds(self, key: str | None) -> bool:
+        """Whether the sequence `key` is recorded (nothing is read)."""
+        return key is not None and key in self.logits
+
     def replay(self, key: str | None) -> list[np.ndarray] | None:
         """The recorded logits of each call of the sequence `key`, or None."""
         files = self.logits.get(key) if key else None

@@ -267,7 +267,7 @@ def long_context(reference, candidate, stream: list[int], settings: Settings, ru
         scored = min(settings.tokens, len(ids) // 2)
         sequence = key(identity(reference, runners[0].every_position), "long", ids, str(image), len(ids) - scored, call_tokens[0])
         ref_embeds = None
-        if CACHE.replay(sequence) is None:  # recorded sequences were checked against these ids when recorded
+        if not CACHE.holds(sequence):  # recorded sequences were checked against these ids when recorded
             ref_embeds, ref_ids = prompt_rows(reference, request)
             if ref_ids != ids:
                 raise VlmExportError("the candidate's tokenizer gives other ids than the reference's on the long prompt",
@@ -289,26 +289,57 @@ def compare(reference, candidate, settings: Settings) -> Comparison:
         return _compare(reference, candidate, settings)
 
 
+def _chunk_keys(reference, runner: LazyLogitsRunner, stream: list[int], n_ctx: int, settings: Settings, call: int):
+    """(ids, context, the reference-cache key of the reference's side) of each eval-prose chunk."""
+    bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
+    reference_id = identity(reference, runner.every_position)
+    for chunk in chunks(len(stream), n_ctx, settings.tokens):
+        ids = chunk.ids(stream, bos)
+        yield ids, chunk.context, key(reference_id, "chunk", ids, chunk.context, call)
+
+
 def _compare(reference, candidate, settings: Settings) -> Comparison:
     started = time.perf_counter()
     accumulator = Accumulator()
     prefix = greedy(reference, candidate, settings.greedy_tokens, accumulator)  # the loop's own runners
     stream = _same_ids(reference, candidate, prose())
     n_ctx = min(n_ctx_for(reference, settings.n_ctx), n_ctx_for(candidate, settings.n_ctx))
-    bos = reference.spec.llm.bos_token_id if reference.spec.template.add_bos else None
-    plan = chunks(len(stream), n_ctx, settings.tokens)
     calls = (settings.call_tokens or side_call_tokens(reference), settings.call_tokens or side_call_tokens(candidate))
     with ExitStack() as stack:
         runners = [LazyLogitsRunner(g, stack) for g in (reference, candidate)]
+        plan = list(_chunk_keys(reference, runners[0], stream, n_ctx, settings, calls[0]))
         step(f"scoring {settings.tokens} tokens: {len(plan)} chunk(s) of {n_ctx}, {calls[1]} per call")
-        reference_id = identity(reference, runners[0].every_position)
-        for chunk in plan:
-            ids = chunk.ids(stream, bos)
-            sequence = key(reference_id, "chunk", ids, chunk.context, calls[0])
+        for ids, context, sequence in plan:
             _score_against_reference(reference, candidate, runners, sequence, (reference.embed_ids(ids), candidate.embed_ids(ids)),
-                                     ids, chunk.context, calls, accumulator)
+                                     ids, context, calls, accumulator)
         long = long_context(reference, candidate, stream, settings, runners, calls)
     return Comparison(accumulator.result(), prefix, n_ctx, long, time.perf_counter() - started, settings, min(calls))
+
+
+def record_reference(reference_dir: Path, tokens: int, backend: str = "ort") -> int:
+    """The reference side of every later `measure(reference_dir, ..., tokens)`'s eval-prose chunks,
+    computed now and kept in this process (reference_cache.py): the same calls a comparison makes on
+    that side (its own ids per call), for a caller with time to fill before its first comparison (a
+    build waiting for the images its calibration needs). Returns the chunks computed (0: all kept)."""
+    from vlm_export.runtime.artifact_set import ArtifactSet
+    from vlm_export.runtime.generation import Generator
+
+    settings, computed = Settings(tokens), 0
+    with Generator(ArtifactSet.open(reference_dir, check_hashes=False), backend, open_on_use=True) as reference, \
+            ExitStack() as stack:
+        runner = LazyLogitsRunner(reference, stack)
+        stream = reference.tokenizer.encode_text(prose())
+        call = side_call_tokens(reference)
+        for ids, context, sequence in _chunk_keys(reference, runner, stream, n_ctx_for(reference, settings.n_ctx), settings, call):
+            if sequence is None or CACHE.holds(sequence):
+                continue
+            side, embeds = Recording(_Side(reference, runner)), reference.embed_ids(ids)
+            side.start(embeds[:context], len(ids))
+            for start in range(context, len(ids) - 1, call):
+                side.feed(embeds[start:min(start + call, len(ids) - 1)])
+            CACHE.record(sequence, side.calls)
+            computed += 1
+    return computed
 
 
 def compare_dirs(reference_dir: Path, candidate_dir: Path, settings: Settings, backend: str = "ort") -> Comparison:

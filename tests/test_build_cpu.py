@@ -231,7 +231,10 @@ def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, 
     monkeypatch.setattr(cpu, "random_llm", lambda model: False)
     bad = Quality(tokens=512, perplexity_reference=10.0, perplexity=11.0, mean_kl=0.05, kl_p99=0.3, top1_agreement=0.9)
     good = Quality(tokens=512, perplexity_reference=10.0, perplexity=10.0, mean_kl=0.001, kl_p99=0.01, top1_agreement=0.99)
-    monkeypatch.setattr(cpu, "_kv_alone", lambda staging, scales, tokens: bad if fails == "alone" else good)
+    order, assemble = [], cpu._variant
+    monkeypatch.setattr(cpu, "_kv_alone", lambda staging, scales, tokens: order.append("screen") or (bad if fails == "alone" else good))
+    monkeypatch.setattr(cpu, "_variant", lambda graphs, manifest, staging, recipe, *rest: order.append(
+        (recipe.name, "int8" if cpu.KV_INT8 in recipe.passes_on("decoder") else "fp32")) or assemble(graphs, manifest, staging, recipe, *rest))
     variant_screens = []
     monkeypatch.setattr(cpu, "_screen_int8_kv", lambda fp32, variant, name, tokens:
                         variant_screens.append(name) or BUDGETS[cpu.RECIPES[name].budget].verdict(bad))
@@ -240,6 +243,10 @@ def test_kv_auto_falls_back_to_a_float_cache_when_int8_misses_the_budget(built, 
     assert int4["kv_cache"] == "fp32" and "mean KL 0.0500 > 0.01" in int4["kv_int8_rejected"]
     assert int4["kv_int8_rejected"].startswith("int8 KV cache alone (fp32 weights): " if fails == "alone" else "int8 KV cache: OVER")
     assert variant_screens == ([] if fails == "alone" else ["int4"])  # alone: no int8-KV copy of the variant built
+    # the float-cache attempt is assembled first (beside the calibration's images), kept when the cache
+    # alone misses, replaced by the int8-cache attempt when it passes alone
+    assert order[1:] == ([("int4", "fp32"), "screen"] if fails == "alone" else
+                         [("int4", "fp32"), "screen", ("int4", "int8"), ("int4", "fp32")])
     assert int4["quality_budget"]["budget"] == "int4"  # the float-cache variant is judged in full
     manifest = json.loads((tmp_path / "cpu" / "int4" / "manifest.json").read_text())
     decoder = next(g for g in manifest["graphs"] if g["wrapper"] == "decoder")

@@ -335,8 +335,7 @@ def record_reference(reference_dir: Path, tokens: int, backend: str = "ort") -> 
                 continue
             side, embeds = Recording(_Side(reference, runner)), reference.embed_ids(ids)
             side.start(embeds[:context], len(ids))
-            for start in range(context, len(ids) - 1, call):
-                side.feed(embeds[start:min(start + call, len(ids) - 1)])
+            _feed(side, embeds[context:len(ids) - 1], call)
             CACHE.record(sequence, side.calls)
             computed += 1
     return computed

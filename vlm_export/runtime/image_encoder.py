@@ -119,15 +119,9 @@ def _keep(key: tuple, embeds: np.ndarray) -> None:  # with _LOCK held
         _KEPT.popitem(last=False)
 
 
-# A prefetch's session: one intra-op thread, beside the export's own two. Measured: on every core with
-# its idle threads asleep, the calibration after the export waited 4.6 s less for its images, but the
-# export beside them took 11.5 s longer (smol, back to back).
-BESIDE = {"threads": 1}
-
-
 class Prefetch:
     """Image files' embeddings through a vision graph, computed on a thread of their own (its ORT
-    session on one intra-op thread, `BESIDE`) into the process's cache, where any set whose vision graph has
+    session on one intra-op thread) into the process's cache, where any set whose vision graph has
     the same digest and backend finds them inside `cached_images()` (an assembled variant's linked
     copy of it too). An ImageEncoder that asks for one still being computed waits for it. Thread
     counts do not change ORT's CPU results (smol's CLIP-L: equal bit for bit at 1 and 2 threads),
@@ -155,7 +149,9 @@ class Prefetch:
         from vlm_export.runtime.artifact_set import ArtifactSet
 
         artifacts = ArtifactSet.open(directory, check_hashes=False)
-        runner = artifacts.runners(backend, **BESIDE).get("vision")
+        # one intra-op thread beside the export's two: on every core (idle threads asleep) the calibration
+        # waited 4.6 s less for its images but the export took 11.5 s longer (smol, back to back)
+        runner = artifacts.runners(backend, threads=1).get("vision")
         dtype = artifacts.graphs["vision"]["inputs"][0]["dtype"] if runner is not None else np.float32
         return cls(runner, artifacts.spec, dtype, vision_identity(artifacts, backend, {}), images)
 
@@ -165,7 +161,7 @@ class Prefetch:
         (a graph just exported, before its set's manifest exists)."""
         from vlm_export.runtime.runners.ort_runner import make_runner
 
-        runner = make_runner(record, directory, dict(BESIDE))
+        runner = make_runner(record, directory, {"threads": 1})  # as of_set's
         return cls(runner, spec, record["inputs"][0]["dtype"], graph_identity(sha256, "ort", {}), images)
 
     def _one(self, key: tuple, image: Path) -> None:
